@@ -1,0 +1,590 @@
+"""Bigram character language model: counting vs. a one-layer neural net (makemore part 1).
+
+A bigram model predicts the next character from the previous one alone, so the whole model is
+a (V, V) table: row `prev` gives P(next | prev). Two ways to fill that table, side by side:
+  counts  count every bigram of the training split and normalise each row, with add-k
+          smoothing so that no bigram gets probability 0 (closed form, nothing to train);
+  neural  free logits W (V, V), logits = W[prev] (= one_hot(prev) @ W), trained by gradient
+          descent on the cross-entropy plus a penalty that is *exactly* add-k smoothing, so it
+          converges to the counts table: both maximise the same penalised likelihood.
+With `--format lines` (names) every item is wrapped in the boundary token '.' (".emma."), so
+the model also learns how names start and end; `--format text` (Shakespeare) is one stream.
+
+Run:
+  python bigram.py                                # names, both models, 10 samples each
+  python bigram.py --data shakespeare             # continuous text, a 300-character sample
+  python bigram.py --sample-only --temperature 0.5  # sample again from out/bigram/ckpt.pt
+  python bigram.py --device cuda                  # works, but a V x V table gains nothing
+
+Result of `python bigram.py` (names; 2-core CPU shared with other jobs, RESULT_TIME s):
+  model    train   val     test    test perplexity
+  counts   RESULT_COUNTS
+  neural   RESULT_NEURAL
+in nats per character (the closing '.' of each name counts as a character).
+Shakespeare: counts test NLL RESULT_SHAKESPEARE.
+
+References: Karpathy, makemore and "The spelled-out intro to language modeling"
+(https://github.com/karpathy/makemore); Jurafsky & Martin, Speech and Language Processing,
+3rd ed., ch. 3 (n-grams, Laplace smoothing).
+Simplifications: full-batch training (every training bigram at every step); no --resume:
+counting is closed form and the neural bigram trains in seconds, so rerun with --overwrite.
+"""
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import types
+import typing
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
+BOUNDARY = "."  # --format lines: token 0, marks both the start and the end of every item
+SPLIT_SEED = 42  # items are shuffled with random.seed(42) as in makemore, whatever --seed says
+
+
+# -------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Config:
+    data: str = "names"  # names, shakespeare, or a path to a text file
+    format: str = "auto"  # lines | text | auto = lines if the file has no '.' and no line > 50 chars
+    smoothing: float = 1.0  # add-k smoothing: k fake counts of every bigram (0 = raw counts)
+    max_iters: int = 100  # full-batch gradient steps of the neural bigram
+    learning_rate: float = 0.5  # Adam's peak learning rate (cosine decay to a tenth of it)
+    eval_interval: int = 10  # steps between evaluations (and log lines) of the neural bigram
+    seed: int = 1337  # sampling seed (the split is fixed, the neural init is zeros)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast of the neural bigram)
+    out_dir: str = "out/bigram"  # ckpt.pt, log.jsonl and bigram_counts.png go here
+    overwrite: bool = False  # replace an existing ckpt.pt (no --resume here: a rerun takes seconds)
+    sample_only: bool = False  # load out_dir/ckpt.pt and only sample
+    prompt: str = ""  # start of every sample
+    num_samples: int | None = None  # samples per model (default: 10 for lines, 1 for text)
+    max_new_tokens: int = 300  # characters per sample (a name also stops at its closing '.')
+    temperature: float = 1.0  # 0 = greedy, <1 sharper, >1 flatter
+    top_k: int | None = None  # sample among the k most likely characters only
+    top_p: float | None = None  # nucleus sampling: the most likely characters up to this mass
+    plot: bool = False  # write the count matrix as a heatmap to out_dir (needs matplotlib)
+
+
+# a full-batch step costs next to nothing on a GPU: more steps for an even closer match
+GPU_PRESET = {"max_iters": 1000, "eval_interval": 100}
+
+
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
+
+
+# -------------------------------------------------------------------------------
+# Data
+# -------------------------------------------------------------------------------
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and `--data` as the way out.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass --data PATH")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass --data PATH)")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
+
+
+def detect_format(text):
+    """--format auto: `lines` when the file reads like a list of items (names, words): no '.'
+    (the boundary token) and no line longer than 50 characters; `text` otherwise."""
+    short = max(map(len, text.splitlines()), default=0) <= 50
+    return "lines" if BOUNDARY not in text and short else "text"
+
+
+def split_corpus(text, fmt):
+    """Train/val/test = 80/10/10 %, as strings. Lines: whole items, shuffled with SPLIT_SEED and
+    joined as '.emma.ava.' (one '.' ends a name and starts the next, so each item yields its
+    len + 1 bigrams). Text: contiguous chunks (shuffling would leak neighbouring text)."""
+    if fmt == "lines":
+        items = [line.strip() for line in text.splitlines() if line.strip()]
+        random.Random(SPLIT_SEED).shuffle(items)
+    else:
+        items = text
+    n1, n2 = int(0.8 * len(items)), int(0.9 * len(items))
+    parts = [items[:n1], items[n1:n2], items[n2:]]
+    if not all(parts):
+        die(f"--data: {len(items)} {'items' if fmt == 'lines' else 'characters'} are too few "
+            f"for an 80/10/10 split (val or test would be empty)")
+    if fmt == "lines":
+        parts = [BOUNDARY + BOUNDARY.join(p) + BOUNDARY for p in parts]
+    return parts
+
+
+def load_corpus(cfg):
+    """-> (format, chars, [train, val, test] strings). The vocabulary comes from the whole file,
+    so val/test never meet an unknown character; for lines, '.' is token 0."""
+    text = resolve_data(cfg.data).read_text(encoding="utf-8")
+    if not text.strip():
+        die(f"--data {cfg.data} is empty")
+    fmt = detect_format(text) if cfg.format == "auto" else cfg.format
+    if fmt == "lines" and BOUNDARY in text:
+        die(f"--format lines: {cfg.data} contains '{BOUNDARY}', the boundary token; use --format text")
+    parts = split_corpus(text, fmt)
+    chars = sorted(set("".join(parts)) - {BOUNDARY}) if fmt == "lines" else sorted(set(text))
+    return fmt, (BOUNDARY if fmt == "lines" else "") + "".join(chars), parts
+
+
+def bigrams(s, stoi, device="cpu"):
+    """A string as (x, y) id tensors, (N,) each: y[i] is the character after x[i]."""
+    ids = torch.tensor([stoi[c] for c in s], device=device)
+    return ids[:-1], ids[1:]
+
+
+# -------------------------------------------------------------------------------
+# Model
+# -------------------------------------------------------------------------------
+class Bigram(nn.Module):
+    """Both models are a (V, V) table of logits: row `prev` scores every possible next token."""
+
+    def table(self):
+        raise NotImplementedError
+
+    def forward(self, idx, targets=None):
+        logits = self.table()[idx]  # (N,) -> (N, V): a row lookup = one_hot(idx) @ table
+        loss = None if targets is None else F.cross_entropy(logits, targets)  # mean NLL
+        return logits, loss
+
+
+class CountsBigram(Bigram):
+    """P(next | prev) = (N[prev, next] + k) / sum_j (N[prev, j] + k): maximum likelihood with
+    add-k smoothing (Laplace for k = 1); without it an unseen bigram costs an infinite loss."""
+
+    def __init__(self, vocab_size, smoothing):
+        super().__init__()
+        self.smoothing = smoothing
+        self.register_buffer("counts", torch.zeros(vocab_size, vocab_size))  # N, (V, V)
+
+    def fit(self, x, y):
+        ones = torch.ones(len(x), device=x.device)
+        self.counts.zero_().index_put_((x, y), ones, accumulate=True)  # N[x_i, y_i] += 1
+        return self
+
+    def table(self):
+        p = self.counts + self.smoothing
+        return (p / p.sum(dim=1, keepdim=True)).log()  # log-probabilities: already normalised
+
+
+class NeuralBigram(Bigram):
+    """The same table as free parameters W, learned by gradient descent: a one-layer network
+    whose input is the one-hot previous character and whose output is the next one's logits."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        # zero init: every row starts uniform, so the loss at step 0 is exactly ln(V)
+        self.W = nn.Parameter(torch.zeros(vocab_size, vocab_size))
+
+    def table(self):
+        return self.W
+
+    def smoothing_penalty(self, k, n):
+        """Add-k smoothing as a regulariser: k fake observations of every bigram next to the n
+        real ones. mean NLL + penalty = (1/n) sum_ij (N_ij + k)(-log p_ij), minimised exactly at
+        p_ij = (N_ij + k) / sum_j (N_ij + k), the counts model. makemore's 0.01 * (W**2).mean()
+        also pulls the rows towards uniform, but only approximates a given k."""
+        return -k / n * F.log_softmax(self.W, dim=-1).sum()
+
+
+# -------------------------------------------------------------------------------
+# Generation
+# -------------------------------------------------------------------------------
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, V) logits -> (B, 1) ids.
+
+    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
+    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
+    whose probabilities sum to at least p. Both may be combined (top-k first).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens)."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -1])  # (B, V): a bigram's context is cropped to one token
+        idx_next = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def sample_texts(model, chars, fmt, cfg, device="cpu"):
+    """cfg.num_samples strings from `model`, seeded by cfg.seed. Lines start after a '.' and
+    end at the next one; text starts from the prompt, or from token 0 ('\\n' in Shakespeare)."""
+    stoi = {c: i for i, c in enumerate(chars)}
+    unknown = sorted(set(cfg.prompt) - set(stoi))
+    if unknown:
+        die(f"--prompt: {unknown} not in the vocabulary of this model")
+    ids = [stoi[c] for c in cfg.prompt]
+    if fmt == "lines" or not ids:
+        ids = [0] + ids
+    n = cfg.num_samples if cfg.num_samples is not None else (10 if fmt == "lines" else 1)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    idx = torch.tensor([ids] * n, device=device)  # (B, T)
+    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    texts = ["".join(chars[i] for i in row) for row in out.tolist()]
+    return [t[1:].split(BOUNDARY)[0] for t in texts] if fmt == "lines" else texts
+
+
+# -------------------------------------------------------------------------------
+# Training utilities
+# -------------------------------------------------------------------------------
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist."""
+    ckpt = Path(out_dir) / "ckpt.pt"
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        die(f"{ckpt} exists: pass --resume to continue that run or --overwrite to replace it")
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
+    if ckpt["script"] not in scripts:
+        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
+            f"{', '.join(scripts)}")
+    return ckpt
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds):
+    """Seconds as a short human duration: 95 -> '1m35s'."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@torch.no_grad()
+def evaluate(model, x, y):
+    """Mean negative log-likelihood (nats per character) of all the bigrams (x, y)."""
+    return model(x, y)[1].item()
+
+
+def plot_counts(counts, chars, path):
+    """The bigram count matrix as a heatmap (makemore's figure): rows = previous character."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); no figure written",
+              file=sys.stderr)
+        return
+    labels = [repr(c)[1:-1] for c in chars]  # '\n' shows as \n
+    size = max(6, 0.4 * len(chars))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts.cpu().numpy(), cmap="Blues")
+    ax.set_xticks(range(len(chars)), labels)
+    ax.set_yticks(range(len(chars)), labels)
+    ax.set_xlabel("next character")
+    ax.set_ylabel("previous character")
+    if len(chars) <= 32:  # room to write the count in each cell
+        for i, row in enumerate(counts.tolist()):
+            for j, c in enumerate(row):
+                ax.text(j, i, f"{c:.0f}", ha="center", va="center", fontsize=6, color="gray")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# -------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------
+def print_samples(models, chars, fmt, cfg, device):
+    """The same seed for both models: near-identical tables give near-identical samples."""
+    samples = {name: sample_texts(m, chars, fmt, cfg, device) for name, m in models.items()}
+    for name, texts in samples.items():
+        print(f"--- samples ({name}, temperature {cfg.temperature}) ---")
+        print("\n".join(texts))
+    return samples
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.format not in ("auto", "lines", "text"):
+        die(f"--format {cfg.format}: expected auto, lines or text")
+    if cfg.smoothing < 0 or cfg.eval_interval < 1 or cfg.max_iters < 0:
+        die("--smoothing must be >= 0, --eval-interval >= 1 and --max-iters >= 0")
+    print(cfg)
+    print(f"device={device} dtype={dtype} compile=off")
+    out_dir, t0 = Path(cfg.out_dir), time.time()
+
+    if cfg.sample_only:
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", ["bigram.py"])
+        chars, args = ckpt["tokenizer"]["chars"], ckpt["model_args"]
+        models = {"counts": CountsBigram(args["vocab_size"], args["smoothing"]),
+                  "neural": NeuralBigram(args["vocab_size"])}
+        for m in models.values():
+            m.load_state_dict({k: ckpt["model"][k] for k in m.state_dict()})
+            m.to(device)
+        return {"samples": print_samples(models, chars, ckpt["config"]["format"], cfg, device)}
+
+    check_out_dir(out_dir, False, cfg.overwrite)
+    fmt, chars, parts = load_corpus(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "log.jsonl"
+    log_path.write_text("")  # a fresh run starts a fresh log
+    cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
+    stoi = {c: i for i, c in enumerate(chars)}
+    train, val, test = splits = [bigrams(p, stoi, device) for p in parts]
+    print(f"{fmt}: {len(chars)} characters in the vocabulary, "
+          f"{' / '.join(str(len(x)) for x, _ in splits)} train / val / test bigrams")
+
+    # counts: one pass over the training bigrams, no optimisation at all
+    models = {"counts": CountsBigram(len(chars), cfg.smoothing).to(device).fit(*train)}
+
+    # neural: the same table learned by full-batch gradient descent. Adam rather than makemore's
+    # plain SGD (lr 50): a row's gradient scales with how often its character occurs, so rare
+    # rows barely move under SGD, while Adam normalises every parameter's step.
+    model = models["neural"] = NeuralBigram(len(chars)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    # W[idx] is a lookup and cross-entropy runs in float32 under autocast, so mixed precision
+    # changes nothing for a bigram; the context and scaler are gpt.py's loop, kept identical
+    ctx = torch.autocast(device.split(":")[0], getattr(torch, dtype), enabled=dtype != "float32")
+    scaler = torch.amp.GradScaler(enabled=dtype == "float16")
+    best_val_loss = float("inf")
+    for step in range(cfg.max_iters + 1):
+        last_step = step == cfg.max_iters
+        record = {"iter": step}
+        if step % cfg.eval_interval == 0 or last_step:
+            record.update(train_loss=evaluate(model, *train), val_loss=evaluate(model, *val))
+            best_val_loss = min(best_val_loss, record["val_loss"])
+        if last_step:
+            append_jsonl(log_path, {**record, "elapsed_s": time.time() - t0})
+            break
+        t = time.time()
+        lr = get_lr(step, cfg.learning_rate, cfg.learning_rate / 10, 0, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with ctx:
+            _, loss = model(*train)  # full batch: every training bigram at every step
+            # the logged `loss` is this objective: train NLL + the penalty (~0.02 nats on names)
+            loss = loss + model.smoothing_penalty(cfg.smoothing, len(train[0]))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.item()  # waits for the device, so the timing below is honest
+        if not math.isfinite(loss):
+            die(f"loss is {loss} at iter {step}; lower --learning-rate (no checkpoint was written)")
+        dt = time.time() - t
+        tokens_per_s = len(train[0]) / dt
+        record.update(loss=loss, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
+                      elapsed_s=time.time() - t0)
+        append_jsonl(log_path, record)
+        if "val_loss" in record:  # print at the eval interval only; log.jsonl has every step
+            print(f"iter {step}/{cfg.max_iters} | loss {loss:.4f} | train {record['train_loss']:.4f} "
+                  f"| val {record['val_loss']:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
+                  f"{tokens_per_s / 1e3:.1f}k tok/s | eta {format_eta((cfg.max_iters - step) * dt)}")
+
+    print("model    train   val     test    test perplexity")
+    metrics = {}
+    for name, m in models.items():
+        train_loss, val_loss, test_loss = (evaluate(m, *s) for s in splits)
+        metrics[name] = dict(test_loss=test_loss, val_loss=val_loss, train_loss=train_loss,
+                             perplexity=math.exp(test_loss))
+        print(f"{name:8s} {train_loss:.4f}  {val_loss:.4f}  {test_loss:.4f}  {math.exp(test_loss):.2f}")
+        append_jsonl(log_path, {"event": "done", "model": name, **metrics[name]})
+    # no optimizer or RNG state: nothing resumes from this checkpoint (see --overwrite)
+    save_checkpoint({"script": "bigram.py", "version": 1, "config": dataclasses.asdict(cfg),
+                     "model_args": {"vocab_size": len(chars), "smoothing": cfg.smoothing},
+                     "model": {**models["counts"].state_dict(), **model.state_dict()},
+                     "iter": cfg.max_iters, "best_val_loss": best_val_loss,
+                     "tokenizer": {"kind": "char", "chars": chars}}, out_dir / "ckpt.pt")
+    if cfg.plot:
+        plot_counts(models["counts"].counts, chars, out_dir / "bigram_counts.png")
+    metrics["samples"] = print_samples(models, chars, fmt, cfg, device)
+    print(f"done in {time.time() - t0:.1f}s; checkpoint and log in {out_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

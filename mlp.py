@@ -1,0 +1,931 @@
+"""An MLP language model (Bengio et al. 2003) and a GRU, on characters or BPE tokens.
+
+Bengio, Ducharme, Vincent & Jauvin, "A Neural Probabilistic Language Model" (JMLR 2003):
+look up an embedding for each of the last `block_size` tokens, concatenate them, one tanh
+hidden layer, a softmax over the vocabulary. The context is fixed: nothing older than
+`block_size` tokens can influence the prediction. `--model gru` reads the same contexts one
+token at a time into a gated recurrent state (Cho et al. 2014, arXiv:1406.1078), so its
+context can grow without growing the model: recurrence vs fixed context, same data, loop
+and loss. This is makemore part 2 (and makemore.py's MLP/GRU) as one file.
+
+Data: `--data names` (default; one name a line; a boundary token, id 0, marks the start and
+the end of each name and pads the first contexts), `--data shakespeare` (one character
+stream, sliding windows), or a path (`--format lines|text`, guessed when not given).
+`--tokenizer PATH` trains on the tokens of a bpe.py tokenizer instead of characters.
+
+Run:
+    python mlp.py                    # names, CPU: test loss 2.02 (see below)
+    python mlp.py --model gru        # the GRU on the same names
+    python mlp.py --data shakespeare --overwrite
+    python mlp.py --device cuda      # bigger batch and model (GPU_PRESET)
+    python mlp.py --sample-only --temperature 0.8 --top-p 0.95
+    python mlp.py --plot --overwrite # embeddings in 2-D (PCA) and the loss curve as PNGs
+
+Results (2-core CPU shared with other jobs, so the times are inflated):
+    mlp, defaults: RESULTS_MLP
+    gru, defaults: RESULTS_GRU
+
+Simplifications: no direct embedding->output connections (the optional W x term of
+Bengio's y = b + W x + U tanh(d + H x)); no batch norm (a careful init instead, makemore
+part 3); resuming a `--max-time` run is not bit-exact (its LR follows the clock).
+"""
+import argparse
+import base64
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import types
+import typing
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    model: str = "mlp"  # mlp (Bengio et al. 2003) or gru (Cho et al. 2014)
+    vocab_size: int = 27  # number of token ids (set from the tokenizer)
+    block_size: int = 5  # context length in tokens
+    n_embd: int = 32  # embedding dimensions per token
+    n_hidden: int = 512  # MLP hidden units / GRU state size
+    dropout: float = 0.0  # dropout on the hidden layer, before the output layer
+
+
+@dataclass
+class Config:
+    data: str = "names"  # dataset (names, shakespeare) or path to a UTF-8 text file
+    format: str = "auto"  # lines (one item a line) | text (one stream) | auto (guess)
+    tokenizer: str = ""  # bpe.py tokenizer prefix (<prefix>.tiktoken + .json); empty = chars
+    model: str = "mlp"  # mlp (fixed context, Bengio et al. 2003) or gru (recurrent)
+    block_size: int = 5  # context length in tokens (gru: 16)
+    n_embd: int = 32  # embedding dimensions per token (gru: 32)
+    n_hidden: int = 512  # MLP hidden units / GRU state size (gru: 256)
+    dropout: float = 0.0  # dropout on the hidden layer
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: Optional[bool] = None  # torch.compile; unset = on for CUDA, off for CPU and MPS
+    seed: int = 1337  # init, batches, dropout and sampling follow it
+    out_dir: str = "out/mlp"  # checkpoint, log.jsonl, samples.txt, figures (gru: out/mlp-gru)
+    max_iters: int = 20000  # optimizer steps (gru: 6000)
+    max_time: float = 0.0  # training budget in seconds, evals included; 0 = no limit
+    eval_interval: int = 2000  # estimate train/val loss and save the checkpoint every N steps
+    eval_iters: int = 20  # batches per split for that estimate
+    final_eval_max: int = 50000  # final val/test loss over at most this many targets
+    log_interval: int = 500  # print and log a training record every N steps
+    batch_size: int = 128  # examples (contexts) per step
+    learning_rate: float = 5e-3  # peak AdamW learning rate (gru: 5e-3)
+    min_lr: float = 5e-5  # the cosine decay ends here
+    warmup_iters: int = 100  # linear warmup steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 = off
+    resume: bool = False  # continue the run saved in --out-dir
+    overwrite: bool = False  # allow a fresh run to replace the checkpoint in --out-dir
+    sample_only: bool = False  # load the checkpoint in --out-dir and only generate
+    prompt: str = ""  # start of every sample (lines: the first letters of each item)
+    num_samples: int = 10  # samples to print
+    max_new_tokens: int = 200  # tokens per sample (lines: a sample stops at the boundary)
+    temperature: float = 1.0  # sampling temperature; 0 = greedy
+    top_k: Optional[int] = None  # sample among the k most likely tokens only
+    top_p: Optional[float] = None  # nucleus sampling: the smallest set with probability >= p
+    plot: bool = False  # write embeddings.png (PCA) and loss.png to --out-dir (matplotlib)
+
+
+# The GRU reads its context step by step, so a longer context costs time rather than
+# parameters; these replace the MLP defaults for every field not given on the command line.
+GRU_DEFAULTS = dict(block_size=16, n_hidden=256, max_iters=6000, out_dir="out/mlp-gru")
+# On CUDA a step costs little more with a bigger batch and hidden layer.
+GPU_PRESET = dict(batch_size=1024, n_hidden=1024, max_iters=30000, eval_interval=5000)
+MODELS = ("mlp", "gru")
+FORMATS = ("auto", "lines", "text")
+
+
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
+
+
+def check_config(cfg):
+    """Flag values that parse but make no sense end here, before any work is done."""
+    if cfg.model not in MODELS:
+        die(f"--model {cfg.model}: expected one of {', '.join(MODELS)}")
+    if cfg.format not in FORMATS:
+        die(f"--format {cfg.format}: expected one of {', '.join(FORMATS)}")
+    for name in ("block_size", "n_embd", "n_hidden", "batch_size", "eval_interval",
+                 "eval_iters", "log_interval", "final_eval_max"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= cfg.dropout < 1.0:
+        die(f"--dropout {cfg.dropout}: expected a value in [0, 1)")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        die("--plot needs matplotlib: pip install matplotlib (or run without --plot)")
+
+
+# -------------------------------------------------------------------------------
+# Data
+# -------------------------------------------------------------------------------
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
+IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
+SPLIT_SEED = 42  # the train/val/test split ignores --seed, so every seed is scored alike
+
+
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and `--data` as the way out.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass --data PATH")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass --data PATH)")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
+
+
+def load_bpe(path):
+    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
+
+    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
+    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
+    "vocab_size": int}); `path` may name either file or the bare prefix.
+    """
+    import base64
+    import tiktoken
+
+    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
+    try:
+        meta = json.loads(Path(prefix + ".json").read_text())
+        lines = Path(prefix + ".tiktoken").read_text().splitlines()
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in lines if ln)}
+    except (OSError, ValueError) as e:
+        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
+    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
+    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
+                             mergeable_ranks=ranks, special_tokens=meta["special"])
+
+
+class Tokenizer:
+    """Characters or a bpe.py tokenizer, built from the plain data the checkpoint keeps.
+
+    `boundary` is the token that marks where a line (a name) starts and ends: the newline,
+    id 0, for characters; the first special token (e.g. <|endoftext|>) for BPE.
+    """
+
+    def __init__(self, state):
+        self.state = state  # {"kind": "char", "chars"} or {"kind": "tiktoken", ...}
+        if state["kind"] == "char":
+            self.itos = state["chars"]
+            self.stoi = {c: i for i, c in enumerate(self.itos)}
+            self.vocab_size, self.boundary = len(self.itos), 0
+        else:
+            ranks = {base64.b64decode(t): rank for rank, t in enumerate(state["ranks_b64"])}
+            self.enc = tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                                         mergeable_ranks=ranks, special_tokens=state["special"])
+            if not state["special"]:
+                die("--tokenizer: this tokenizer has no special token (e.g. <|endoftext|>), "
+                    "which mlp.py needs to mark line boundaries and to start samples")
+            self.vocab_size, self.boundary = self.enc.n_vocab, next(iter(state["special"].values()))
+
+    @classmethod
+    def from_chars(cls, text):
+        # the newline goes first so that it is id 0 whatever else the text holds
+        return cls({"kind": "char", "chars": "\n" + "".join(sorted(set(text) - {"\n"}))})
+
+    @classmethod
+    def from_bpe(cls, enc):
+        # tiktoken keeps the ranks in _mergeable_ranks (its README reads it the same way)
+        ranked = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
+        return cls({"kind": "tiktoken", "name": enc.name, "pat_str": enc._pat_str,
+                    "ranks_b64": [base64.b64encode(b).decode() for b, _ in ranked],
+                    "special": dict(enc._special_tokens)})
+
+    def encode(self, text):
+        if self.state["kind"] != "char":
+            return self.enc.encode_ordinary(text)
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            die(f"characters {unknown} are not in the vocabulary of this run; leave them out")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        if self.state["kind"] != "char":
+            return self.enc.decode(ids)
+        return "".join(self.itos[i] for i in ids)
+
+
+def guess_format(text):
+    """lines when nearly every line is one short word (a list of names), else text."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    words = sum(len(ln.split()) == 1 and len(ln) <= 32 for ln in lines)
+    return "lines" if lines and words >= 0.9 * len(lines) else "text"
+
+
+class Split(NamedTuple):
+    """One of train/val/test: a token stream and the positions it is scored on."""
+
+    tokens: torch.Tensor  # (N,) the stream
+    targets: torch.Tensor  # positions p with tokens[p] predicted from tokens[p-block_size:p]
+    ends: torch.Tensor  # where the windows end that score every position (lines: item ends)
+    is_target: torch.Tensor  # (N,) bool, True at `targets`
+
+    def pool(self, every_target):
+        return self.ends if every_target else self.targets
+
+
+def make_split(tokens, targets, ends):
+    tokens, targets = torch.as_tensor(tokens), torch.as_tensor(targets)
+    is_target = torch.zeros(len(tokens), dtype=torch.bool)
+    is_target[targets] = True
+    return Split(tokens, targets, torch.as_tensor(ends), is_target)
+
+
+def lines_split(items, block_size, boundary):
+    """Items (lists of ids) -> a Split with every context inside one item.
+
+    Each item is laid down after `block_size` boundary tokens, so its first context is all
+    boundary (makemore pads with '.'); its targets are its own tokens plus the boundary that
+    follows it (the next item's padding, or a final one), which teaches the model to stop.
+    A window ending at that closing boundary holds the whole item (if it fits), so a model
+    that scores every position of a window sees each target of the item exactly once.
+    """
+    tokens, targets, ends = [], [], []
+    for ids in items:
+        tokens += [boundary] * block_size
+        targets += range(len(tokens), len(tokens) + len(ids) + 1)
+        tokens += ids
+        ends.append(len(tokens))
+    tokens.append(boundary)
+    return make_split(tokens, targets, ends)
+
+
+def load_data(cfg, tok):
+    """Read --data and split it 80/10/10 -> (format, tokenizer, {name: Split}).
+
+    A split is one token stream plus the positions p it is scored on: tokens[p] is predicted
+    from the `block_size` tokens before it. Lines (names) are shuffled with a fixed seed and
+    split by item; text is split into three contiguous pieces and every position of a piece
+    past its first `block_size` tokens is a target (sliding windows).
+    """
+    path = resolve_data(cfg.data)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        die(f"--data {cfg.data}: not a UTF-8 text file")
+    fmt = guess_format(text) if cfg.format == "auto" else cfg.format
+    items = [ln.strip() for ln in text.splitlines() if ln.strip()] if fmt == "lines" else None
+    if tok is None:  # characters: the vocabulary is every character the data uses
+        tok = Tokenizer.from_chars("".join(items) if items is not None else text)
+    if items is not None:
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        parts = order.tensor_split([int(0.8 * len(items)), int(0.9 * len(items))])
+        splits = [lines_split([tok.encode(items[i]) for i in part.tolist()], cfg.block_size,
+                              tok.boundary) for part in parts]
+    else:
+        ids = torch.tensor(tok.encode(text))
+        parts = ids.tensor_split([int(0.8 * len(ids)), int(0.9 * len(ids))])
+        splits = [make_split(part, range(cfg.block_size, len(part)),
+                             range(cfg.block_size, len(part))) for part in parts]
+    if min(len(split.targets) for split in splits) == 0:
+        die(f"--data {cfg.data}: too small to split 80/10/10 with --block-size {cfg.block_size}")
+    return fmt, tok, dict(zip(("train", "val", "test"), splits))
+
+
+def examples(split, positions, block_size, every_target, device):
+    """The windows that end before `positions` (N,): contexts x (N, T) and what follows them.
+
+    y (N,) is the token at each position; with every_target, y (N, T) is the token after
+    every prefix of the window (x shifted by one), IGNORE_INDEX where that is no target (the
+    padding between lines), so a recurrent model learns from all T steps it computes anyway.
+    """
+    x = split.tokens[positions[:, None] + torch.arange(-block_size, 0)]  # (N, T)
+    if every_target:
+        pos = positions[:, None] + torch.arange(1 - block_size, 1)  # (N, T)
+        y = torch.where(split.is_target[pos], split.tokens[pos], IGNORE_INDEX)
+    else:
+        y = split.tokens[positions]
+    return x.to(device), y.to(device)
+
+
+def get_batch(split, block_size, batch_size, every_target, generator, device):
+    """A random batch of windows, drawn with `generator`."""
+    pool = split.pool(every_target)
+    pick = torch.randint(len(pool), (batch_size,), generator=generator)
+    return examples(split, pool[pick], block_size, every_target, device)
+
+
+# -------------------------------------------------------------------------------
+# Model
+# -------------------------------------------------------------------------------
+
+
+class LanguageModel(nn.Module):
+    """What both models share: token embeddings in, next-token logits out.
+
+    forward(idx (B, T), targets (B,) or None) -> (logits (B, V), loss): the prediction for the
+    token that follows each context row. Subclasses turn the embeddings into a (B, H) summary.
+    A model with `every_target` also takes targets (B, T), one after every prefix of the row,
+    and then returns logits (B, T, V).
+    """
+
+    every_target = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # C in Bengio et al.
+        self.drop = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.n_hidden, config.vocab_size)
+
+    def init_weights(self):
+        # Embeddings ~ N(0, 1) (nn.Embedding's default). The output layer starts near zero, so
+        # the first prediction is close to uniform and the loss at init is ln(vocab_size)
+        # instead of a confidently wrong guess (makemore part 3, "fixing the initial loss").
+        nn.init.normal_(self.wte.weight)
+        nn.init.normal_(self.lm_head.weight, std=0.01)
+        nn.init.zeros_(self.lm_head.bias)
+
+    def readout(self, h, targets):
+        logits = self.lm_head(self.drop(h))  # (B, [T,] H) @ (H, V) -> (B, [T,] V)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                                       ignore_index=IGNORE_INDEX)
+
+
+class MLP(LanguageModel):
+    """Bengio et al. 2003, Eq. 1 without the direct connections: y = b + U tanh(d + H x),
+    x = the concatenated embeddings of the context."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.fc = nn.Linear(config.block_size * config.n_embd, config.n_hidden)  # H, d
+        self.init_weights()
+        # Kaiming init with tanh's gain 5/3 (He et al. 2015; makemore part 3): pre-activations
+        # of unit scale, so tanh starts neither saturated (dead gradients) nor linear.
+        nn.init.kaiming_normal_(self.fc.weight, nonlinearity="tanh")
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        x = self.wte(idx).view(B, T * self.config.n_embd)  # (B, T, C) -> (B, T*C): concatenate
+        h = torch.tanh(self.fc(x))  # (B, T*C) @ (T*C, H) -> (B, H)
+        return self.readout(h, targets)
+
+
+class GRU(LanguageModel):
+    """A gated recurrent unit (Cho et al. 2014, arXiv:1406.1078, Eqs. 5-8) read over the context.
+
+    Per step, with x the token's embedding and h the previous state:
+        z  = sigmoid(W_z x + U_z h + b_z)            update gate
+        r  = sigmoid(W_r x + U_r h + b_r)            reset gate
+        h~ = tanh(W x + b + r * (U h + b_u))         candidate state
+        h' = (1 - z) * h + z * h~
+    Two conventions, said out loud: z weights the *new* candidate, as in Chung et al. 2014
+    (arXiv:1412.3555); Cho's paper and PyTorch write h' = z * h + (1 - z) * h~ (their z is our
+    1 - z). And the reset gate scales U h after the matmul (PyTorch/cuDNN) rather than h
+    before it (Cho's Eq. 6): then one (B, H) @ (H, 3H) matmul per step serves all three gates.
+
+    The states of all T steps are computed anyway, so training reads out every one of them
+    (`every_target`, a char-RNN's loss) instead of only the last like the MLP: T targets for
+    the price of one window.
+    """
+
+    every_target = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        H = config.n_hidden
+        self.w_x = nn.Linear(config.n_embd, 3 * H)  # [W_z; W_r; W] and their biases
+        self.w_h = nn.Linear(H, 3 * H)  # [U_z; U_r; U] and their biases
+        self.init_weights()
+        # uniform(+-1/sqrt(fan_in)) on both sides, PyTorch's nn.GRU default
+        for lin in (self.w_x, self.w_h):
+            nn.init.uniform_(lin.weight, -lin.in_features ** -0.5, lin.in_features ** -0.5)
+            nn.init.zeros_(lin.bias)
+
+    def cell(self, gx, h):
+        """One step: gx = W x + b for all gates (B, 3H), h (B, H) -> the next state (B, H)."""
+        gz, gr, gn = gx.chunk(3, dim=-1)
+        hz, hr, hn = self.w_h(h).chunk(3, dim=-1)  # (B, H) @ (H, 3H) -> 3 x (B, H)
+        z = torch.sigmoid(gz + hz)
+        r = torch.sigmoid(gr + hr)
+        candidate = torch.tanh(gn + r * hn)
+        return h + z * (candidate - h)  # = (1 - z) * h + z * candidate
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        gx = self.w_x(self.wte(idx))  # (B, T, C) @ (C, 3H) -> (B, T, 3H): inputs of all steps
+        h = gx.new_zeros(B, self.config.n_hidden)  # h_0 = 0
+        states = []
+        for t in range(T):  # the recurrence: step t needs h from step t-1
+            h = self.cell(gx[:, t], h)
+            states.append(h)
+        if targets is not None and targets.dim() == 2:  # a target after every prefix
+            return self.readout(torch.stack(states, dim=1), targets)  # (B, T, H)
+        return self.readout(h, targets)
+
+
+def build_model(config):
+    return {"mlp": MLP, "gru": GRU}[config.model](config)
+
+
+# -------------------------------------------------------------------------------
+# Generation
+# -------------------------------------------------------------------------------
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, V) logits -> (B, 1) ids.
+
+    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
+    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
+    whose probabilities sum to at least p. Both may be combined (top-k first).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Extend every row of idx (B, T), T >= block_size, by max_new_tokens sampled tokens.
+
+    Both models see only the last block_size tokens, the context they were trained on.
+    """
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, V)
+        idx = torch.cat([idx, sample_logits(logits, temperature, top_k, top_p, generator)], dim=1)
+    return idx
+
+
+def make_samples(model, tok, fmt, cfg, device):
+    """`cfg.num_samples` texts: names cut at their closing boundary, or text continuations."""
+    block_size = model.config.block_size
+    prompt = tok.encode(cfg.prompt)
+    # every sample starts from boundary padding, as the first context of a line does
+    start = torch.tensor([[tok.boundary] * block_size + prompt] * cfg.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.eval()
+    out = generate(model, start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                   generator)
+    samples = []
+    for row in out[:, block_size:].tolist():
+        if fmt == "lines" and tok.boundary in row[len(prompt):]:  # per-row stop
+            row = row[:row.index(tok.boundary, len(prompt))]
+        samples.append(tok.decode(row))
+    return samples
+
+
+def join_samples(samples, fmt):
+    """One name a line; text samples, which hold newlines of their own, between rules."""
+    return "".join(s + ("\n" if fmt == "lines" else "\n" + "-" * 40 + "\n") for s in samples)
+
+
+# -------------------------------------------------------------------------------
+# Training utilities
+# -------------------------------------------------------------------------------
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist."""
+    ckpt = Path(out_dir) / "ckpt.pt"
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        die(f"{ckpt} exists: pass --resume to continue that run or --overwrite to replace it")
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
+    if ckpt["script"] not in scripts:
+        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
+            f"{', '.join(scripts)}")
+    return ckpt
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds):
+    """Seconds as a short human duration: 95 -> '1m35s'."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@torch.no_grad()
+def evaluate(model, split, positions, cfg, device, ctx):
+    """Mean cross-entropy (nats per target) of the windows ending at `positions`."""
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in positions.split(cfg.batch_size):
+        x, y = examples(split, chunk, model.config.block_size, model.every_target, device)
+        with ctx:
+            _, loss = model(x, y)
+        n = (y != IGNORE_INDEX).sum().item()
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / count
+
+
+def estimate_losses(model, splits, cfg, device, ctx):
+    """Train/val loss on `eval_iters` batches: the same random windows at every eval."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses = {}
+    for name in ("train", "val"):
+        pool = splits[name].pool(model.every_target)
+        pick = torch.randint(len(pool), (cfg.eval_iters * cfg.batch_size,), generator=generator)
+        losses[name] = evaluate(model, splits[name], pool[pick], cfg, device, ctx)
+    return losses
+
+
+def final_losses(model, splits, cfg, device, ctx):
+    """Val/test loss over every window, or over `final_eval_max` evenly spaced ones.
+
+    Lines: every target of the split, once (if the items fit in block_size). Text, GRU: the
+    windows overlap and each position counts with every context length from 1 to block_size,
+    a little pessimistic next to the MLP's full contexts.
+    """
+    losses = {}
+    for name in ("val", "test"):
+        pool = splits[name].pool(model.every_target)
+        if len(pool) > cfg.final_eval_max:
+            pool = pool[torch.linspace(0, len(pool) - 1, cfg.final_eval_max).long()]
+        losses[name] = evaluate(model, splits[name], pool, cfg, device, ctx)
+    return losses
+
+
+def plot_run(model, tok, log_path, out_dir):
+    """embeddings.png: the token embeddings projected on their top-2 principal components;
+    loss.png: the training and validation loss from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    emb = model.wte.weight.detach().float().cpu()  # (V, C)
+    # PCA = SVD of the centred matrix; rows of U * S are the coordinates on the components
+    U, S, _ = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
+    xy = U[:, :2] * S[:2]  # (V, 2)
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.scatter(xy[:, 0], xy[:, 1], s=200 if len(xy) <= 100 else 4)
+    if len(xy) <= 100:  # a label per token is readable for characters, not for BPE
+        for i, (px, py) in enumerate(xy.tolist()):
+            ax.text(px, py, repr(tok.decode([i]))[1:-1], ha="center", va="center", color="white")
+    ax.set(title="token embeddings, first two principal components", xlabel="PC1", ylabel="PC2")
+    fig.savefig(out_dir / "embeddings.png", dpi=100)
+    records = [json.loads(ln) for ln in log_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    for points, label in ((train, "train (batch)"), (val, "val")):
+        if points:
+            ax.plot(*zip(*points), label=label)
+    ax.set(xlabel="iteration", ylabel="loss (nats/token)", title="loss")
+    ax.legend()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close("all")
+    print(f"wrote {out_dir / 'embeddings.png'} and {out_dir / 'loss.png'}")
+
+
+# -------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------
+
+
+def sample_only(cfg, out_dir, device):
+    """--sample-only: rebuild tokenizer and model from the checkpoint and print samples."""
+    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["mlp.py"])
+    tok = Tokenizer(ckpt["tokenizer"])
+    model = build_model(ModelConfig(**ckpt["model_args"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    samples = make_samples(model, tok, ckpt["config"]["format"], cfg, device)
+    print(join_samples(samples, ckpt["config"]["format"]), end="")
+    return {"samples": samples}
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    if cfg.model == "gru":
+        cfg = apply_preset(cfg, GRU_DEFAULTS, given)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    check_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    if cfg.sample_only:
+        return sample_only(cfg, out_dir, device)
+    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
+    use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
+    print(" ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    print(f"device={device} dtype={dtype} compile={'on' if use_compile else 'off'}")
+    try:
+        return train(cfg, out_dir, device, dtype, use_compile)
+    except torch.OutOfMemoryError:
+        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; "
+            f"try --batch-size {max(1, cfg.batch_size // 2)}")
+
+
+def train(cfg, out_dir, device, dtype, use_compile):
+    """Train (or resume), evaluate on val/test, sample; returns the final metrics."""
+    device_type = device.split(":")[0]
+    ctx = torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    torch.manual_seed(cfg.seed)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    ckpt = load_checkpoint(ckpt_path, ["mlp.py"]) if cfg.resume else None
+    tok = Tokenizer.from_bpe(load_bpe(cfg.tokenizer)) if cfg.tokenizer else None
+    fmt, tok, splits = load_data(cfg, tok)
+    cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
+    mc = ModelConfig(model=cfg.model, vocab_size=tok.vocab_size, block_size=cfg.block_size,
+                     n_embd=cfg.n_embd, n_hidden=cfg.n_hidden, dropout=cfg.dropout)
+    print(f"data={cfg.data} format={fmt} vocab={tok.vocab_size} "
+          + " ".join(f"{k}={len(split.targets):,}" for k, split in splits.items()) + " targets")
+    model = build_model(mc).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model={mc.model} parameters={n_params:,}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # the only source of training batches
+    start_iter, best_val, elapsed_before = 0, float("inf"), 0.0
+    if ckpt is not None:
+        if ckpt["model_args"] != dataclasses.asdict(mc) or ckpt["tokenizer"] != tok.state:
+            die(f"{ckpt_path} was trained with another model or data ({ckpt['model_args']}); "
+                "resume with the flags of that run")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
+        elapsed_before = ckpt["elapsed_s"]
+        # the RNG states go last: building the model above drew from the global generator
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        print(f"resumed from {ckpt_path} at iter {start_iter}")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")  # a fresh run starts a fresh log
+    model_ = torch.compile(model) if use_compile else model  # `model` stays raw for saving
+
+    def elapsed():
+        return elapsed_before + time.time() - t_start
+
+    t_start = time.time()
+    data_state = data_gen.get_state()  # the state that draws the batch now in hand
+    x, y = get_batch(splits["train"], cfg.block_size, cfg.batch_size, model.every_target,
+                     data_gen, device)
+    t_log, iters_timed, targets_timed, step = time.time(), 0, 0, start_iter
+    for step in range(start_iter, cfg.max_iters + 1):
+        out_of_time = cfg.max_time > 0 and elapsed() >= cfg.max_time
+        last_step = step == cfg.max_iters or out_of_time
+        if step % cfg.eval_interval == 0 or last_step:
+            losses = estimate_losses(model_, splits, cfg, device, ctx)
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            append_jsonl(log_path, {"iter": step, "train_loss": losses["train"],
+                                    "val_loss": losses["val"], "elapsed_s": elapsed()})
+            best_val = min(best_val, losses["val"])
+            save_checkpoint({
+                "script": "mlp.py", "version": 1, "config": dataclasses.asdict(cfg),
+                "model_args": dataclasses.asdict(mc), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
+                        "data": data_state},
+                "tokenizer": tok.state, "elapsed_s": elapsed(),
+            }, ckpt_path)
+            t_log, iters_timed, targets_timed = time.time(), 0, 0  # evals are not timed
+        if last_step:
+            break
+        # With --max-time the cosine also follows the clock (whichever is further along), so
+        # the LR has decayed when the time is up (budgeted training, Li et al. 2020).
+        progress = step
+        if cfg.max_time > 0:
+            progress = max(step, int(cfg.max_iters * elapsed() / cfg.max_time))
+        lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with ctx:
+            _, loss = model_(x, y)
+        targets_timed += (y != IGNORE_INDEX).sum()  # a tensor: no device sync here
+        # the next batch is drawn before backward (overlaps on an accelerator)
+        data_state = data_gen.get_state()
+        x, y = get_batch(splits["train"], cfg.block_size, cfg.batch_size, model.every_target,
+                         data_gen, device)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lossf = loss.item()
+        if not math.isfinite(lossf):
+            die(f"loss is {lossf} at iter {step}; stopped, the last good checkpoint "
+                f"{ckpt_path} is kept (try a lower --learning-rate)")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iters_timed += 1
+        if step % cfg.log_interval == 0:
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.time() - t_log) * 1000 / iters_timed
+            tokens_per_s = float(targets_timed) / (time.time() - t_log)  # targets predicted
+            t_log, iters_timed, targets_timed = time.time(), 0, 0
+            eta = (cfg.max_iters - step) * ms / 1000
+            if cfg.max_time > 0:
+                eta = min(eta, cfg.max_time - elapsed())
+            print(f"iter {step}/{cfg.max_iters} | loss {lossf:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+                  f"{tokens_per_s / 1000:.1f}k tok/s | eta {format_eta(eta)}")
+            append_jsonl(log_path, {"iter": step, "loss": lossf, "lr": lr, "ms_per_iter": ms,
+                                    "tokens_per_s": tokens_per_s, "elapsed_s": elapsed()})
+    train_s = elapsed()
+
+    final = final_losses(model, splits, cfg, device, ctx)
+    print(f"final: val loss {final['val']:.4f} | test loss {final['test']:.4f} | "
+          f"{step} iters in {format_eta(train_s)}")
+    samples = make_samples(model, tok, fmt, cfg, device)
+    print(join_samples(samples, fmt), end="")
+    (out_dir / "samples.txt").write_text(join_samples(samples, fmt))
+    if cfg.plot:
+        plot_run(model, tok, log_path, out_dir)
+    done = {"event": "done", "model": mc.model, "test_loss": final["test"],
+            "val_loss": final["val"], "best_val_loss": best_val, "iters": step,
+            "train_s": train_s, "elapsed_s": elapsed(),
+            "parameters": n_params}
+    append_jsonl(log_path, done)
+    return done
+
+
+if __name__ == "__main__":
+    main()

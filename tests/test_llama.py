@@ -1,0 +1,306 @@
+"""Tests of llama.py: the model, RoPE, GQA, KV and rolling caches, int8, training runs.
+
+Run: python -m pytest -q tests/test_llama.py --durations=5
+
+Tiny configs (2 layers, 32 dims, block 16), CPU, offline, seeded; data is made in tmp_path.
+"""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama
+
+TEXT = "".join(f"{i} little pigs, let me come in! Not by the hair of my chinny chin chin. ü\n"
+               for i in range(120))
+
+
+def tiny(**kw):
+    """A 2-layer, 32-dim model config with a byte vocabulary padded to 320."""
+    base = dict(vocab_size=320, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_head=2)
+    return llama.ModelConfig(**{**base, **kw})
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return llama.Llama(tiny(**kw)).eval()
+
+
+def run_args(tmp_path, *extra):
+    """A tiny training run of main() on TEXT written to tmp_path."""
+    data = tmp_path / "text.txt"
+    if not data.exists():
+        data.write_text(TEXT)
+    return ["--data", str(data), "--out-dir", str(tmp_path / "out"), "--device", "cpu",
+            "--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
+            "--block-size", "16", "--batch-size", "4", "--eval-iters", "2",
+            "--max-new-tokens", "8", "--num-samples", "2", *extra]
+
+
+def losses_of(log_path):
+    return [r["loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(norm="layernorm"), dict(pos="learned"), dict(pos="none"),
+                                dict(mlp="gelu"), dict(tie_weights=True), dict(window=5, sinks=2)])
+def test_shapes_and_init_loss(kw):
+    model = tiny_model(**kw)
+    idx, targets = torch.randint(256, (2, 3, 16))  # targets unlike inputs (a tied head favours them)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 320)
+    assert model(idx)[1] is None
+    # small N(0, 0.02) weights: near-uniform predictions over the padded vocabulary
+    assert abs(loss.item() - math.log(320)) < 0.1
+
+
+def test_ignore_index_masks_targets():
+    model = tiny_model()
+    idx = torch.randint(256, (2, 16))
+    targets = idx.clone()
+    targets[:, :10] = llama.IGNORE_INDEX  # e.g. the prompt tokens in sft.py
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[:, 10:].reshape(-1, 320), idx[:, 10:].reshape(-1))
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_swiglu_is_parameter_matched():
+    count = {m: sum(p.numel() for p in llama.MLP(tiny(n_embd=128, mlp=m)).parameters())
+             for m in ("swiglu", "gelu")}
+    assert abs(count["swiglu"] / count["gelu"] - 1) < 0.05  # 352 hidden vs 341.3 exact
+
+
+def test_tied_weights_share_one_matrix():
+    model = tiny_model(tie_weights=True)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    untied = tiny_model()
+    assert untied.num_params() - model.num_params() == 320 * 32
+
+
+def test_rope_preserves_norms_and_depends_on_offset_only():
+    hs = 16
+    cos, sin = llama.rope_cos_sin(torch.arange(64), hs, 10000.0)
+    q, k = torch.randn(1, 1, 1, hs), torch.randn(1, 1, 1, hs)
+
+    def rot(x, p):
+        return llama.apply_rope(x, cos[p:p + 1], sin[p:p + 1])
+
+    assert torch.allclose(rot(q, 37).norm(), q.norm(), atol=1e-5)
+    score = (rot(q, 9) * rot(k, 4)).sum()  # offset 5
+    assert torch.allclose(score, (rot(q, 50) * rot(k, 45)).sum(), atol=1e-4)
+    assert torch.allclose(score, (rot(q, 5) * rot(k, 0)).sum(), atol=1e-4)
+    assert not torch.allclose(score, (rot(q, 9) * rot(k, 3)).sum(), atol=1e-3)  # offset matters
+
+
+def test_rope_table_matches_streaming_angles():
+    model = tiny_model()
+    pos = torch.arange(16)
+    cos, sin = llama.rope_cos_sin(pos, 8, 10000.0)
+    assert torch.equal(model.rope_at(pos, 16)[0], cos) and torch.equal(model.rope_at(pos, 16)[1], sin)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_gqa_equals_explicit_repeat_reference(n_kv_head):
+    """n_kv_head = 4 = n_head is plain multi-head attention; fewer heads share keys/values."""
+    config = tiny(n_kv_head=n_kv_head)
+    torch.manual_seed(0)
+    attn = llama.CausalSelfAttention(config, 0).eval()
+    x = torch.randn(2, 16, 32)
+    pos = torch.arange(16)
+    cos, sin = llama.rope_cos_sin(pos, 8, 10000.0)
+    y = attn(x, pos, ((cos, sin), None))
+    # reference: separate projections, each K/V head repeated for its group, written-out softmax
+    w_q, w_k, w_v = attn.c_attn.weight.split([32, 8 * n_kv_head, 8 * n_kv_head])
+    q = (x @ w_q.T).view(2, 16, 4, 8).transpose(1, 2)
+    k = (x @ w_k.T).view(2, 16, n_kv_head, 8).transpose(1, 2)
+    v = (x @ w_v.T).view(2, 16, n_kv_head, 8).transpose(1, 2)
+    q, k = llama.apply_rope(q, cos, sin), llama.apply_rope(k, cos, sin)
+    k, v = (t.repeat_interleave(4 // n_kv_head, dim=1) for t in (k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    att = att.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    ref = attn.c_proj((att @ v).transpose(1, 2).reshape(2, 16, 32))
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_kv_cache_equals_recompute():
+    model = tiny_model()
+    prompt = torch.randint(256, (3, 4))  # batch of 3
+    with_cache = llama.generate(model, prompt, 12, temperature=0, kv_cache=True)
+    without = llama.generate(model, prompt, 12, temperature=0, kv_cache=False)
+    assert torch.equal(with_cache, without)
+    seq = torch.randint(256, (3, 16))
+    full, _ = model(seq)
+    cache = llama.KVCache(model.config, 3)
+    chunks = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+    assert cache.full
+
+
+def test_full_cache_restarts_from_half_block():
+    model = tiny_model()
+    out = llama.generate(model, torch.randint(256, (2, 4)), 30, temperature=0)  # past block 16
+    assert out.shape == (2, 34)
+
+
+def test_rolling_cache_equals_masked_full_forward():
+    """Token by token through the S+W-slot rolling cache = one full pass with the window+sink
+    mask, for a sequence that fits and for 3 x block_size (where the ring has wrapped often)."""
+    model = tiny_model(window=5, sinks=2)
+    for T in (16, 48):
+        seq = torch.randint(256, (2, T))
+        full, _ = model(seq)
+        cache = llama.KVCache(model.config, 2)
+        steps = torch.cat([model(seq[:, t:t + 1], cache=cache)[0] for t in range(T)], dim=1)
+        assert torch.allclose(steps, full, atol=1e-5)
+        assert cache.k.shape[3] == 7  # memory fixed at S + W slots
+        cache = llama.KVCache(model.config, 2)
+        assert torch.allclose(llama.prefill(model, seq, cache), full[:, -1], atol=1e-5)
+
+
+def test_rolling_generation_matches_recompute_past_block():
+    model = tiny_model(window=6, sinks=2)
+    prompt = torch.randint(256, (2, 3))
+    with_cache = llama.generate(model, prompt, 45, temperature=0)  # ~3 x block_size
+    without = llama.generate(model, prompt, 45, temperature=0, kv_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_sinks_see_positions_of_the_rolling_cache():
+    """Past S+W tokens a sink sits S+W-1-s positions before the query, however long the text:
+    the logits of the last token depend on the sink tokens but not on how far back they are."""
+    model = tiny_model(window=4, sinks=2)
+    seq = torch.randint(256, (1, 30))
+    last = model(seq)[0][:, -1]
+    assert not torch.allclose(last, model(seq[:, 2:])[0][:, -1], atol=1e-3)  # other sinks
+    # 1 layer: the last token's output depends only on its own window and the sinks
+    one = tiny_model(window=4, sinks=2, n_layer=1)
+    short = torch.cat((seq[:, :2], seq[:, -4:]), dim=1)  # sinks + window, 6 tokens
+    assert torch.allclose(one(seq)[0][:, -1], one(short)[0][:, -1], atol=1e-5)
+
+
+def test_int8_quantization_error_bound():
+    model = tiny_model()
+    idx = torch.randint(256, (2, 16))
+    ref, _ = model(idx)
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    float_bytes = llama.model_bytes(model)
+    llama.quantize_int8(model)
+    for name, w in weights.items():
+        q = model.get_submodule(name)
+        assert isinstance(q, llama.Int8Linear) and q.weight.dtype == torch.int8
+        err = (w - q.weight.float() * q.scale[:, None]).abs()
+        assert (err <= q.scale[:, None] / 2 + 1e-7).all()
+    out, _ = model(idx)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert llama.model_bytes(model) < 0.6 * float_bytes
+
+
+def test_byte_tokenizer_round_trip_and_state():
+    tok = llama.ByteTokenizer()
+    text = "ROMEO: ¿qué? 名前 \U0001F600 <|endoftext|>"
+    ids = tok.encode_ordinary(text)
+    assert max(ids) < 256 and tok.decode(ids) == text  # special strings stay plain bytes
+    assert tok.decode([72, 105, 256]) == "Hi<|endoftext|>"
+    again = llama.tokenizer_from_state(llama.tokenizer_state(tok))
+    assert again.special == tok.special and again.n_vocab == 264
+    assert llama.padded_vocab(tok.n_vocab) == 320
+
+
+def test_gradient_accumulation_equals_bigger_batch():
+    model = tiny_model()
+    idx = torch.randint(256, (4, 17))
+    x, y = idx[:, :-1], idx[:, 1:]
+    model(x, y)[1].backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for part in (slice(0, 2), slice(2, 4)):
+        (model(x[part], y[part])[1] / 2).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(big, model.parameters()))
+
+
+def test_tiny_overfit():
+    model = tiny_model().train()
+    idx = torch.randint(256, (2, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(idx[:, :-1], idx[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as e:
+        llama.main(["--help"])
+    assert e.value.code == 0
+    assert "--n-kv-head" in capsys.readouterr().out
+
+
+def test_two_step_smoke_and_log(tmp_path):
+    metrics = llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "1",
+                                  "--log-grad-norms"))
+    out = tmp_path / "out"
+    assert metrics["iter"] == 2 and math.isfinite(metrics["val_loss"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "done"
+    steps = [r for r in records if "loss" in r]
+    assert {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "elapsed_s"} <= steps[0].keys()
+    assert set(steps[0]["grad_norms"]) == {"wte", "h.0", "h.1", "ln_f", "lm_head"}
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["script"] == "llama.py" and ckpt["tokenizer"]["kind"] == "byte"
+    assert ckpt["model_args"]["n_kv_head"] == 2 and ckpt["iter"] == 2
+    assert (out / "samples.txt").is_file()
+
+
+def test_same_seed_same_losses(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        llama.main(run_args(tmp_path, "--max-iters", "3", "--eval-interval", "3",
+                            "--out-dir", str(tmp_path / name), "--dropout", "0.1"))
+        runs.append(losses_of(tmp_path / name / "log.jsonl"))
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_resume_is_bit_exact(tmp_path):
+    common = ("--eval-interval", "3", "--lr-decay-iters", "6", "--warmup-iters", "2",
+              "--dropout", "0.1")
+    llama.main(run_args(tmp_path, "--max-iters", "6", "--out-dir", str(tmp_path / "full"), *common))
+    llama.main(run_args(tmp_path, "--max-iters", "3", "--out-dir", str(tmp_path / "half"), *common))
+    llama.main(run_args(tmp_path, "--max-iters", "6", "--out-dir", str(tmp_path / "half"), "--resume",
+                        *common))
+    assert losses_of(tmp_path / "half" / "log.jsonl") == losses_of(tmp_path / "full" / "log.jsonl")
+
+
+def test_max_time_stops_with_final_eval(tmp_path):
+    metrics = llama.main(run_args(tmp_path, "--max-iters", "1000", "--max-time", "0.01"))
+    assert metrics["iter"] < 1000 and "val_loss" in metrics
+
+
+def test_sample_only_int8_and_bench(tmp_path, capsys):
+    llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "2"))
+    report = llama.main(run_args(tmp_path, "--sample-only", "--quantize", "int8"))
+    assert report["int8_model_bytes"] < report["float_model_bytes"]
+    assert abs(report["val_loss_change"]) < 0.05 and len(report["samples"]) == 2
+    result = llama.main(run_args(tmp_path, "--bench", "--temperature", "0"))
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == result and result["stream_tokens"] == 160
+    assert {"tokens_per_s_cache", "tokens_per_s_nocache", "tokens_per_s_rolling"} <= last.keys()
+
+
+def test_corrupt_checkpoint_exits_2(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        llama.main(run_args(tmp_path, "--sample-only"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: cannot read checkpoint")
+
+
+def test_bad_flag_combination_exits_2(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        llama.main(run_args(tmp_path, "--window", "8", "--pos", "learned"))
+    assert e.value.code == 2

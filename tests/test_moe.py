@@ -1,0 +1,230 @@
+"""Tests of moe.py: routing, sorted dispatch vs a per-token loop, balancing, capacity, MLA.
+
+Run: python -m pytest -q tests/test_moe.py --durations=5
+"""
+import json
+import math
+
+import pytest
+import torch
+
+import moe
+
+TINY = dict(vocab_size=320, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+            n_experts=4, experts_per_token=2, expert_hidden=16, balance="aux", z_loss_coef=0.0,
+            kv_lora_rank=8, rope_head_dim=4)
+TINY_FLAGS = ["--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
+              "--n-experts", "4", "--expert-hidden", "16", "--block-size", "16", "--batch-size", "4",
+              "--eval-iters", "2", "--max-new-tokens", "8", "--num-samples", "2", "--device", "cpu"]
+
+
+def tiny_config(**overrides):
+    return moe.ModelConfig(**{**TINY, **overrides})
+
+
+def tiny_moe(seed=0, **overrides):
+    torch.manual_seed(seed)
+    layer = moe.MoE(tiny_config(**overrides))
+    for p in layer.parameters():  # bigger than the 0.02 init, so that routing is not a tie
+        torch.nn.init.normal_(p, std=0.5)
+    return layer
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 60)
+    return path
+
+
+def test_gates_sum_to_one_over_the_top_k():
+    layer = tiny_moe(n_experts=6, experts_per_token=3)
+    idx, gates, probs, _ = layer.route(torch.randn(10, 32))
+    assert idx.shape == gates.shape == (10, 3)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(10))
+    # the chosen experts are the k most probable ones (bias 0), gates in the same order
+    torch.testing.assert_close(probs.topk(3, dim=-1).indices, idx)
+    assert (gates[:, :-1] >= gates[:, 1:]).all()
+
+
+def test_sorted_dispatch_matches_per_token_loop_outputs_and_gradients():
+    layer = tiny_moe(n_experts=5, experts_per_token=2).double()  # float64: summation order is moot
+    x = torch.randn(12, 32, dtype=torch.float64, requires_grad=True)
+    idx, gates, _, _ = layer.route(x)
+    assert len(idx.unique()) > 2  # several experts really are in use
+    fast, n_dropped = layer.dispatch(x, idx, gates)
+    params = [x] + list(layer.parameters())  # the router's weights get gradients via the gates
+    grads_fast = torch.autograd.grad(fast.square().sum(), params, allow_unused=True, retain_graph=True)
+    slow = layer.dispatch_per_token(x, idx, gates)
+    grads_slow = torch.autograd.grad(slow.square().sum(), params, allow_unused=True)
+    torch.testing.assert_close(fast, slow)
+    assert n_dropped.item() == 0
+    for g_fast, g_slow in zip(grads_fast, grads_slow):
+        if g_fast is None:  # an expert no token chose has no gradient in either version
+            assert g_slow is None
+        else:
+            torch.testing.assert_close(g_fast, g_slow)
+
+
+def test_switch_aux_loss_known_values():
+    layer = tiny_moe(n_experts=4, experts_per_token=2, aux_loss_coef=0.01)
+    N, E = 8, 4
+    logits = torch.zeros(N, E)
+    # perfectly uniform: every probability 1/E and every expert gets N*k/E pairs -> 1 * coef
+    uniform_idx = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=1)
+    loss = layer.router_loss(uniform_idx, logits.softmax(-1), logits)
+    assert loss.item() == pytest.approx(0.01, rel=1e-6)
+    # total collapse: every token sends its probability and both slots... to experts 0 and 1
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).expand(N, E)
+    collapsed_idx = torch.tensor([[0, 1]]).expand(N, 2)
+    loss = layer.router_loss(collapsed_idx, probs, logits)  # E * (0.5*0.5 + 0.5*0.5) * coef
+    assert loss.item() == pytest.approx(0.01 * 4 * 0.5, rel=1e-6)
+
+
+def test_capacity_drops_exactly_the_overflow():
+    layer = tiny_moe(n_experts=3, experts_per_token=2, capacity_factor=1.0)
+    assert layer.capacity(3) == 2  # ceil(1.0 * 3 tokens * 2 / 3 experts)
+    x = torch.randn(3, 32)
+    # expert 0 is wanted by all three tokens: tokens 1 and 2 as first choice, token 0 as second
+    # choice; first choices have priority, so the pair (token 0, expert 0) is the one dropped
+    idx = torch.tensor([[1, 0], [0, 1], [0, 2]])
+    gates = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2]])
+    y, n_dropped = layer.dispatch(x, idx, gates, capacity=layer.capacity(3))
+    assert n_dropped.item() == 1
+    e = layer.experts
+    expected = torch.stack([0.6 * e[1](x[0]),
+                            0.7 * e[0](x[1]) + 0.3 * e[1](x[1]),
+                            0.8 * e[0](x[2]) + 0.2 * e[2](x[2])])
+    torch.testing.assert_close(y, expected)
+    # without a capacity nothing is dropped
+    assert layer.dispatch(x, idx, gates)[1].item() == 0
+
+
+def test_training_forward_counts_dropped_tokens_and_load():
+    layer = tiny_moe(n_experts=4, experts_per_token=1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 1.0  # every token with a positive sum goes to expert 0
+    x = torch.rand(1, 8, 32)  # positive entries: all 8 tokens choose expert 0, capacity 2
+    layer.train()
+    layer(x)
+    layer.end_step(0.0)
+    stats = layer.pop_stats()
+    assert stats["dropped_tokens"] == 6
+    assert stats["expert_load"] == [1.0, 0.0, 0.0, 0.0]
+    assert layer.pop_stats()["dropped_tokens"] == 0  # reset after reading
+
+
+def test_aux_free_bias_moves_toward_balance():
+    layer = tiny_moe(n_experts=4, experts_per_token=1)
+    with torch.no_grad():
+        layer.router.weight.normal_(std=0.1)
+        layer.router.weight[0] += 0.1  # expert 0 is the first choice of nearly every token
+    layer.train()
+    generator = torch.Generator().manual_seed(0)
+
+    def step_ratio():  # max/mean expert load of one step on a fresh batch, then the update
+        layer(torch.randn(1, 256, 32, generator=generator) + 1)
+        load = layer.step_load.clone()
+        layer.end_step(0.005)
+        return (load.max() / load.mean()).item()
+
+    ratios = [step_ratio() for _ in range(200)]
+    assert ratios[0] > 3.5  # 4 = everything on one expert
+    assert sum(ratios[-20:]) / 20 < 2.0  # sign updates keep jittering around balance
+    assert layer.expert_bias.argmin() == 0  # the overloaded expert got the lowest bias
+
+
+def test_hybrid_stack_layout():
+    model = moe.Llama(tiny_config(n_layer=6, dense_layers=1, moe_every=2))
+    kinds = ["moe" if isinstance(b.mlp, moe.MoE) else "dense" for b in model.transformer.h]
+    assert kinds == ["dense", "moe", "dense", "moe", "dense", "moe"]
+    assert not moe.Llama(tiny_config(n_experts=0)).moe_layers()
+
+
+@pytest.mark.parametrize("attn,n_kv_head", [("mla", 2), ("gqa", 2), ("gqa", 4)])
+def test_cache_size_matches_kv_cache_bytes_per_token(attn, n_kv_head):
+    config = tiny_config(attn=attn, n_kv_head=n_kv_head)
+    model = moe.Llama(config).eval()
+    B, T = 3, 10
+    cache = moe.KVCache(config, B)
+    logits, _ = model(torch.randint(0, 256, (B, T)), cache=cache)
+    assert logits.shape == (B, T, 320)
+    kind = "mla" if attn == "mla" else ("mha" if n_kv_head == config.n_head else "gqa")
+    # the cache is preallocated for block_size positions
+    assert cache.nbytes() == B * config.block_size * moe.kv_cache_bytes_per_token(config, kind, 4)
+    # MLA caches d_c + d_r = 8 + 4 numbers per token and layer; MHA 2 * 32
+    assert moe.kv_cache_bytes_per_token(config, "mla", 4) == 2 * 12 * 4
+    assert moe.kv_cache_bytes_per_token(config, "mha", 4) == 2 * 64 * 4
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_cached_decoding_matches_full_forward(attn):
+    torch.manual_seed(0)
+    model = moe.Llama(tiny_config(attn=attn)).eval()
+    idx = torch.randint(0, 256, (2, 12))
+    full, _ = model(idx)
+    cache = moe.KVCache(model.config, 2)
+    steps = [model(idx[:, :5], cache=cache)[0]]  # prefill 5 tokens, then one at a time
+    steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_init_loss_is_log_vocab():
+    torch.manual_seed(0)
+    model = moe.Llama(tiny_config()).eval()
+    idx = torch.randint(0, 256, (8, 16))
+    _, loss = model(idx, idx)
+    assert abs(loss.item() - math.log(320)) < 0.1  # the byte vocabulary, padded to 320
+
+
+def losses(log_path):
+    return [r["loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "loss" in r]
+
+
+def test_same_seed_same_losses_and_bit_exact_resume(text_file, tmp_path):
+    # constant LR (min_lr = learning_rate, no warmup), so a 3-step run is the first half of a
+    # 6-step run; router noise and aux-free biases must come back exactly too
+    flags = TINY_FLAGS + ["--data", str(text_file), "--eval-interval", "3", "--router-noise", "0.5",
+                          "--balance", "aux-free", "--bias-update-rate", "0.01", "--warmup-iters", "0",
+                          "--min-lr", "1e-3", "--learning-rate", "1e-3"]
+    moe.main(flags + ["--max-iters", "6", "--out-dir", str(tmp_path / "a")])
+    moe.main(flags + ["--max-iters", "6", "--out-dir", str(tmp_path / "b")])
+    full = losses(tmp_path / "a" / "log.jsonl")
+    assert len(full) == 6 and full == losses(tmp_path / "b" / "log.jsonl")
+    moe.main(flags + ["--max-iters", "3", "--out-dir", str(tmp_path / "c")])
+    moe.main(flags + ["--max-iters", "6", "--out-dir", str(tmp_path / "c"), "--resume"])
+    assert losses(tmp_path / "c" / "log.jsonl") == full
+
+
+def test_main_smoke_writes_routing_stats_and_samples(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = moe.main(TINY_FLAGS + ["--data", str(text_file), "--max-iters", "2", "--out-dir", str(out),
+                                     "--dense-layers", "1", "--capacity-factor", "1.0"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r and "event" not in r]
+    assert len(evals[-1]["expert_load"]) == 1 and len(evals[-1]["expert_load"][0]) == 4
+    assert sum(evals[-1]["expert_load"][0]) == pytest.approx(1.0)
+    assert {"routing_entropy", "dropped_tokens", "max_load_ratio"} <= evals[-1].keys()
+    assert records[-1]["event"] == "done" and math.isfinite(metrics["val_loss"])
+    samples = moe.main(["--sample-only", "--out-dir", str(out), "--max-new-tokens", "20",
+                        "--prompt", "First", "--num-samples", "1", "--device", "cpu"])["samples"]
+    assert len(samples) == 1 and samples[0].startswith("First")
+
+
+def test_help_and_bad_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        moe.main(["--help"])
+    assert e.value.code == 0 and "--balance" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        moe.main(["--balance", "sometimes"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --balance sometimes: expected aux or aux-free or none"
+
+
+def test_kv_cache_report_and_bench_layer_flags(capsys):
+    report = moe.main(TINY_FLAGS + ["--kv-cache-report", "--attn", "mla"])
+    assert report == {"mha": 2 * 2 * 32 * 4, "gqa": 2 * 2 * 16 * 4, "mla": 2 * (64 + 16) * 4}
+    bench = moe.main(TINY_FLAGS + ["--bench-layer"])
+    assert bench["moe_ms"] > 0 and bench["dense_ms"] > 0
+    assert "MoE/dense throughput" in capsys.readouterr().out
