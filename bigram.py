@@ -4,30 +4,30 @@ A bigram model predicts the next character from the previous one alone, so the w
 a (V, V) table: row `prev` gives P(next | prev). Two ways to fill that table, side by side:
   counts  count every bigram of the training split and normalise each row, with add-k
           smoothing so that no bigram gets probability 0 (closed form, nothing to train);
-  neural  free logits W (V, V), logits = W[prev] (= one_hot(prev) @ W), trained by gradient
-          descent on the cross-entropy plus a penalty that is *exactly* add-k smoothing, so it
-          converges to the counts table: both maximise the same penalised likelihood.
+  neural  free logits W (V, V), logits = W[prev] (= one_hot(prev) @ W), trained with Adam on
+          the cross-entropy plus a penalty that is *exactly* add-k smoothing, so it converges
+          to the counts table: both maximise the same penalised likelihood.
 With `--format lines` (names) every item is wrapped in the boundary token '.' (".emma."), so
 the model also learns how names start and end; `--format text` (Shakespeare) is one stream.
 
 Run:
-  python bigram.py                                # names, both models, 10 samples each
-  python bigram.py --data shakespeare             # continuous text, a 300-character sample
+  python bigram.py                                  # names: both models, 10 samples each
+  python bigram.py --data shakespeare               # continuous text, a 300-character sample
   python bigram.py --sample-only --temperature 0.5  # sample again from out/bigram/ckpt.pt
-  python bigram.py --device cuda                  # works, but a V x V table gains nothing
+  python bigram.py --device cuda                    # runs on a GPU too, for no gain at V x V
 
-Result of `python bigram.py` (names; 2-core CPU shared with other jobs, RESULT_TIME s):
+`python bigram.py` on names (2-core CPU busy with other jobs: 43-51 s wall, or 19 s with
+OMP_NUM_THREADS=1), in nats per character (each name's closing '.' counts as one):
   model    train   val     test    test perplexity
-  counts   RESULT_COUNTS
-  neural   RESULT_NEURAL
-in nats per character (the closing '.' of each name counts as a character).
-Shakespeare: counts test NLL RESULT_SHAKESPEARE.
+  counts   2.4548  2.4533  2.4584  11.69
+  neural   2.4550  2.4532  2.4585  11.69
+`--data shakespeare`: test NLL 2.5034 (counts) and 2.5056 (neural), perplexity 12.2.
 
 References: Karpathy, makemore and "The spelled-out intro to language modeling"
 (https://github.com/karpathy/makemore); Jurafsky & Martin, Speech and Language Processing,
 3rd ed., ch. 3 (n-grams, Laplace smoothing).
-Simplifications: full-batch training (every training bigram at every step); no --resume:
-counting is closed form and the neural bigram trains in seconds, so rerun with --overwrite.
+No --resume: counting is closed form and the neural bigram trains in seconds; rerun with
+--overwrite instead.
 """
 import argparse
 import dataclasses
@@ -74,12 +74,13 @@ SPLIT_SEED = 42  # items are shuffled with random.seed(42) as in makemore, whate
 @dataclasses.dataclass
 class Config:
     data: str = "names"  # names, shakespeare, or a path to a text file
-    format: str = "auto"  # lines | text | auto = lines if the file has no '.' and no line > 50 chars
+    format: str = "auto"  # lines | text | auto: lines if no '.' and no line over 50 characters
     smoothing: float = 1.0  # add-k smoothing: k fake counts of every bigram (0 = raw counts)
-    max_iters: int = 100  # full-batch gradient steps of the neural bigram
+    max_iters: int = 100  # gradient steps of the neural bigram
+    batch_size: int = 65536  # random training bigrams per step (all of them when there are fewer)
     learning_rate: float = 0.5  # Adam's peak learning rate (cosine decay to a tenth of it)
-    eval_interval: int = 10  # steps between evaluations (and log lines) of the neural bigram
-    seed: int = 1337  # sampling seed (the split is fixed, the neural init is zeros)
+    eval_interval: int = 20  # steps between evaluations (and log lines) of the neural bigram
+    seed: int = 1337  # batches and sampling (the split is fixed, the neural init is zeros)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast of the neural bigram)
     out_dir: str = "out/bigram"  # ckpt.pt, log.jsonl and bigram_counts.png go here
@@ -94,7 +95,7 @@ class Config:
     plot: bool = False  # write the count matrix as a heatmap to out_dir (needs matplotlib)
 
 
-# a full-batch step costs next to nothing on a GPU: more steps for an even closer match
+# a step costs next to nothing on a GPU: more steps for an even closer match
 GPU_PRESET = {"max_iters": 1000, "eval_interval": 100}
 
 
@@ -253,12 +254,16 @@ def split_corpus(text, fmt):
 def load_corpus(cfg):
     """-> (format, chars, [train, val, test] strings). The vocabulary comes from the whole file,
     so val/test never meet an unknown character; for lines, '.' is token 0."""
-    text = resolve_data(cfg.data).read_text(encoding="utf-8")
+    try:
+        text = resolve_data(cfg.data).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        die(f"--data {cfg.data} is not UTF-8 text ({e.reason} at byte {e.start})")
     if not text.strip():
         die(f"--data {cfg.data} is empty")
     fmt = detect_format(text) if cfg.format == "auto" else cfg.format
     if fmt == "lines" and BOUNDARY in text:
-        die(f"--format lines: {cfg.data} contains '{BOUNDARY}', the boundary token; use --format text")
+        die(f"--format lines: {cfg.data} contains '{BOUNDARY}' (the boundary token); "
+            f"use --format text")
     parts = split_corpus(text, fmt)
     chars = sorted(set("".join(parts)) - {BOUNDARY}) if fmt == "lines" else sorted(set(text))
     return fmt, (BOUNDARY if fmt == "lines" else "") + "".join(chars), parts
@@ -268,6 +273,14 @@ def bigrams(s, stoi, device="cpu"):
     """A string as (x, y) id tensors, (N,) each: y[i] is the character after x[i]."""
     ids = torch.tensor([stoi[c] for c in s], device=device)
     return ids[:-1], ids[1:]
+
+
+def get_batch(x, y, batch_size, generator):
+    """batch_size random bigrams (with replacement); all of them if there are no more."""
+    if batch_size >= len(x):
+        return x, y  # full-batch gradient descent
+    ix = torch.randint(len(x), (batch_size,), generator=generator, device=x.device)  # (B,)
+    return x[ix], y[ix]
 
 
 # -------------------------------------------------------------------------------
@@ -301,7 +314,9 @@ class CountsBigram(Bigram):
 
     def table(self):
         p = self.counts + self.smoothing
-        return (p / p.sum(dim=1, keepdim=True)).log()  # log-probabilities: already normalised
+        # log-probabilities serve as logits: softmax(log p) = p, so the loss and the sampler
+        # treat both models alike
+        return (p / p.sum(dim=1, keepdim=True)).log()
 
 
 class NeuralBigram(Bigram):
@@ -351,12 +366,20 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens)."""
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             stop=None):
+    """Extend idx (B, T) by up to max_new_tokens sampled tokens. A row that has sampled the
+    token `stop` repeats it, and generation ends early once every row has stopped."""
+    stopped = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1)
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -1])  # (B, V): a bigram's context is cropped to one token
         idx_next = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        if stop is not None:
+            idx_next = idx_next.masked_fill(stopped, stop)
+            stopped |= idx_next == stop
         idx = torch.cat((idx, idx_next), dim=1)
+        if stopped.all():
+            break
     return idx
 
 
@@ -373,7 +396,8 @@ def sample_texts(model, chars, fmt, cfg, device="cpu"):
     n = cfg.num_samples if cfg.num_samples is not None else (10 if fmt == "lines" else 1)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([ids] * n, device=device)  # (B, T)
-    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
+                   stop=0 if fmt == "lines" else None)  # a name ends at its closing '.'
     texts = ["".join(chars[i] for i in row) for row in out.tolist()]
     return [t[1:].split(BOUNDARY)[0] for t in texts] if fmt == "lines" else texts
 
@@ -514,18 +538,20 @@ def main(argv=None):
     log_path.write_text("")  # a fresh run starts a fresh log
     cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
     stoi = {c: i for i, c in enumerate(chars)}
-    train, val, test = splits = [bigrams(p, stoi, device) for p in parts]
+    splits = [bigrams(p, stoi, device) for p in parts]  # train, val, test
+    train, val = splits[:2]
     print(f"{fmt}: {len(chars)} characters in the vocabulary, "
           f"{' / '.join(str(len(x)) for x, _ in splits)} train / val / test bigrams")
 
     # counts: one pass over the training bigrams, no optimisation at all
     models = {"counts": CountsBigram(len(chars), cfg.smoothing).to(device).fit(*train)}
 
-    # neural: the same table learned by full-batch gradient descent. Adam rather than makemore's
-    # plain SGD (lr 50): a row's gradient scales with how often its character occurs, so rare
-    # rows barely move under SGD, while Adam normalises every parameter's step.
+    # neural: the same table learned by gradient descent. Adam rather than makemore's plain SGD
+    # (lr 50): a row's gradient scales with how often its character occurs, so rare rows barely
+    # move under SGD, while Adam normalises every parameter's step.
     model = models["neural"] = NeuralBigram(len(chars)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # batches follow --seed
     # W[idx] is a lookup and cross-entropy runs in float32 under autocast, so mixed precision
     # changes nothing for a bigram; the context and scaler are gpt.py's loop, kept identical
     ctx = torch.autocast(device.split(":")[0], getattr(torch, dtype), enabled=dtype != "float32")
@@ -545,8 +571,9 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         with ctx:
-            _, loss = model(*train)  # full batch: every training bigram at every step
-            # the logged `loss` is this objective: train NLL + the penalty (~0.02 nats on names)
+            _, loss = model(*get_batch(*train, cfg.batch_size, generator))
+            # the batch mean estimates the mean over the whole training set, so the penalty keeps
+            # n = all training bigrams; the logged `loss` includes it (~0.02 nats on names)
             loss = loss + model.smoothing_penalty(cfg.smoothing, len(train[0]))
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -556,14 +583,15 @@ def main(argv=None):
         if not math.isfinite(loss):
             die(f"loss is {loss} at iter {step}; lower --learning-rate (no checkpoint was written)")
         dt = time.time() - t
-        tokens_per_s = len(train[0]) / dt
+        tokens_per_s = min(cfg.batch_size, len(train[0])) / dt
         record.update(loss=loss, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
                       elapsed_s=time.time() - t0)
         append_jsonl(log_path, record)
         if "val_loss" in record:  # print at the eval interval only; log.jsonl has every step
-            print(f"iter {step}/{cfg.max_iters} | loss {loss:.4f} | train {record['train_loss']:.4f} "
-                  f"| val {record['val_loss']:.4f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
-                  f"{tokens_per_s / 1e3:.1f}k tok/s | eta {format_eta((cfg.max_iters - step) * dt)}")
+            print(f"iter {step}/{cfg.max_iters} | loss {loss:.4f} | "
+                  f"train {record['train_loss']:.4f} | val {record['val_loss']:.4f} | "
+                  f"lr {lr:.1e} | {1000 * dt:.1f} ms | {tokens_per_s / 1e3:.1f}k tok/s | "
+                  f"eta {format_eta((cfg.max_iters - step) * dt)}")
 
     print("model    train   val     test    test perplexity")
     metrics = {}
@@ -571,7 +599,8 @@ def main(argv=None):
         train_loss, val_loss, test_loss = (evaluate(m, *s) for s in splits)
         metrics[name] = dict(test_loss=test_loss, val_loss=val_loss, train_loss=train_loss,
                              perplexity=math.exp(test_loss))
-        print(f"{name:8s} {train_loss:.4f}  {val_loss:.4f}  {test_loss:.4f}  {math.exp(test_loss):.2f}")
+        print(f"{name:<8} {train_loss:<7.4f} {val_loss:<7.4f} {test_loss:<7.4f} "
+              f"{metrics[name]['perplexity']:.2f}")
         append_jsonl(log_path, {"event": "done", "model": name, **metrics[name]})
     # no optimizer or RNG state: nothing resumes from this checkpoint (see --overwrite)
     save_checkpoint({"script": "bigram.py", "version": 1, "config": dataclasses.asdict(cfg),

@@ -3,30 +3,32 @@
 Byte pair encoding (Sennrich et al. 2016, arXiv:1508.07909) starts from the 256 byte values
 and repeatedly merges the most frequent adjacent pair of tokens into a new token. GPT-2
 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", section 2.2)
-runs it on UTF-8 bytes, so any string can be encoded, after a regex pre-tokenizer has cut
-the text into chunks (words, numbers, punctuation, whitespace) that merges never cross.
-This file trains such a tokenizer with the GPT-4 (cl100k_base) or GPT-2 split, checks a
-fast incremental trainer against the textbook loop, exports the result as a plain
-`tiktoken.Encoding`, and rebuilds GPT-2's tokenizer from tiktoken's ranks.
+runs it on UTF-8 bytes, so any string can be encoded, after a regex has cut the text into
+chunks (words, numbers, punctuation, whitespace) that merges never cross. This file trains
+such a tokenizer with a fast incremental trainer (checked against the textbook loop),
+exports it as a plain `tiktoken.Encoding` and rebuilds GPT-2's from tiktoken's ranks.
 
 Run:
-    python bpe.py                                  # tinyshakespeare, vocab 1024, GPT-4 split
-    python bpe.py --vocab-size 4096 --plot         # longer compression table + figure
-    python bpe.py --naive                          # the slow textbook trainer (minutes)
-    TIKTOKEN_CACHE_DIR=/path/to/cache python bpe.py   # adds tiktoken's gpt2/cl100k rows
-(no --device: tokenizer training is pure Python on the CPU.)
+    python bpe.py                          # tinyshakespeare, vocab 1024, GPT-4 split
+    python bpe.py --vocab-size 4096 --plot # longer compression table + figure
+    python bpe.py --naive                  # the textbook trainer (about 1 s per merge here)
+    TIKTOKEN_CACHE_DIR=DIR python bpe.py   # + tiktoken's gpt2/cl100k rows, GPT-2 rebuilt
+No --device: it is pure Python on the CPU. It saves out/bpe/tokenizer.tiktoken (tiktoken's
+rank file) + tokenizer.json, which mlp.py/gpt.py/llama.py read with `load_bpe`.
 
-The tokenizer lands in out/bpe/tokenizer.tiktoken (tiktoken's rank file) and
-out/bpe/tokenizer.json; mlp.py/gpt.py/llama.py read it with `load_bpe`.
+Measured on a 2-core CPU shared with other jobs (best of 5 runs):
+- train on all of tinyshakespeare (1.1 MB), GPT-4 split, vocab 512: 0.91 s (minbpe's
+  RegexTokenizer: 128 s here); the textbook loop gives identical merges on the first 300k
+  characters in 75 s (fast trainer: 0.94 s on that slice, same load).
+- encode the 1.1 MB: ours 1.2 MB/s, to_tiktoken() 3.6 MB/s, identical ids.
+- GPT-2: 50,000 merges recovered from tiktoken's ranks in 2.6 s, ids identical to tiktoken.
+- val bytes per token: vocab 256: 1.00, 512: 1.99, 1024: 2.44, 2048: 2.81, 4096: 3.24
+  (GPT-2's 50257: 3.09).
 
-Measured on a 2-core CPU shared with other jobs (best of several runs):
-    RESULTS_PLACEHOLDER
-
-Simplifications: training is pure Python (no Rust/C); ties between equally frequent pairs
-go to the pair with the smallest (left id, right id); `pattern=None` (no pre-split) makes
-the whole text one chunk, which is fine for short strings and slow (quadratic) for files.
-References: Sennrich et al. 2016 (arXiv:1508.07909); Radford et al. 2019 (GPT-2);
-tiktoken (github.com/openai/tiktoken); minbpe (github.com/karpathy/minbpe).
+Simplifications: pure Python; ties between equally frequent pairs go to the smallest
+(left id, right id); `pattern=None` (no split) makes the text one chunk, fine for short
+strings but quadratic for files, so the CLI offers gpt4/gpt2 only. Also see minbpe
+(github.com/karpathy/minbpe) and tiktoken (github.com/openai/tiktoken).
 """
 import argparse
 import base64
@@ -52,28 +54,6 @@ from pathlib import Path
 import regex
 import tiktoken
 
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
-DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-    "names": (
-        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
-        "names.txt",
-        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-    ),
-}
-
-# The pre-tokenizer regexes, exactly as tiktoken writes them (so that to_tiktoken() splits the
-# same way): GPT-2's (r50k_base) and GPT-4's (cl100k_base). GPT-4's differs by matching letters
-# case-insensitively in contractions, keeping numbers to at most 3 digits, and attaching a
-# leading non-letter (e.g. "(" or "_") to the following word.
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-SPLIT_PATTERNS = {"gpt4": GPT4_SPLIT_PATTERN, "gpt2": GPT2_SPLIT_PATTERN}
-
 
 # -------------------------------------------------------------------------------
 # Config
@@ -86,7 +66,7 @@ class Config:
     special: str = "<|endoftext|>"  # comma-separated special tokens, ids right after the merges
     naive: bool = False  # train with the slow textbook loop (recounts all pairs every merge)
     compare: bool = True  # add tiktoken's gpt2/cl100k_base rows to the table when they load
-    example: str = "O Romeo, Romeo! wherefore art thou Romeo?\n  (1597, café ☕)"  # text shown split into tokens
+    example: str = "O Romeo, wherefore art thou?\n  1597: café ☕"  # text shown cut into tokens
     out_dir: str = "out/bpe"  # tokenizer.tiktoken, tokenizer.json, log.jsonl (and the figure)
     plot: bool = False  # write compression.png (tokens per character vs vocab size)
 
@@ -137,6 +117,21 @@ def parse_config(cls, argv=None, description=None):
 # -------------------------------------------------------------------------------
 # Data
 # -------------------------------------------------------------------------------
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
+
+
 def sha256_of(path):
     """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -187,10 +182,20 @@ def resolve_data(name):
 # -------------------------------------------------------------------------------
 # Model
 # -------------------------------------------------------------------------------
+# The pre-tokenizer regexes, exactly as tiktoken writes them (so that to_tiktoken() splits the
+# same way): GPT-2's (r50k_base) and GPT-4's (cl100k_base). GPT-4's matches contractions in
+# any case ('S, 'LL), cuts numbers into at most 3 digits, attaches one leading non-letter
+# ("(", "_", a space) to the following word and keeps newlines apart from other whitespace.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+SPLIT_PATTERNS = {"gpt4": GPT4_SPLIT_PATTERN, "gpt2": GPT2_SPLIT_PATTERN}
+
+
 # The "model" of a tokenizer is its merge list. Both trainers below take pre-tokenized chunks
 # as UTF-8 bytes (so ids 0-255 are the raw bytes), return {(left_id, right_id): new_id} in
 # merge order with new ids 256, 257, ..., and break ties the same way: the highest count
 # wins, then the smallest pair (left id first). They stop early when no pair is left.
+
 
 def merge(ids, pair, new_id):
     """Replace every occurrence of `pair` in `ids`, left to right, by `new_id`.
@@ -298,9 +303,8 @@ class BPETokenizer:
 
     `BPETokenizer()` splits like GPT-4 (cl100k_base); pass GPT2_SPLIT_PATTERN, any regex,
     or None (no split). State: `merges` {(left_id, right_id): new_id} in merge order,
-    `special` {token: id}, `vocab` {id: bytes}. Ids 0-255 are the raw bytes for a trained
-    tokenizer; a rank file loaded with `from_ranks` (GPT-2's) may order them differently,
-    which `byte_ids` records.
+    `special` {token: id}, `vocab` {id: bytes}, `byte_ids` (byte value -> id: the identity
+    for a trained tokenizer, a permutation for GPT-2's ranks).
     """
 
     def __init__(self, pattern=GPT4_SPLIT_PATTERN):
@@ -343,9 +347,11 @@ class BPETokenizer:
             merges = train_naive([c.encode("utf-8") for c in chunks], vocab_size - 256)
         else:
             distinct = collections.Counter(chunks)  # str keys: counting before encoding is faster
-            merges = train_fast({c.encode("utf-8"): n for c, n in distinct.items()}, vocab_size - 256)
+            merges = train_fast({c.encode("utf-8"): n for c, n in distinct.items()},
+                                vocab_size - 256)
         first = 256 + len(merges)
-        self._set_vocab(merges, {s: first + k for k, s in enumerate(special_tokens)}, range(256))
+        special = {s: first + k for k, s in enumerate(dict.fromkeys(special_tokens))}  # no repeats
+        self._set_vocab(merges, special, range(256))
         return self
 
     def _encode_chunk(self, data):
@@ -355,7 +361,8 @@ class BPETokenizer:
         pair comes next, left to right, as in `merge` (and as tiktoken does it)."""
         ids = [self.byte_ids[b] for b in data]
         while len(ids) >= 2:
-            found = [(self.merges[p], k) for k, p in enumerate(zip(ids, ids[1:])) if p in self.merges]
+            found = [(self.merges[p], k) for k, p in enumerate(zip(ids, ids[1:]))
+                     if p in self.merges]  # (id of the merge, position)
             if not found:
                 break
             new_id, k = min(found)
@@ -374,8 +381,9 @@ class BPETokenizer:
         """Text -> ids, like tiktoken: special tokens in `allowed_special` (a set, or "all")
         become their ids; any other special token in the text raises ValueError, because
         text from a user must not be able to inject, say, an end-of-text token."""
-        allowed = set(self.special) if allowed_special == "all" else set(allowed_special) & set(self.special)
-        disallowed = set(self.special) - allowed
+        known = set(self.special)
+        allowed = known if allowed_special == "all" else known & set(allowed_special)
+        disallowed = known - allowed
         found = re.search(special_regex(disallowed), text) if disallowed else None
         if found:
             raise ValueError(f"the text contains the special token {found.group()!r}: pass "
@@ -420,7 +428,8 @@ class BPETokenizer:
         and <prefix>.json ({"pattern", "special", "vocab_size": ids incl. special tokens}),
         the format `load_bpe` in mlp.py/gpt.py/llama.py reads."""
         prefix = Path(prefix)
-        ranks = "".join(f"{base64.b64encode(token).decode()} {i}\n" for i, token in sorted(self.vocab.items()))
+        ranks = "".join(f"{base64.b64encode(token).decode()} {i}\n"
+                        for i, token in sorted(self.vocab.items()))
         meta = {"pattern": self.pattern, "special": self.special, "vocab_size": self.n_vocab}
         write_atomic(prefix.with_name(prefix.name + ".tiktoken"), ranks)
         write_atomic(prefix.with_name(prefix.name + ".json"), json.dumps(meta, indent=1) + "\n")
@@ -431,7 +440,8 @@ class BPETokenizer:
         prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
         meta = json.loads(Path(prefix + ".json").read_text())
         lines = Path(prefix + ".tiktoken").read_text().splitlines()
-        ranks = {base64.b64decode(token): int(rank) for token, rank in (ln.split() for ln in lines if ln)}
+        ranks = {base64.b64decode(token): int(rank)
+                 for token, rank in (ln.split() for ln in lines if ln)}
         return cls.from_ranks(ranks, meta["pattern"], meta["special"])
 
     @classmethod
@@ -440,6 +450,7 @@ class BPETokenizer:
 
         The token of rank r >= 256 was made by merging two tokens of lower rank; which two
         is what BPE does to its bytes with the merges of rank < r: it must stop at 2 parts.
+        (GPT-2's single bytes have ranks 0-255 in another order: `byte_ids` keeps it.)
         """
         by_rank = sorted(ranks, key=ranks.get)
         if [ranks[t] for t in by_rank] != list(range(len(ranks))):
@@ -449,7 +460,7 @@ class BPETokenizer:
         tok = cls(pattern)
         tok._set_vocab({}, {}, [ranks[bytes([b])] for b in range(256)])
         for rank, token in enumerate(by_rank[256:], start=256):
-            parts = tok._encode_chunk(token)  # tok.merges holds exactly the ranks below r
+            parts = tok._encode_chunk(token)  # tok.merges holds exactly the ranks below
             if len(parts) != 2:
                 raise ValueError(f"token {token!r} (rank {rank}) is not a BPE merge of two "
                                  f"lower-ranked tokens (it splits into {len(parts)})")
@@ -479,25 +490,33 @@ def compression(encode, train_text, val_text):
     return row
 
 
-def compression_table(tok, train_text, val_text, compare):
-    """One row per vocab size 256, 512, 1024, ... up to ours (one training: merges of a
-    smaller vocab are a prefix), plus tiktoken's gpt2/cl100k_base when they load."""
-    top = 256 + len(tok.merges)
-    sizes = [v for v in (256 << k for k in range(32)) if v < top] + [top]
-    rows = []
-    for v in sizes:
-        enc = tok.truncated(v).to_tiktoken()  # ids equal to ours (tested), and faster
-        rows.append({"name": f"bpe {v}", "vocab_size": v,
-                     **compression(enc.encode_ordinary, train_text, val_text)})
-    for name in ("gpt2", "cl100k_base") if compare else ():
+def tiktoken_references(names=("gpt2", "cl100k_base")):
+    """tiktoken's own encodings to compare with; offline they load only from a cache
+    (TIKTOKEN_CACHE_DIR), so each one that fails is skipped with a note."""
+    found = {}
+    for name in names:
         try:
-            enc = tiktoken.get_encoding(name)  # offline without a TIKTOKEN_CACHE_DIR copy: fails
+            found[name] = tiktoken.get_encoding(name)
         except Exception as e:  # tiktoken raises whatever its HTTP client raises
             print(f"({name} skipped: cannot load it offline: {type(e).__name__})")
-            continue
-        rows.append({"name": name, "vocab_size": enc.n_vocab,
-                     **compression(enc.encode_ordinary, train_text, val_text)})
-    return rows
+    return found
+
+
+def gpt2_from_tiktoken(enc):
+    """GPT-2's tokenizer as a BPETokenizer: its 50,000 merges recovered from tiktoken's ranks."""
+    ranks = {enc.decode_single_token_bytes(r): r for r in range(enc.n_vocab) if r != enc.eot_token}
+    return BPETokenizer.from_ranks(ranks, GPT2_SPLIT_PATTERN, {"<|endoftext|>": enc.eot_token})
+
+
+def compression_table(tok, train_text, val_text, references):
+    """One row per vocab size 256, 512, 1024, ... up to ours (one training: merges of a
+    smaller vocab are a prefix), then one per tiktoken reference encoding."""
+    top = 256 + len(tok.merges)
+    sizes = [v for v in (256 << k for k in range(32)) if v < top] + [top]
+    encoders = [(f"bpe {v}", v, tok.truncated(v).to_tiktoken()) for v in sizes]  # = ours, faster
+    encoders += [(name, enc.n_vocab, enc) for name, enc in references.items()]
+    return [{"name": name, "vocab_size": v,
+             **compression(enc.encode_ordinary, train_text, val_text)} for name, v, enc in encoders]
 
 
 def show_tokens(tok, text, color):
@@ -505,7 +524,7 @@ def show_tokens(tok, text, color):
     pieces = []
     for k, i in enumerate(tok.encode(text, allowed_special="all")):
         piece = "[" + tok.decode([i]).replace("\n", "\\n") + "]"
-        pieces.append(f"\x1b[{41 + k % 6}m{piece}\x1b[0m" if color else piece)
+        pieces.append(f"\x1b[30;{41 + k % 6}m{piece}\x1b[0m" if color else piece)
     return "".join(pieces)
 
 
@@ -537,6 +556,13 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def timed(fn, *args):
+    """(fn(*args), wall seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
 def main(argv=None):
     cfg, _ = parse_config(Config, argv, __doc__.splitlines()[0])
     print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
@@ -553,33 +579,41 @@ def main(argv=None):
 
     tok = BPETokenizer(SPLIT_PATTERNS[cfg.pattern])
     special = [s for s in cfg.special.split(",") if s]
-    t0 = time.perf_counter()
     try:
-        tok.train(train_text, cfg.vocab_size, special_tokens=special, naive=cfg.naive)
+        _, train_s = timed(tok.train, train_text, cfg.vocab_size, special, cfg.naive)
     except ValueError as e:
         die(str(e))
-    train_s = time.perf_counter() - t0
     train_mb = len(train_text.encode("utf-8")) / 1e6
     print(f"trained {len(tok.merges)} merges in {train_s:.2f} s "
           f"({'naive' if cfg.naive else 'fast'} trainer, {train_mb / train_s:.2f} MB/s)")
+    if len(tok.merges) < cfg.vocab_size - 256:
+        print(f"(stopped early: after {len(tok.merges)} merges every chunk is a single token)")
     out_dir = Path(cfg.out_dir)
     tok.save(out_dir / "tokenizer")
     print(f"saved {out_dir / 'tokenizer'}.tiktoken and .json ({tok.n_vocab} ids)")
 
     # throughput on the whole file; the two encoders must agree id for id
-    enc = tok.to_tiktoken()
-    t0 = time.perf_counter()
-    ids = tok.encode_ordinary(text)
-    ours_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    same_ids = enc.encode_ordinary(text) == ids
-    tiktoken_s = time.perf_counter() - t0
+    ids, ours_s = timed(tok.encode_ordinary, text)
+    tiktoken_ids, tiktoken_s = timed(tok.to_tiktoken().encode_ordinary, text)
+    same_ids = tiktoken_ids == ids
     mb = len(text.encode("utf-8")) / 1e6
-    print(f"encode {mb:.2f} MB: ours {mb / ours_s:.2f} MB/s | to_tiktoken {mb / tiktoken_s:.2f} MB/s"
-          f" | identical ids: {same_ids}")
+    print(f"encode {mb:.2f} MB: ours {mb / ours_s:.2f} MB/s | "
+          f"to_tiktoken {mb / tiktoken_s:.2f} MB/s | identical ids: {same_ids}")
 
-    rows = compression_table(tok, train_text, val_text, cfg.compare)
-    print(f"{'tokenizer':>12} | {'vocab':>6} | train tok/char | train B/tok | val tok/char | val B/tok")
+    metrics = {"merges": len(tok.merges), "n_vocab": tok.n_vocab, "train_s": train_s,
+               "train_mb_per_s": train_mb / train_s, "encode_mb_per_s": mb / ours_s,
+               "tiktoken_mb_per_s": mb / tiktoken_s, "same_ids": same_ids}
+    references = tiktoken_references() if cfg.compare else {}
+    if "gpt2" in references:
+        gpt2, rebuild_s = timed(gpt2_from_tiktoken, references["gpt2"])
+        metrics["gpt2_same_ids"] = (gpt2.encode(val_text, allowed_special="all")
+                                    == references["gpt2"].encode(val_text, allowed_special="all"))
+        print(f"gpt2 rebuilt from tiktoken's ranks: {len(gpt2.merges)} merges in "
+              f"{rebuild_s:.1f} s | identical ids on val: {metrics['gpt2_same_ids']}")
+
+    rows = metrics["table"] = compression_table(tok, train_text, val_text, references)
+    print(f"{'tokenizer':>12} | {'vocab':>6} | train tok/char | train B/tok | "
+          f"val tok/char | val B/tok")
     for r in rows:
         print(f"{r['name']:>12} | {r['vocab_size']:>6} | {r['train_tokens_per_char']:14.3f} | "
               f"{r['train_bytes_per_token']:11.2f} | {r['val_tokens_per_char']:12.3f} | "
@@ -588,9 +622,6 @@ def main(argv=None):
     if cfg.plot:
         plot_compression(rows, out_dir / "compression.png")
 
-    metrics = {"merges": len(tok.merges), "n_vocab": tok.n_vocab, "train_s": train_s,
-               "train_mb_per_s": train_mb / train_s, "encode_mb_per_s": mb / ours_s,
-               "tiktoken_mb_per_s": mb / tiktoken_s, "same_ids": same_ids, "table": rows}
     (out_dir / "log.jsonl").write_text("")  # a fresh run starts a fresh log
     append_jsonl(out_dir / "log.jsonl", {"event": "done", **metrics})
     return metrics

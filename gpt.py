@@ -14,7 +14,9 @@ Run:
   torchrun --standalone --nproc_per_node 8 gpt.py --device cuda --gradient-accumulation-steps 8
   python gpt.py --sample-only --prompt "ROMEO:"  # sample from out/gpt/ckpt.pt
   python gpt.py --sample-only --init-from gpt2 --prompt "Hello, I'm a language model,"
-  python gpt.py --init-from gpt2 --tokenizer gpt2 --max-iters 20 --learning-rate 3e-5  # fine-tune
+  python gpt.py --init-from gpt2 --block-size 256 --batch-size 4 --gradient-accumulation-steps 8 \
+      --max-iters 20 --eval-interval 5 --learning-rate 3e-5 --min-lr 3e-5   # fine-tune GPT-2
+  python gpt.py --resume --max-iters 4000        # continue a run with its saved settings
 
 Result (CPU default = nanoGPT's README recipe: 4 layers, 4 heads, 128 dims, block 64, batch
 12, 2000 iters): val loss RESULT_VAL at iter 2000 in RESULT_WALL wall on a 2-core CPU (under
@@ -102,7 +104,8 @@ class Config:
     plot: bool = False  # write loss, attention and position-embedding figures (matplotlib)
 
 
-# nanoGPT's config/train_shakespeare_char.py: applied on CUDA to every field not given
+# nanoGPT's config/train_shakespeare_char.py: applied on CUDA to every field not given (runs
+# from scratch only; a resumed run keeps its saved config, --init-from runs size their own)
 GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
                   max_iters=5000, eval_iters=200, log_interval=10, compile=True)
 
@@ -110,16 +113,16 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64
 @dataclass
 class ModelConfig:
     """The GPT's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
-    vocab_size: int  # V
-    block_size: int  # T
-    n_layer: int  # L
-    n_head: int  # nh
-    n_embd: int  # C
-    dropout: float = 0.0  # p
-    bias: bool = True  # GPT-2: yes
-    pos: str = "learned"  # or sinusoidal
-    gelu: str = "exact"  # or tanh
-    sdpa: bool = True  # fused attention kernel
+    vocab_size: int  # V, token ids 0..V-1
+    block_size: int  # T, the longest context
+    n_layer: int  # L, transformer blocks
+    n_head: int  # nh, heads of width hs = C / nh
+    n_embd: int  # C, residual stream width
+    dropout: float = 0.0  # dropout probability
+    bias: bool = True  # biases in Linear and LayerNorm
+    pos: str = "learned"  # learned | sinusoidal
+    gelu: str = "exact"  # exact | tanh
+    sdpa: bool = True  # fused attention kernel, else written out
 
 
 def die(msg):
@@ -579,14 +582,14 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak):
         """Model FLOPs utilisation: achieved FLOP/s over the hardware peak. A token costs
         6N FLOPs (forward + backward through N parameters) plus 12·L·nh·hs·T for attention
         (PaLM, Chowdhery et al. 2022, Appendix B)."""
         L, nh, T = self.config.n_layer, self.config.n_head, self.config.block_size
         hs = self.config.n_embd // nh
         flops_per_token = 6 * self.num_params() + 12 * L * nh * hs * T
-        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak
 
 
 # OpenAI's released GPT-2 sizes (Radford et al. 2019, Table 2); all have 1024 positions and the
@@ -1091,7 +1094,7 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
             if ddp:  # the loss of the whole global batch, the same number on every rank
                 dist.all_reduce(step_loss)
                 step_loss /= world_size
-            loss_value = step_loss.item()  # the one host-device sync of a logged step
+            loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
             if not math.isfinite(loss_value):
                 die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
                     f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
@@ -1128,9 +1131,10 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
 def main(argv=None):
     """Parse the flags, then train (or only sample); returns the final metrics."""
     cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    if not cfg.sample_only:
+        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     ckpt = None
     if cfg.resume and not cfg.sample_only:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
         ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["gpt.py"])
         cfg = apply_preset(cfg, ckpt["config"], given)  # continue with the saved settings
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1138,7 +1142,7 @@ def main(argv=None):
     if device.startswith("cuda") and world_size > 1:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
         torch.cuda.set_device(device)
-    if device.startswith("cuda") and ckpt is None:
+    if device.startswith("cuda") and ckpt is None and cfg.init_from == "scratch":
         cfg = apply_preset(cfg, GPU_PRESET, given)
     dtype = resolve_dtype(cfg.dtype, device)
     check_config(cfg)
@@ -1148,8 +1152,6 @@ def main(argv=None):
               + (f" ddp world_size={world_size}" if world_size > 1 else ""))
     if cfg.sample_only:
         return sample_only(cfg, given, device, dtype)
-    if ckpt is None:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     try:
         return train(cfg, given, ckpt, device, dtype, rank, world_size)
     except torch.OutOfMemoryError:

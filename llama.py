@@ -100,7 +100,7 @@ class Config:
     sample_only: bool = False  # only sample from the checkpoint in --out-dir
     prompt: str = "\n"  # text the samples continue
     num_samples: int = 5  # samples to draw
-    max_new_tokens: int = 500  # tokens per sample
+    max_new_tokens: int = 512  # tokens per sample (and per --bench / --quantize timing)
     temperature: float = 0.8  # sampling temperature (0 = greedy)
     top_k: int = 200  # sample among the k most likely tokens (0 = off)
     top_p: float = 1.0  # nucleus sampling: smallest set with probability >= p (1 = off)
@@ -782,12 +782,14 @@ class Llama(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def rope_at(self, pos, end):
-        """cos, sin (T, hs/2) at positions pos, all < end: from the table, or computed when a
-        windowed model streams past block_size."""
+    def rope_at(self, start, end):
+        """cos, sin (T, hs/2) of positions start..end-1: the table, or, when a windowed model
+        streams past block_size, computed (on the CPU, in float64, which MPS lacks)."""
         if end <= self.config.block_size:
-            return self.cos[pos], self.sin[pos]
-        return rope_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+            return self.cos[start:end], self.sin[start:end]
+        cos, sin = rope_cos_sin(torch.arange(start, end), self.config.n_embd // self.config.n_head,
+                                self.config.rope_theta)
+        return cos.to(self.cos.device), sin.to(self.cos.device)
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V) for every position, and the mean
@@ -810,9 +812,9 @@ class Llama(nn.Module):
         elif cfg.pos == "rope":
             sink_rope = None
             if cfg.sinks:  # the query's angle as the sinks see it: its slot in a rolling cache
-                last_slot = cfg.sinks + cfg.window - 1
-                sink_rope = self.rope_at(pos.clamp(max=last_slot), min(start + T, last_slot + 1))
-            rope = (self.rope_at(pos, start + T), sink_rope)
+                slot = pos.clamp(max=cfg.sinks + cfg.window - 1)  # (T,), inside the table
+                sink_rope = (self.cos[slot], self.sin[slot])
+            rope = (self.rope_at(start, start + T), sink_rope)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, pos, rope, cache)
@@ -997,17 +999,20 @@ def timed_generate(model, idx, n, cfg, device, kv_cache=True):
     return time.perf_counter() - t0
 
 
-def bench(model, cfg, device, vocab_size, new_tokens=512):
-    """NEW vs gpt.py: --bench. Tokens/s for 512 new tokens with the KV cache, without it and
-    with a rolling cache (the model's window and sinks, else block_size/2 + 4 sinks), the
+def bench(model, cfg, device, vocab_size):
+    """NEW vs gpt.py: --bench. Tokens/s for --max-new-tokens (512) new tokens with the KV cache,
+    without it and with a rolling cache (the model's window and sinks, else block_size/2 + 4 sinks), the
     prefill time, memory, then a stream of 10 * block_size tokens through the rolling cache
     with its speed and memory at every tenth. Ends with one JSON line of the numbers."""
-    config = model.config
+    config, new_tokens = model.config, cfg.max_new_tokens
     prompt = torch.randint(vocab_size, (1, config.block_size // 2),  # a random prompt: speed only
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     window, sinks = (config.window, config.sinks) if config.window else (config.block_size // 2, 4)
-    rolling = Llama(dataclasses.replace(config, window=window, sinks=sinks)).to(device).eval()
+    rolling = Llama(dataclasses.replace(config, window=window, sinks=sinks))
+    if isinstance(model.lm_head, Int8Linear):  # --quantize int8
+        quantize_int8(rolling)
     rolling.load_state_dict(model.state_dict())  # the same weights, another attention mask
+    rolling.to(device).eval()
     print(f"bench: prompt {prompt.size(1)} tokens, {new_tokens} new, batch 1, temperature "
           f"{cfg.temperature}; rolling cache: window {window} + sinks {sinks}")
     result = {}
@@ -1260,14 +1265,14 @@ def quantization_report(model, tokenizer, cfg, device, autocast):
         if kind == "int8":
             quantize_int8(model)
         with autocast:
-            dt = timed_generate(model, prompt, 256, cfg, device)
+            dt = timed_generate(model, prompt, cfg.max_new_tokens, cfg, device)
             val = estimate_loss(model, {"val": data["val"]}, cfg.batch_size, cfg.eval_iters, cfg.seed,
                                 device, autocast)["val"]
         report.update({f"{kind}_model_bytes": model_bytes(model), f"{kind}_weights_bytes":
-                       state_dict_bytes(model), f"{kind}_tokens_per_s": round(256 / dt, 1),
+                       state_dict_bytes(model), f"{kind}_tokens_per_s": round(cfg.max_new_tokens / dt, 1),
                        f"{kind}_val_loss": round(val, 4)})
         print(f"{kind:5s}: parameters+buffers {model_bytes(model) / 2**20:.2f} MiB | weights file "
-              f"{report[f'{kind}_weights_bytes'] / 2**20:.2f} MiB | {256 / dt:.1f} tok/s | val loss {val:.4f}")
+              f"{report[f'{kind}_weights_bytes'] / 2**20:.2f} MiB | {cfg.max_new_tokens / dt:.1f} tok/s | val loss {val:.4f}")
     report["val_loss_change"] = round(report["int8_val_loss"] - report["float_val_loss"], 4)
     print(f"int8 changes the val loss by {report['val_loss_change']:+.4f}; the training checkpoint "
           f"(weights + AdamW moments) is {report['checkpoint_bytes'] / 2**20:.2f} MiB")

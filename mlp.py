@@ -379,17 +379,20 @@ def lines_split(items, block_size, boundary):
 
     Each item is laid down after `block_size` boundary tokens, so its first context is all
     boundary (makemore pads with '.'); its targets are its own tokens plus the boundary that
-    follows it (the next item's padding, or a final one), which teaches the model to stop.
-    A window ending at that closing boundary holds the whole item (if it fits), so a model
-    that scores every position of a window sees each target of the item exactly once.
+    follows it (the next item's padding), which teaches the model to stop.
+    For a model that scores every position, one window per item: it starts at the boundary
+    just before the item, so it sees each target once (items up to block_size - 1 tokens)
+    and nothing of what follows. (A window that *ended* at the item's end would give the
+    item's length away in its count of leading boundary tokens.)
     """
     tokens, targets, ends = [], [], []
     for ids in items:
         tokens += [boundary] * block_size
-        targets += range(len(tokens), len(tokens) + len(ids) + 1)
+        start = len(tokens)
+        targets += range(start, start + len(ids) + 1)
+        ends.append(start - 1 + block_size)  # the window is tokens[start - 1:end]
         tokens += ids
-        ends.append(len(tokens))
-    tokens.append(boundary)
+    tokens += [boundary] * block_size  # the last item's closing boundary and window
     return make_split(tokens, targets, ends)
 
 
@@ -495,8 +498,9 @@ class MLP(LanguageModel):
         super().__init__(config)
         self.fc = nn.Linear(config.block_size * config.n_embd, config.n_hidden)  # H, d
         self.init_weights()
-        # Kaiming init with tanh's gain 5/3 (He et al. 2015; makemore part 3): pre-activations
-        # of unit scale, so tanh starts neither saturated (dead gradients) nor linear.
+        # Kaiming init with tanh's gain 5/3 (He et al. 2015; makemore part 3): with N(0, 1)
+        # embeddings the pre-activations have std 5/3, tanh starts in its bent range, neither
+        # mostly saturated (dead gradients) nor linear.
         nn.init.kaiming_normal_(self.fc.weight, nonlinearity="tanh")
         nn.init.zeros_(self.fc.bias)
 
@@ -508,7 +512,7 @@ class MLP(LanguageModel):
 
 
 class GRU(LanguageModel):
-    """A gated recurrent unit (Cho et al. 2014, arXiv:1406.1078, Eqs. 5-8) read over the context.
+    """A gated recurrent unit (Cho et al. 2014, arXiv:1406.1078, Eqs. 5-8) run over the context.
 
     Per step, with x the token's embedding and h the previous state:
         z  = sigmoid(W_z x + U_z h + b_z)            update gate
@@ -518,7 +522,7 @@ class GRU(LanguageModel):
     Two conventions, said out loud: z weights the *new* candidate, as in Chung et al. 2014
     (arXiv:1412.3555); Cho's paper and PyTorch write h' = z * h + (1 - z) * h~ (their z is our
     1 - z). And the reset gate scales U h after the matmul (PyTorch/cuDNN) rather than h
-    before it (Cho's Eq. 6): then one (B, H) @ (H, 3H) matmul per step serves all three gates.
+    before it (Cho's Eq. 8): then one (B, H) @ (H, 3H) matmul per step serves all three gates.
 
     The states of all T steps are computed anyway, so training reads out every one of them
     (`every_target`, a char-RNN's loss) instead of only the last like the MLP: T targets for
@@ -592,9 +596,10 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Extend every row of idx (B, T), T >= block_size, by max_new_tokens sampled tokens.
+    """Extend every row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
 
-    Both models see only the last block_size tokens, the context they were trained on.
+    Both models see only the last block_size tokens, the context they were trained on (the
+    MLP needs all of them: T >= block_size).
     """
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.config.block_size:])  # (B, V)
@@ -604,16 +609,17 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 def make_samples(model, tok, fmt, cfg, device):
     """`cfg.num_samples` texts: names cut at their closing boundary, or text continuations."""
-    block_size = model.config.block_size
     prompt = tok.encode(cfg.prompt)
-    # every sample starts from boundary padding, as the first context of a line does
-    start = torch.tensor([[tok.boundary] * block_size + prompt] * cfg.num_samples, device=device)
+    # every sample starts the way a line starts in training: after block_size boundary
+    # tokens for the MLP, after one for the GRU (whose windows begin at the line's start)
+    pad = 1 if model.every_target else model.config.block_size
+    start = torch.tensor([[tok.boundary] * pad + prompt] * cfg.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     model.eval()
     out = generate(model, start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                    generator)
     samples = []
-    for row in out[:, block_size:].tolist():
+    for row in out[:, pad:].tolist():
         if fmt == "lines" and tok.boundary in row[len(prompt):]:  # per-row stop
             row = row[:row.index(tok.boundary, len(prompt))]
         samples.append(tok.decode(row))

@@ -19,7 +19,7 @@ Run:
   python moe.py --device cuda                     # GPU: llama.py's preset, experts to match
   python moe.py --n-experts 0 --out-dir out/dense # the dense llama.py model, same script
   python moe.py --balance aux --aux-loss-coef 0.01            # Switch-Transformer balancing
-  python moe.py --n-shared-experts 1 --expert-hidden 88 --n-experts 16  # DeepSeekMoE-style
+  python moe.py --n-experts 16 --experts-per-token 3 --n-shared-experts 1 --expert-hidden 88  # DeepSeekMoE
   python moe.py --attn mla --kv-cache-report      # KV-cache bytes per token: MHA, GQA, MLA
   python moe.py --bench-layer                     # MoE layer vs dense MLP, forward+backward
   python moe.py --sample-only --prompt "ROMEO:"   # sample from out/moe/ckpt.pt
@@ -88,7 +88,7 @@ class Config:
     balance: str = "aux-free"  # aux (Switch loss), aux-free (DeepSeek-V3 biases) or none
     aux_loss_coef: float = 0.01  # coefficient of the Switch load-balancing loss (--balance aux)
     z_loss_coef: float = 0.001  # coefficient of the router z-loss (ST-MoE), any --balance (0 = off)
-    bias_update_rate: float = 0.001  # gamma: aux-free bias step per optimizer step
+    bias_update_rate: float = 0.01  # gamma: aux-free bias step per optimizer step (V3: 0.001 over far longer runs)
     attn: str = "gqa"  # gqa (llama.py's; MHA when n_kv_head = n_head) or mla (latent attention)
     kv_lora_rank: int = 64  # MLA: size d_c of the cached latent c_kv
     rope_head_dim: int = 16  # MLA: decoupled RoPE dimensions d_r per head (one cached key for all heads)
@@ -113,7 +113,7 @@ class Config:
     sample_only: bool = False  # only sample from the checkpoint in --out-dir
     prompt: str = "\n"  # text the samples continue
     num_samples: int = 5  # samples to draw
-    max_new_tokens: int = 500  # tokens per sample
+    max_new_tokens: int = 512  # tokens per sample
     temperature: float = 0.8  # sampling temperature (0 = greedy)
     top_k: int = 200  # sample among the k most likely tokens (0 = off)
     top_p: float = 1.0  # nucleus sampling: smallest set with probability >= p (1 = off)
@@ -680,8 +680,10 @@ class MultiHeadLatentAttention(nn.Module):
         C, nh = config.n_embd, config.n_head
         self.n_head, self.hs = nh, C // nh
         self.d_c, self.d_r = config.kv_lora_rank, config.rope_head_dim
-        self.c_q = nn.Linear(C, nh * (self.hs + self.d_r), bias=False)  # W^Q and W^QR: content + rotary part per head
-        self.kv_down = nn.Linear(C, self.d_c + self.d_r, bias=False)  # W^DKV (Eq. 9) and W^KR (Eq. 14) in one matmul
+        # W^Q and W^QR: a content part and a rotary part per head
+        self.c_q = nn.Linear(C, nh * (self.hs + self.d_r), bias=False)
+        # W^DKV (Eq. 9) and W^KR (Eq. 14) in one matmul: the latent and the shared rotary key
+        self.kv_down = nn.Linear(C, self.d_c + self.d_r, bias=False)
         self.kv_norm = RMSNorm(self.d_c, config.norm_eps)  # on the latent, as in DeepSeek-V2's released code
         self.kv_up = nn.Linear(self.d_c, 2 * C, bias=False)  # W^UK and W^UV (Eq. 10-11)
         self.c_proj = nn.Linear(C, C, bias=False)
@@ -708,7 +710,8 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is None:  # softmax scale 1/sqrt(hs + d_r), the full query-key size (V2's code)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos), dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
+                                               dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -919,9 +922,11 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
         # NEW vs llama.py: --attn mla, and an MoE layer where the stack says so
-        self.attn = (MultiHeadLatentAttention if config.attn == "mla" else CausalSelfAttention)(config, layer_idx)
+        attention = MultiHeadLatentAttention if config.attn == "mla" else CausalSelfAttention
+        self.attn = attention(config, layer_idx)
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = MoE(config) if is_moe_layer(config, layer_idx) else MLP(config, swiglu_hidden(config.n_embd))
+        moe = is_moe_layer(config, layer_idx)
+        self.mlp = MoE(config) if moe else MLP(config, swiglu_hidden(config.n_embd))
 
     def forward(self, x, pos, rope, cache=None):
         x = x + self.attn(self.ln_1(x), pos, rope, cache)  # tokens exchange information
@@ -1279,7 +1284,8 @@ def expert_preferences(model, idx, tokenizer, top=8, min_count=20):
     prefs = []
     for i, moe in enumerate(model.moe_layers()):
         counts = torch.zeros(moe.n_experts, V, device=idx.device)
-        counts.index_put_((first_choice[i], tokens), torch.ones_like(tokens, dtype=torch.float), accumulate=True)
+        ones = torch.ones(len(tokens), device=idx.device)
+        counts.index_put_((first_choice[i], tokens), ones, accumulate=True)  # (E, V) first choices per token
         share = (counts / token_count.clamp_min(1)).masked_fill(token_count < min_count, -1)  # (E, V)
         prefs.append([[tokenizer.decode([t]).replace("\n", "\\n").replace(" ", "_")
                        for t in share[e].topk(top).indices.tolist() if share[e, t] > 0]

@@ -313,23 +313,28 @@ def task_split(prompt):
 
 
 def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES):
-    """`n` distinct problems of `split`, families in turn, levels drawn from 1..difficulty.
+    """`n` distinct problems of `split`, an equal share per family, levels from 1..difficulty.
 
     Rejection sampling: a generated problem is kept only if `task_split` puts it in `split`
     and its prompt is new. Each example also records its `level` (for the curriculum).
     """
     rng = random.Random(seed)
     out, seen = [], set()
-    for _ in range(100 * n + 1000):  # small task spaces run out; stop instead of looping forever
-        if len(out) == n:
-            return out
-        level = rng.randint(1, difficulty)
-        ex = make_task(families[len(out) % len(families)], rng, level)
-        if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
-            seen.add(ex["prompt"])
-            out.append(dict(ex, level=level))
-    raise ValueError(f"only {len(out)} distinct {split} problems at difficulty {difficulty}; "
-                     f"ask for fewer than {n}")
+    for k, family in enumerate(families):
+        quota = n // len(families) + (k < n % len(families))
+        for _ in range(100 * quota + 1000):  # a small task space runs out: stop, don't loop
+            if quota == 0:
+                break
+            level = rng.randint(1, difficulty)
+            ex = make_task(family, rng, level)
+            if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
+                seen.add(ex["prompt"])
+                out.append(dict(ex, level=level))
+                quota -= 1
+        if quota:
+            raise ValueError(f"too few distinct {split} problems of {family} at difficulty "
+                             f"{difficulty} for n={n}")
+    return out
 
 
 def format_prompt(prompt):
@@ -1205,15 +1210,17 @@ def main(argv=None):
           f"({100 * n_train / n_total:.2f}%)")
 
     # ---- data: the task world, tokenized once ----
+    make = make_tasks if cfg.task == "generate" else make_classify_examples
+    try:
+        train_ex = make(cfg.n_train, "train", cfg.seed, cfg.difficulty)
+        test_ex = make(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
+    except ValueError as e:
+        die(f"{e}: lower --n-train/--n-test or raise --difficulty")
     if cfg.task == "generate":
-        train_ex = make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty)
-        test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
         train_enc = [encode_example(tok, ex, cfg.mask_prompt) for ex in train_ex]
         # the val loss is always the response-only loss, so --no-mask-prompt stays comparable
         val_enc = [encode_example(tok, ex, True) for ex in test_ex]
     else:
-        train_ex = make_classify_examples(cfg.n_train, "train", cfg.seed, min(cfg.difficulty, 2))
-        test_ex = make_classify_examples(cfg.n_test, "test", cfg.seed + 1, min(cfg.difficulty, 2))
         train_enc = [encode_classify(tok, ex) for ex in train_ex]
         val_enc = [encode_classify(tok, ex) for ex in test_ex]
     longest = max(len(ids) for ids, _ in train_enc + val_enc)

@@ -28,6 +28,15 @@ def names_file(tmp_path):
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from threads; on a busy CPU, syncing them costs most."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(args, out_dir, data):
     """main() on tiny data, a fresh out_dir each call."""
     return bigram.main(["--data", str(data), "--out-dir", str(out_dir), *args])
@@ -48,6 +57,39 @@ def test_shapes():
         out = bigram.generate(model, torch.zeros(5, 2, dtype=torch.long), 7,
                               generator=torch.Generator().manual_seed(0))
         assert out.shape == (5, 9) and out.max() < 3
+
+
+def test_generate_stops_each_row_at_the_stop_token():
+    x, y = torch.tensor([0, 1, 1, 2]), torch.tensor([1, 1, 2, 0])  # 0 -> 1, 1 -> {1, 2}, 2 -> 0
+    model = bigram.CountsBigram(3, 0.0).fit(x, y)
+    out = bigram.generate(model, torch.zeros(8, 1, dtype=torch.long), 100,
+                          generator=torch.Generator().manual_seed(0), stop=0)
+    assert out.shape[1] < 101  # every row reached 0 long before 100 tokens
+    for row in out[:, 1:].tolist():
+        first = row.index(0)
+        assert all(t == 0 for t in row[first:]) and 0 not in row[:first]
+
+
+def test_get_batch_full_or_seeded_random():
+    x, y = torch.arange(100), torch.arange(100) + 1
+    assert bigram.get_batch(x, y, 100, None) == (x, y)  # the whole set: full-batch descent
+
+    def batch(seed):
+        return bigram.get_batch(x, y, 16, torch.Generator().manual_seed(seed))
+
+    xb, yb = batch(0)
+    assert xb.shape == (16,) and torch.equal(yb, xb + 1)  # pairs stay pairs
+    assert torch.equal(xb, batch(0)[0]) and not torch.equal(xb, batch(1)[0])
+
+
+def test_prompt_starts_every_sample(capsys):
+    x, y = bigram.bigrams(".ava.ama.emma.", {c: i for i, c in enumerate(".aemv")})
+    model = bigram.CountsBigram(5, 0.1).fit(x, y)
+    texts = bigram.sample_texts(model, ".aemv", "lines", bigram.Config(prompt="em", num_samples=4))
+    assert len(texts) == 4 and all(t.startswith("em") for t in texts)
+    with pytest.raises(SystemExit) as e:
+        bigram.sample_texts(model, ".aemv", "lines", bigram.Config(prompt="zed"))
+    assert e.value.code == 2 and "--prompt" in one_line_error(capsys)
 
 
 def test_init_loss_is_ln_vocab():
@@ -80,21 +122,23 @@ def test_smoothing_penalty_has_the_counts_table_as_minimum():
 
 
 def test_counts_and_neural_agree_after_training(tmp_path, names_file):
-    m = run(["--max-iters", "300", "--eval-interval", "100"], tmp_path / "out", names_file)
+    m = run(["--max-iters", "200", "--eval-interval", "200"], tmp_path / "out", names_file)
     for split in ("train_loss", "val_loss", "test_loss"):
-        assert m["neural"][split] == pytest.approx(m["counts"][split], abs=2e-4), split
+        assert m["neural"][split] == pytest.approx(m["counts"][split], abs=1e-4), split
     assert m["counts"]["train_loss"] < math.log(len(set("".join(NAMES))) + 1)
 
 
 def test_same_seed_same_losses_and_samples(tmp_path, names_file):
     def losses_and_samples(out, seed):
-        m = run(["--max-iters", "5", "--eval-interval", "2", "--seed", seed], out, names_file)
+        m = run(["--max-iters", "5", "--eval-interval", "2", "--batch-size", "64", "--seed", seed],
+                out, names_file)
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         return [(r.get("loss"), r.get("val_loss")) for r in log], m["samples"]
 
     a = losses_and_samples(tmp_path / "a", "3")
     assert a == losses_and_samples(tmp_path / "b", "3")
-    assert a[1] != losses_and_samples(tmp_path / "c", "4")[1]  # the seed drives sampling
+    c = losses_and_samples(tmp_path / "c", "4")  # the seed drives batches and sampling
+    assert a[0] != c[0] and a[1] != c[1]
 
 
 def test_temperature_zero_ignores_the_seed(names_file):

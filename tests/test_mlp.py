@@ -103,15 +103,16 @@ def test_sample_logits_top_k_top_p_stay_in_allowed_set():
 
 def test_lines_split_pads_each_item_with_the_boundary():
     split = mlp.lines_split([[5, 6], [7]], block_size=3, boundary=0)
-    assert split.tokens.tolist() == [0, 0, 0, 5, 6, 0, 0, 0, 7, 0]
+    assert split.tokens.tolist() == [0, 0, 0, 5, 6, 0, 0, 0, 7, 0, 0, 0]
     x, y = mlp.examples(split, split.targets, 3, False, "cpu")
     # makemore part 2: "..." -> 5, "..5" -> 6, ".56" -> end; then the next item from "..."
     assert x.tolist() == [[0, 0, 0], [0, 0, 5], [0, 5, 6], [0, 0, 0], [0, 0, 7]]
     assert y.tolist() == [5, 6, 0, 7, 0]
-    # every target: one window per item, ending at its closing boundary; padding is ignored
+    # every target: one window per item from the boundary before it; the item's length is
+    # not given away (both windows start with one boundary), what follows it is ignored
     x, y = mlp.examples(split, split.ends, 3, True, "cpu")
-    assert x.tolist() == [[0, 5, 6], [0, 0, 7]]
-    assert y.tolist() == [[5, 6, 0], [mlp.IGNORE_INDEX, 7, 0]]
+    assert x.tolist() == [[0, 5, 6], [0, 7, 0]]
+    assert y.tolist() == [[5, 6, 0], [7, 0, mlp.IGNORE_INDEX]]
 
 
 def test_gru_every_target_loss_equals_prefix_by_prefix_loss():
@@ -300,3 +301,17 @@ def test_plot_writes_pngs_or_says_matplotlib_is_missing(tmp_path, names_file, ca
         run(tmp_path, names_file, "--max-iters", "2", "--plot")
         assert (tmp_path / "out" / "embeddings.png").is_file()
         assert (tmp_path / "out" / "loss.png").is_file()
+
+
+def test_max_time_stops_early_and_decays_the_lr_by_the_clock(tmp_path, names_file, monkeypatch,
+                                                             capsys):
+    clock = iter(range(10**6))  # a fake clock: every reading is one second later
+    monkeypatch.setattr(mlp.time, "time", lambda: float(next(clock)))
+    done, records = run(tmp_path, names_file, "--max-iters", "1000", "--max-time", "60",
+                        "--warmup-iters", "0", "--eval-interval", "1000")
+    assert 0 < done["iters"] < 1000 and math.isfinite(done["test_loss"])
+    steps = [r for r in records if "lr" in r]
+    # the cosine runs over 60 "seconds" rather than 1000 steps: far lower than by step count
+    cfg = mlp.Config()
+    by_step = mlp.get_lr(steps[-1]["iter"], cfg.learning_rate, cfg.min_lr, 0, 1000)
+    assert steps[-1]["lr"] < 0.5 * by_step
