@@ -469,12 +469,28 @@ class BPETokenizer:
         return tok
 
 
+# -------------------------------------------------------------------------------
+# Training utilities
+# -------------------------------------------------------------------------------
 def write_atomic(path, text):
     """Write a text file via a temp file and os.replace, so it is never left half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def timed(fn, *args):
+    """(fn(*args), wall seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
 
 # -------------------------------------------------------------------------------
@@ -547,20 +563,8 @@ def plot_compression(rows, path):
     ax.set_ylabel("tokens per character")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
     print(f"saved {path}")
-
-
-def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def timed(fn, *args):
-    """(fn(*args), wall seconds it took)."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
 
 
 def main(argv=None):

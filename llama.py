@@ -655,12 +655,13 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if q_sink is not None:
             y = self.sink_attention(q, k, v, q_sink, pos, kpos)
-        elif cache is None and not self.window:
-            # plain causal attention in one fused kernel; enable_gqa lets each group of
-            # n_head/n_kv_head query heads read its shared key/value head without copies
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+        elif not self.window and (T == 1 or k.size(2) == T):
+            # plain causal attention in one fused kernel (one new token sees every cached key);
+            # enable_gqa lets each group of n_head/n_kv_head query heads read its shared
+            # key/value head without copies
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1,
                                                enable_gqa=True)  # (B, nh, T, hs)
-        else:  # the queries are the last T of Tk cached positions, or a window: explicit mask
+        else:  # a window, or T new queries after Tk - T cached positions: explicit mask
             mask = attention_mask(pos, kpos, self.window, self.sinks)  # (T, Tk)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                enable_gqa=True)  # (B, nh, T, hs)

@@ -13,6 +13,8 @@ expert runs once on a contiguous slice of its tokens); hybrid stacks (--dense-la
 --moe-every N); and multi-head latent attention (--attn mla, DeepSeek-V2, arXiv:2405.04434),
 whose KV cache stores one small latent per token. Eval records in log.jsonl carry each MoE
 layer's expert load, routing entropy and dropped tokens; --plot draws the load over training.
+The training records' "loss" is the objective (cross-entropy + router losses); the eval
+records' train_loss/val_loss are pure cross-entropy, comparable with llama.py's.
 
 Run:
   python moe.py                                   # CPU: 4 layers, 8 experts, top-2, aux-free
@@ -644,14 +646,17 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is None:
-            # plain causal attention in one fused kernel; enable_gqa lets each group of
-            # n_head/n_kv_head query heads read its shared key/value head without copies
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                               enable_gqa=True)  # (B, nh, T, hs)
-        else:  # the queries are the last T of Tk cached positions: an explicit mask
+        kpos = pos
+        if cache is not None:
             k, v, kpos = cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hs) x2, (Tk,)
+        dropout_p = self.dropout if self.training else 0.0
+        if T == 1 or k.size(2) == T:
+            # plain causal attention in one fused kernel (one new token sees every cached key);
+            # enable_gqa lets each group of n_head/n_kv_head query heads read its shared
+            # key/value head without copies
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1,
+                                               enable_gqa=True)  # (B, nh, T, hs)
+        else:  # T new queries after Tk - T cached positions: explicit mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
                                                dropout_p=dropout_p, enable_gqa=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -666,9 +671,9 @@ class MultiHeadLatentAttention(nn.Module):
     kv_lora_rank numbers, Eq. 9), by up-projections k = W^UK c_kv, v = W^UV c_kv (Eq. 10-11),
     so the KV cache holds c_kv instead of 2 * n_kv_head * hs numbers. RoPE cannot pass
     through that path: a position-dependent rotation between W^UK and the query would stop
-    W^UK from being absorbed into W^Q at inference (Sec. 2.1.3). So d_r = rope_head_dim extra
+    W^UK from being absorbed into W^Q at inference. So d_r = rope_head_dim extra
     dimensions carry the positions: a rotary query part per head and ONE rotary key shared by
-    all heads, k^R = RoPE(W^KR x) (Eq. 12-18), cached beside c_kv. Cache per token and layer:
+    all heads, k^R = RoPE(W^KR x) (Sec. 2.1.3, Eq. 14-19), cached beside c_kv. Cache per token and layer:
     d_c + d_r numbers (kv_cache_bytes_per_token).
     Simplifications: queries are full rank (V2 also compresses them, to save activation
     memory in training), and the cache is expanded by W^UK, W^UV at every step instead of
@@ -682,9 +687,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.d_c, self.d_r = config.kv_lora_rank, config.rope_head_dim
         # W^Q and W^QR: a content part and a rotary part per head
         self.c_q = nn.Linear(C, nh * (self.hs + self.d_r), bias=False)
-        # W^DKV (Eq. 9) and W^KR (Eq. 14) in one matmul: the latent and the shared rotary key
+        # W^DKV (Eq. 9) and W^KR (Eq. 15) in one matmul: the latent and the shared rotary key
         self.kv_down = nn.Linear(C, self.d_c + self.d_r, bias=False)
-        self.kv_norm = RMSNorm(self.d_c, config.norm_eps)  # on the latent, as in DeepSeek-V2's released code
+        self.kv_norm = RMSNorm(self.d_c, config.norm_eps)  # on the latent, as DeepSeek-V2's released code does
         self.kv_up = nn.Linear(self.d_c, 2 * C, bias=False)  # W^UK and W^UV (Eq. 10-11)
         self.c_proj = nn.Linear(C, C, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -700,6 +705,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_norm(c_kv).unsqueeze(1)  # (B, 1, T, d_c): one latent for all heads
         q = torch.cat((q_content, apply_rope(q_rot, *rope)), dim=-1)  # (B, nh, T, hs + d_r)
         k_rot = apply_rope(k_rot.unsqueeze(1), *rope)  # (B, 1, T, d_r): one rotary key for all heads
+        kpos = pos
         if cache is not None:  # the cache stores only c_kv and k_rot: (B, 1, Tk, d_c), (B, 1, Tk, d_r)
             c_kv, k_rot, kpos = cache.update(self.layer_idx, c_kv, k_rot)
         Tk = c_kv.size(2)
@@ -707,8 +713,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_content, v = kv.split(hs, dim=-1)  # (B, nh, Tk, hs) each
         k = torch.cat((k_content, k_rot.expand(B, nh, Tk, d_r)), dim=-1)  # (B, nh, Tk, hs + d_r)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None:  # softmax scale 1/sqrt(hs + d_r), the full query-key size (V2's code)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        # softmax scale 1/sqrt(hs + d_r), the full query-key size (as in V2's code)
+        if T == 1 or Tk == T:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
                                                dropout_p=dropout_p)
@@ -1004,7 +1011,7 @@ class Llama(nn.Module):
         if cache is not None:
             cache.advance(pos)
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
-        rope = (self.cos[pos], self.sin[pos])  # (T, rope_dim/2) each
+        rope = (self.cos[start:start + T], self.sin[start:start + T])  # (T, rope_dim/2) each
         for block in self.transformer.h:
             x = block(x, pos, rope, cache)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)

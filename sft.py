@@ -72,14 +72,14 @@ class Config:
     curriculum_frac: float = 0.5  # fraction of max_iters until the whole training set is in play
     lora_rank: int = 0  # LoRA rank r on attention and MLP projections; 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA scaling is alpha / r
-    n_layer: int = 4  # transformer blocks (ignored with --init-from: the checkpoint decides)
-    n_head: int = 4  # query heads
-    n_kv_head: int = 2  # key/value heads (grouped-query attention)
-    n_embd: int = 128  # model width
-    block_size: int = 96  # context length in bytes
+    n_layer: int = 4  # transformer blocks (from scratch; with --init-from the checkpoint's shape)
+    n_head: int = 4  # query heads (from scratch)
+    n_kv_head: int = 2  # key/value heads, grouped-query attention (from scratch)
+    n_embd: int = 128  # model width (from scratch)
+    block_size: int = 96  # context length in bytes (from scratch)
     dropout: float = 0.0  # dropout probability (also replaces a --init-from checkpoint's)
     max_iters: int = 1500  # optimizer steps
-    eval_interval: int = 250  # steps between evaluations of the masked response loss
+    eval_interval: int = 250  # steps between evaluations (response-only loss) and checkpoints
     eval_iters: int = 10  # batches per loss estimate
     batch_size: int = 64  # examples per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -587,12 +587,13 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if q_sink is not None:
             y = self.sink_attention(q, k, v, q_sink, pos, kpos)
-        elif cache is None and not self.window:
-            # plain causal attention in one fused kernel; enable_gqa lets each group of
-            # n_head/n_kv_head query heads read its shared key/value head without copies
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+        elif not self.window and (T == 1 or k.size(2) == T):
+            # plain causal attention in one fused kernel (one new token sees every cached key);
+            # enable_gqa lets each group of n_head/n_kv_head query heads read its shared
+            # key/value head without copies
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1,
                                                enable_gqa=True)  # (B, nh, T, hs)
-        else:  # the queries are the last T of Tk cached positions, or a window: explicit mask
+        else:  # a window, or T new queries after Tk - T cached positions: explicit mask
             mask = attention_mask(pos, kpos, self.window, self.sinks)  # (T, Tk)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                enable_gqa=True)  # (B, nh, T, hs)
@@ -714,12 +715,14 @@ class Llama(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def rope_at(self, pos, end):
-        """cos, sin (T, hs/2) at positions pos, all < end: from the table, or computed when a
-        windowed model streams past block_size."""
+    def rope_at(self, start, end):
+        """cos, sin (T, hs/2) of positions start..end-1: the table, or, when a windowed model
+        streams past block_size, computed (on the CPU, in float64, which MPS lacks)."""
         if end <= self.config.block_size:
-            return self.cos[pos], self.sin[pos]
-        return rope_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+            return self.cos[start:end], self.sin[start:end]
+        cos, sin = rope_cos_sin(torch.arange(start, end), self.config.n_embd // self.config.n_head,
+                                self.config.rope_theta)
+        return cos.to(self.cos.device), sin.to(self.cos.device)
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V) for every position, and the mean
@@ -742,9 +745,9 @@ class Llama(nn.Module):
         elif cfg.pos == "rope":
             sink_rope = None
             if cfg.sinks:  # the query's angle as the sinks see it: its slot in a rolling cache
-                last_slot = cfg.sinks + cfg.window - 1
-                sink_rope = self.rope_at(pos.clamp(max=last_slot), min(start + T, last_slot + 1))
-            rope = (self.rope_at(pos, start + T), sink_rope)
+                slot = pos.clamp(max=cfg.sinks + cfg.window - 1)  # (T,), inside the table
+                sink_rope = (self.cos[slot], self.sin[slot])
+            rope = (self.rope_at(start, start + T), sink_rope)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, pos, rope, cache)

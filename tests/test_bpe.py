@@ -245,6 +245,15 @@ def test_cli_naive_trains_the_same_tokenizer(tmp_path):
     assert files[0] == files[1] and len(files[0].splitlines()) == 300
 
 
+def test_plot_writes_a_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = tmp_path / "t.txt"
+    data.write_text(SAMPLE)
+    bpe.main(["--data", str(data), "--vocab-size", "300", "--out-dir", str(tmp_path),
+              "--no-compare", "--plot"])
+    assert (tmp_path / "compression.png").stat().st_size > 0
+
+
 def test_gpt2_reproduced_from_tiktoken_ranks():
     if not os.environ.get("TIKTOKEN_CACHE_DIR"):
         pytest.skip("set TIKTOKEN_CACHE_DIR to a tiktoken cache holding gpt2's files")

@@ -497,6 +497,14 @@ def test_safetensors_reader_decodes_half_precision(tmp_path):
     assert torch.equal(got["a"], t.half()) and torch.equal(got["b"], t.bfloat16()) and torch.equal(got["c"], t)
 
 
+def test_truncated_safetensors_is_a_one_line_error(tmp_path, capsys):
+    write_safetensors(tmp_path / "x.safetensors", {"a": torch.randn(100)})
+    (tmp_path / "x.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-8])
+    with pytest.raises(SystemExit) as e:
+        gpt.read_safetensors(tmp_path / "x.safetensors")
+    assert e.value.code == 2 and "truncated" in capsys.readouterr().err
+
+
 def test_gpt2_loader_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     make_gpt2_dir(tmp_path / "m")
