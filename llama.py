@@ -13,13 +13,13 @@ arXiv:2309.17453), int8 weight-only quantization and a generation benchmark. Eac
 toggle (--norm, --pos, --mlp) puts one piece of gpt.py back.
 
 Run:
-  python llama.py                                  # CPU: 4 layers, 128 dims, Shakespeare bytes
+  python llama.py                                  # CPU: 4 layers, 96 dims, Shakespeare bytes
   python llama.py --device cuda                    # GPU: gpt.py's preset (6 x 384, block 256)
   torchrun --standalone --nproc_per_node 8 llama.py --device cuda --gradient-accumulation-steps 8
   python llama.py --sample-only --prompt "ROMEO:"  # sample from out/llama/ckpt.pt
   python llama.py --sample-only --quantize int8    # int8 weights: bytes, tokens/s, val loss
   python llama.py --bench                          # tokens/s: KV cache, no cache, rolling cache
-  python llama.py --window 64 --sinks 4            # sliding window + sinks, trained and streamed
+  python llama.py --window 32 --sinks 4            # sliding window + sinks, trained and streamed
   python llama.py --norm layernorm --pos learned --mlp gelu --max-time 60  # gpt.py's pieces
 
 Result (CPU default, 2-core CPU under contention): RESULT_PLACEHOLDER
@@ -68,8 +68,8 @@ class Config:
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads per block
     n_kv_head: int = 4  # key/value heads, each shared by n_head/n_kv_head query heads (GQA)
-    n_embd: int = 128  # embedding width C
-    block_size: int = 256  # context length T in tokens
+    n_embd: int = 96  # embedding width C
+    block_size: int = 64  # context length T in tokens
     dropout: float = 0.0  # dropout probability (attention, residual, embedding)
     tie_weights: bool = False  # share the token embedding with the LM head (gpt.py always does)
     norm: str = "rmsnorm"  # rmsnorm or layernorm (gpt.py's; an ablation)
@@ -78,19 +78,19 @@ class Config:
     rope_theta: float = 10000.0  # RoPE base: pair i turns by theta^(-2i/hs) radians per position
     window: int = 0  # sliding-window attention: a query sees only the last W positions (0 = all)
     sinks: int = 0  # attention sinks: the first S positions stay visible to every query (with --window)
-    batch_size: int = 32  # sequences per micro-batch and process
+    batch_size: int = 16  # sequences per micro-batch and process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
-    max_iters: int = 2000  # optimizer steps
+    max_iters: int = 800  # optimizer steps
     max_time: float = 0.0  # stop training (with a final eval) after this many seconds; 0 = no limit
-    learning_rate: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # learning rate at the end of the cosine decay
-    warmup_iters: int = 100  # steps of linear warmup
+    learning_rate: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 30  # steps of linear warmup
     lr_decay_iters: int = 0  # step where the cosine decay reaches min_lr (0 = max_iters)
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    eval_interval: int = 250  # evaluate and checkpoint every N steps (and at the last step)
+    eval_interval: int = 100  # evaluate and checkpoint every N steps (and at the last step)
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 1  # print and log the training loss every N steps
     log_grad_norms: bool = False  # add per-layer gradient norms to the logged steps of log.jsonl
@@ -118,8 +118,8 @@ class Config:
 # gpt.py's GPU preset (nanoGPT's shakespeare_char config), with GQA: applied on CUDA to every
 # field not given
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64,
-                  dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, eval_iters=200,
-                  log_interval=10, compile=True)
+                  dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                  eval_interval=250, eval_iters=200, log_interval=10, compile=True)
 
 
 @dataclass
@@ -527,15 +527,15 @@ def rope_cos_sin(pos, hs, theta):
 def apply_rope(x, cos, sin):
     """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
 
-    Each pair (x_i, x_{i+hs/2}) of a query or key x (B, nh, T, hs) at position m is turned by
-    the angle m*w_i (cos, sin: (T, hs/2)). Relative position falls out of the dot product: with
+    Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
+    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout). Relative position falls out of the dot product: with
     R(a) the rotation by a, q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k =
     q^T R((n-m)w) k, because rotations compose and R(a)^T = R(-a). An attention score depends
     only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
     and rotations keep norms. Which dimensions pair up is a convention (halves here, like
     GPT-NeoX and Hugging Face's Llama; Meta's code interleaves): Wq and Wk absorb it.
     """
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -592,7 +592,7 @@ class KVCache:
         else:  # a chunk that wraps would overwrite keys its own first tokens still need
             raise ValueError(f"{T} new tokens do not fit the cache ({self.seen} of {self.capacity} "
                              "slots used); feed them one at a time (see prefill)")
-        self.pos[self.slots] = pos
+        self.pos.index_copy_(0, self.slots, pos)
         self.seen += T
 
     def update(self, layer, k, v):
@@ -638,17 +638,17 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions pos (T,); rope = ((cos, sin), sink (cos, sin) or None) or
         None; with a cache, the keys and values of earlier positions come from there."""
         B, T, C = x.size()
-        kv_dim = self.n_kv_head * self.hs
-        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)  # (B, T, C), (B, T, kv_dim) x2
-        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
+        qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
+        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         q_sink = None
-        if rope is not None:
+        if rope is not None:  # cos, sin: (T, 1, hs/2), broadcast over the heads
             (cos, sin), sink_rope = rope
             if sink_rope is not None:
-                q_sink = apply_rope(q, *sink_rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q_sink = apply_rope(qk[:, :, :nh], *sink_rope).transpose(1, 2)  # (B, nh, T, hs)
+            qk = apply_rope(qk, cos, sin)  # queries and keys turned in one go
+        q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         kpos = pos
         if cache is not None:
             k, v, kpos = cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hs) x2, (Tk,)
@@ -814,8 +814,9 @@ class Llama(nn.Module):
             sink_rope = None
             if cfg.sinks:  # the query's angle as the sinks see it: its slot in a rolling cache
                 slot = pos.clamp(max=cfg.sinks + cfg.window - 1)  # (T,), inside the table
-                sink_rope = (self.cos[slot], self.sin[slot])
-            rope = (self.rope_at(start, start + T), sink_rope)
+                sink_rope = (self.cos[slot, None], self.sin[slot, None])  # (T, 1, hs/2)
+            cos, sin = self.rope_at(start, start + T)  # (T, hs/2)
+            rope = ((cos[:, None], sin[:, None]), sink_rope)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, pos, rope, cache)

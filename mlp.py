@@ -728,9 +728,9 @@ def estimate_losses(model, splits, cfg, device, ctx):
 def final_losses(model, splits, cfg, device, ctx):
     """Val/test loss over every window, or over `final_eval_max` evenly spaced ones.
 
-    Lines: every target of the split, once (if the items fit in block_size). Text, GRU: the
-    windows overlap and each position counts with every context length from 1 to block_size,
-    a little pessimistic next to the MLP's full contexts.
+    Lines: every target of the split, once (for the GRU: of items up to block_size - 1
+    tokens). Text, GRU: the windows overlap and each position counts with every context
+    length from 1 to block_size, a little pessimistic next to the MLP's full contexts.
     """
     losses = {}
     for name in ("val", "test"):

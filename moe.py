@@ -17,11 +17,11 @@ The training records' "loss" is the objective (cross-entropy + router losses); t
 records' train_loss/val_loss are pure cross-entropy, comparable with llama.py's.
 
 Run:
-  python moe.py                                   # CPU: 4 layers, 8 experts, top-2, aux-free
+  python moe.py                                   # CPU: 4 layers x 96, 8 experts, top-2, aux-free
   python moe.py --device cuda                     # GPU: llama.py's preset, experts to match
   python moe.py --n-experts 0 --out-dir out/dense # the dense llama.py model, same script
   python moe.py --balance aux --aux-loss-coef 0.01            # Switch-Transformer balancing
-  python moe.py --n-experts 16 --experts-per-token 3 --n-shared-experts 1 --expert-hidden 88  # DeepSeekMoE
+  python moe.py --n-experts 16 --experts-per-token 3 --n-shared-experts 1 --expert-hidden 64  # DeepSeekMoE
   python moe.py --attn mla --kv-cache-report      # KV-cache bytes per token: MHA, GQA, MLA
   python moe.py --bench-layer                     # MoE layer vs dense MLP, forward+backward
   python moe.py --sample-only --prompt "ROMEO:"   # sample from out/moe/ckpt.pt
@@ -73,8 +73,8 @@ class Config:
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads per block
     n_kv_head: int = 4  # key/value heads, each shared by n_head/n_kv_head query heads (GQA)
-    n_embd: int = 128  # embedding width C
-    block_size: int = 256  # context length T in tokens
+    n_embd: int = 96  # embedding width C
+    block_size: int = 64  # context length T in tokens
     dropout: float = 0.0  # dropout probability (attention, residual, embedding)
     tie_weights: bool = False  # share the token embedding with the LM head (gpt.py always does)
     rope_theta: float = 10000.0  # RoPE base: pair i turns by theta^(-2i/hs) radians per position
@@ -82,31 +82,32 @@ class Config:
     n_experts: int = 8  # routed experts E per MoE layer (0 = a dense model: llama.py's MLP everywhere)
     experts_per_token: int = 2  # k: experts each token is routed to
     n_shared_experts: int = 0  # experts every token goes through (DeepSeekMoE), of size --expert-hidden
-    expert_hidden: int = 176  # SwiGLU hidden size of one expert (k * 176 = the dense MLP's 352 at C=128)
+    expert_hidden: int = 128  # SwiGLU hidden size of one expert (k * 128 = the dense MLP's 256 at C=96)
     moe_every: int = 1  # after the dense layers, every N-th block is an MoE block (0 = none)
     dense_layers: int = 0  # the first K blocks keep a dense MLP
     router_noise: float = 0.0  # std of Gaussian noise on the router logits in training (exploration)
+    routed_scale: float = 1.0  # multiplies the routed experts' output (DeepSeek-V2/V3's routed_scaling_factor)
     capacity_factor: float = 0.0  # expert slots = factor * N*k/E per batch, overflow dropped (0 = no limit)
     balance: str = "aux-free"  # aux (Switch loss), aux-free (DeepSeek-V3 biases) or none
     aux_loss_coef: float = 0.01  # coefficient of the Switch load-balancing loss (--balance aux)
     z_loss_coef: float = 0.001  # coefficient of the router z-loss (ST-MoE), any --balance (0 = off)
-    bias_update_rate: float = 0.01  # gamma: aux-free bias step per optimizer step (V3: 0.001 over far longer runs)
+    bias_update_rate: float = 0.01  # gamma: aux-free bias step per optimizer step (V3: 0.001, far longer runs)
     attn: str = "gqa"  # gqa (llama.py's; MHA when n_kv_head = n_head) or mla (latent attention)
     kv_lora_rank: int = 64  # MLA: size d_c of the cached latent c_kv
     rope_head_dim: int = 16  # MLA: decoupled RoPE dimensions d_r per head (one cached key for all heads)
-    batch_size: int = 32  # sequences per micro-batch and process
+    batch_size: int = 16  # sequences per micro-batch and process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
-    max_iters: int = 2000  # optimizer steps
+    max_iters: int = 800  # optimizer steps
     max_time: float = 0.0  # stop training (with a final eval) after this many seconds; 0 = no limit
-    learning_rate: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # learning rate at the end of the cosine decay
-    warmup_iters: int = 100  # steps of linear warmup
+    learning_rate: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 30  # steps of linear warmup
     lr_decay_iters: int = 0  # step where the cosine decay reaches min_lr (0 = max_iters)
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    eval_interval: int = 250  # evaluate and checkpoint every N steps (and at the last step)
+    eval_interval: int = 100  # evaluate and checkpoint every N steps (and at the last step)
     eval_iters: int = 20  # batches per split in each evaluation
     log_interval: int = 1  # print and log the training loss every N steps
     out_dir: str = "out/moe"  # checkpoint, log.jsonl, samples.txt and figures go here
@@ -132,8 +133,8 @@ class Config:
 
 # llama.py's GPU preset, with experts sized like it: k * expert_hidden = swiglu_hidden(384)
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64,
-                  dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, eval_iters=200,
-                  log_interval=10, compile=True, expert_hidden=512)
+                  dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                  eval_interval=250, eval_iters=200, log_interval=10, compile=True, expert_hidden=512)
 
 
 @dataclass
@@ -153,10 +154,11 @@ class ModelConfig:
     n_experts: int = 8  # E (0 = dense)
     experts_per_token: int = 2  # k
     n_shared_experts: int = 0  # always-active experts
-    expert_hidden: int = 176  # hidden size of one expert
+    expert_hidden: int = 128  # hidden size of one expert
     moe_every: int = 1  # MoE block period after the dense layers
     dense_layers: int = 0  # leading dense blocks
     router_noise: float = 0.0  # std of the router-logit noise in training
+    routed_scale: float = 1.0  # scale of the routed experts' output
     capacity_factor: float = 0.0  # 0 = no token dropping
     balance: str = "aux-free"  # aux, aux-free or none
     aux_loss_coef: float = 0.01  # Switch loss coefficient
@@ -544,15 +546,15 @@ def rope_cos_sin(pos, hs, theta):
 def apply_rope(x, cos, sin):
     """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
 
-    Each pair (x_i, x_{i+hs/2}) of a query or key x (B, nh, T, hs) at position m is turned by
-    the angle m*w_i (cos, sin: (T, hs/2)). Relative position falls out of the dot product: with
+    Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
+    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout). Relative position falls out of the dot product: with
     R(a) the rotation by a, q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k =
     q^T R((n-m)w) k, because rotations compose and R(a)^T = R(-a). An attention score depends
     only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
     and rotations keep norms. Which dimensions pair up is a convention (halves here, like
     GPT-NeoX and Hugging Face's Llama; Meta's code interleaves): Wq and Wk absorb it.
     """
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -598,7 +600,7 @@ class KVCache:
             raise ValueError(f"{pos.numel()} new tokens do not fit the cache ({self.seen} of "
                              f"{self.capacity} slots used)")
         self.slots = pos
-        self.pos[self.slots] = pos
+        self.pos.index_copy_(0, self.slots, pos)
         self.seen += pos.numel()
 
     def update(self, layer, k, v):
@@ -640,12 +642,12 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions pos (T,), rope = (cos, sin) at those positions; with a
         cache, the keys and values of earlier positions come from there."""
         B, T, C = x.size()
-        kv_dim = self.n_kv_head * self.hs
-        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)  # (B, T, C), (B, T, kv_dim) x2
-        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
+        qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
+        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        qk = apply_rope(qk, *rope)  # queries and keys turned in one go; cos, sin: (T, 1, hs/2)
+        q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         kpos = pos
         if cache is not None:
             k, v, kpos = cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hs) x2, (Tk,)
@@ -699,12 +701,12 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x, pos, rope, cache=None):
         B, T, C = x.size()
         nh, hs, d_r = self.n_head, self.hs, self.d_r
-        q = self.c_q(x).view(B, T, nh, hs + d_r).transpose(1, 2)  # (B, nh, T, hs + d_r)
-        q_content, q_rot = q.split([hs, d_r], dim=-1)  # (B, nh, T, hs), (B, nh, T, d_r)
+        q = self.c_q(x).view(B, T, nh, hs + d_r)  # (B, T, nh, hs + d_r)
+        q_content, q_rot = q.split([hs, d_r], dim=-1)  # (B, T, nh, hs), (B, T, nh, d_r)
+        q = torch.cat((q_content, apply_rope(q_rot, *rope)), dim=-1).transpose(1, 2)  # (B, nh, T, hs + d_r)
         c_kv, k_rot = self.kv_down(x).split([self.d_c, d_r], dim=-1)  # (B, T, d_c), (B, T, d_r)
         c_kv = self.kv_norm(c_kv).unsqueeze(1)  # (B, 1, T, d_c): one latent for all heads
-        q = torch.cat((q_content, apply_rope(q_rot, *rope)), dim=-1)  # (B, nh, T, hs + d_r)
-        k_rot = apply_rope(k_rot.unsqueeze(1), *rope)  # (B, 1, T, d_r): one rotary key for all heads
+        k_rot = apply_rope(k_rot.unsqueeze(2), *rope).transpose(1, 2)  # (B, 1, T, d_r): one key for all heads
         kpos = pos
         if cache is not None:  # the cache stores only c_kv and k_rot: (B, 1, Tk, d_c), (B, 1, Tk, d_r)
             c_kv, k_rot, kpos = cache.update(self.layer_idx, c_kv, k_rot)
@@ -856,7 +858,10 @@ class MoE(nn.Module):
         # tokens are dropped in training only: at inference every token gets its k experts,
         # so decoding with a KV cache, one token at a time, computes what a full pass does
         capacity = self.capacity(B * T) if self.training else None
-        y, n_dropped = self.dispatch(x, idx, gates.to(x.dtype), capacity)
+        # the gates sum to 1, so k experts of hidden H/k give about 1/k of what a dense MLP of
+        # hidden H gives at initialisation; DeepSeek-V2/V3 scale the routed output back up
+        # (routed_scaling_factor; --routed-scale k restores the dense model's scale)
+        y, n_dropped = self.dispatch(x, idx, gates.to(x.dtype) * self.config.routed_scale, capacity)
         if self.shared is not None:
             y = y + self.shared(x)
         if self.training:
@@ -1011,7 +1016,7 @@ class Llama(nn.Module):
         if cache is not None:
             cache.advance(pos)
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
-        rope = (self.cos[start:start + T], self.sin[start:start + T])  # (T, rope_dim/2) each
+        rope = (self.cos[start:start + T, None], self.sin[start:start + T, None])  # (T, 1, rope_dim/2) each
         for block in self.transformer.h:
             x = block(x, pos, rope, cache)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
@@ -1598,15 +1603,16 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         if cfg.plot:
             prefs = None
             if raw_model.moe_layers():  # NEW vs llama.py: the tokens each expert prefers
-                idx = get_batch(data["val"], block_size, cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
-                                device)[0]
+                generator = torch.Generator().manual_seed(cfg.seed)
+                idx = get_batch(data["val"], block_size, 4 * cfg.batch_size, generator, device)[0]  # (4B, T)
                 prefs = expert_preferences(raw_model, idx, tokenizer)
                 for layer, experts in enumerate(prefs):
                     print(f"MoE layer {layer}, tokens each expert prefers: "
                           + " | ".join(f"{e}: {' '.join(p)}" for e, p in enumerate(experts)))
             write_figures(out_dir, prefs)
+        train_seconds = max(elapsed - eval_seconds, 1e-9)  # NEW vs llama.py: throughput without the evals
         metrics = dict(metrics, best_val_loss=best_val_loss, params=n_params, active_params=n_active,
-                       tokens_per_s=round((step - start_iter) * tokens_per_iter / max(elapsed - eval_seconds, 1e-9), 1),
+                       tokens_per_s=round((step - start_iter) * tokens_per_iter / train_seconds, 1),
                        elapsed_s=round(elapsed, 3))
         log.write({"event": "done", **metrics})
     if ddp:
@@ -1640,9 +1646,10 @@ def main(argv=None):
     if cfg.kv_cache_report:
         return kv_cache_report(model_config(cfg, ByteTokenizer().n_vocab), dtype)
     if cfg.bench_layer:
-        autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
-        return bench_layer(model_config(cfg, ByteTokenizer().n_vocab), cfg.batch_size * cfg.block_size, device,
-                           autocast)
+        autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
+                                      enabled=dtype != "float32")
+        return bench_layer(model_config(cfg, ByteTokenizer().n_vocab), cfg.batch_size * cfg.block_size,
+                           device, autocast)
     if ckpt is None:
         check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     try:

@@ -7,6 +7,7 @@ and forgotten in another fails here. A helper that must differ in one script get
 name there. Also checks that no root script imports another one (scripts are self-contained).
 """
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ SHARED_FUNCTIONS = [
 SHARED_CONSTANTS = ["DATA_DIR", "DATASETS", "IGNORE_INDEX", "PROMPT_TEMPLATE", "TASK_FAMILIES"]
 
 
+@functools.lru_cache(maxsize=None)
 def definitions(path):
     """name -> source text of every top-level function and constant assignment in a script."""
     source = path.read_text()

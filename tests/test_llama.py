@@ -110,7 +110,7 @@ def test_gqa_equals_explicit_repeat_reference(n_kv_head):
     x = torch.randn(2, 16, 32)
     pos = torch.arange(16)
     cos, sin = llama.rope_cos_sin(pos, 8, 10000.0)
-    y = attn(x, pos, ((cos, sin), None))
+    y = attn(x, pos, ((cos[:, None], sin[:, None]), None))  # (T, 1, hs/2) tables
     # reference: separate projections, each K/V head repeated for its group, written-out softmax
     w_q, w_k, w_v = attn.c_attn.weight.split([32, 8 * n_kv_head, 8 * n_kv_head])
     q = (x @ w_q.T).view(2, 16, 4, 8).transpose(1, 2)
@@ -304,3 +304,9 @@ def test_bad_flag_combination_exits_2(tmp_path):
     with pytest.raises(SystemExit) as e:
         llama.main(run_args(tmp_path, "--window", "8", "--pos", "learned"))
     assert e.value.code == 2
+
+
+def test_plot_writes_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "1", "--log-grad-norms", "--plot"))
+    assert (tmp_path / "out" / "loss.png").is_file() and (tmp_path / "out" / "grad_norms.png").is_file()

@@ -23,7 +23,7 @@ TINY = ["--block-size", "4", "--n-embd", "8", "--n-hidden", "32", "--batch-size"
 @pytest.fixture
 def names_file(tmp_path):
     rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 8))) for _ in range(300)]
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(3, 8))) for _ in range(300)]
     path = tmp_path / "names.txt"
     path.write_text("\n".join(words) + "\n")
     return path
@@ -129,7 +129,8 @@ def test_gru_every_target_loss_equals_prefix_by_prefix_loss():
 
 def test_guess_format():
     assert mlp.guess_format("emma\nolivia\nava\n") == "lines"
-    assert mlp.guess_format("First Citizen:\nBefore we proceed any further, hear me speak.\n") == "text"
+    prose = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    assert mlp.guess_format(prose) == "text"
 
 
 def test_get_lr_warmup_cosine_floor():
@@ -169,7 +170,7 @@ def test_gru_defaults_apply_unless_given(tmp_path, names_file, capsys):
     args = mlp.load_checkpoint(tmp_path / "out" / "ckpt.pt", ["mlp.py"])["model_args"]
     assert args["n_hidden"] == 24  # given on the command line
     assert args["block_size"] == 4  # given (TINY), although GRU_DEFAULTS has 16
-    mlp.main(["--data", str(names_file), "--model", "gru", "--max-iters", "0",
+    mlp.main(["--data", str(names_file), "--model", "gru", "--max-iters", "0", "--eval-iters", "1",
               "--out-dir", str(tmp_path / "g"), "--n-hidden", "8", "--device", "cpu"])
     args = mlp.load_checkpoint(tmp_path / "g" / "ckpt.pt", ["mlp.py"])["model_args"]
     assert args["block_size"] == mlp.GRU_DEFAULTS["block_size"]

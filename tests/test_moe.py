@@ -83,10 +83,11 @@ def test_switch_aux_loss_known_values():
     uniform_idx = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=1)
     loss = layer.router_loss(uniform_idx, logits.softmax(-1), logits)
     assert loss.item() == pytest.approx(0.01, rel=1e-6)
-    # total collapse: every token sends its probability and both slots... to experts 0 and 1
+    # collapse onto experts 0 and 1 (all the probability, both slots of every token):
+    # E * (0.5*0.5 + 0.5*0.5) * coef = 2 * coef
     probs = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).expand(N, E)
     collapsed_idx = torch.tensor([[0, 1]]).expand(N, 2)
-    loss = layer.router_loss(collapsed_idx, probs, logits)  # E * (0.5*0.5 + 0.5*0.5) * coef
+    loss = layer.router_loss(collapsed_idx, probs, logits)
     assert loss.item() == pytest.approx(0.01 * 4 * 0.5, rel=1e-6)
 
 
@@ -204,6 +205,16 @@ def test_same_seed_same_losses_and_bit_exact_resume(text_file, tmp_path):
     assert len(full) == 6 and half == full[:3]  # same seed, same losses
     moe.main(flags + ["--max-iters", "6", "--out-dir", str(tmp_path / "half"), "--resume"])
     assert losses(tmp_path / "half" / "log.jsonl") == full
+
+
+def test_dense_path_is_llama_py(text_file, tmp_path):
+    """--n-experts 0 is llama.py's model and loop: the same losses, bit for bit (a copy that
+    drifted from llama.py fails here)."""
+    llama = pytest.importorskip("llama")
+    flags = TINY_FLAGS[:8] + TINY_FLAGS[12:] + ["--data", str(text_file), "--max-iters", "2"]
+    llama.main(flags + ["--out-dir", str(tmp_path / "llama")])
+    moe.main(flags + ["--out-dir", str(tmp_path / "dense"), "--n-experts", "0"])
+    assert losses(tmp_path / "dense" / "log.jsonl") == losses(tmp_path / "llama" / "log.jsonl")
 
 
 def test_main_smoke_writes_routing_stats_and_samples(text_file, tmp_path, capsys):
