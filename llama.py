@@ -22,7 +22,14 @@ Run:
   python llama.py --window 32 --sinks 4            # sliding window + sinks, trained and streamed
   python llama.py --norm layernorm --pos learned --mlp gelu --max-time 60  # gpt.py's pieces
 
-Result (CPU default, 2-core CPU under contention): RESULT_PLACEHOLDER
+Result (CPU default: 4 layers, 4 heads, 96 dims, block 64, batch 16, lr 3e-3, 800 iters,
+0.50M parameters): val loss 1.8731 at iter 700 (the first eval <= nanoGPT's char-level 1.886;
+1.9082 at 600) and 1.8535 at iter 800. An iteration costs 1.10x gpt.py's CPU time (118 vs 107
+ms, one thread, back to back), so the crossing comes after about 60 s on a quiet 2-core CPU,
+where nanoGPT's recipe needs 2m16s to reach 1.886 (the wall times measured here, on a machine
+shared by many jobs, are not comparable). int8 weights: 1.93 -> 0.59 MiB, val loss +0.0001.
+--bench: the KV cache generates 1.75x faster than recomputing at block 64 and 3.47x at block
+256; a stream of 10 x block_size tokens keeps memory and ms/token flat.
 
 Simplifications: one text file per run, split 90/10; evaluation runs on rank 0 only; a plain
 KV cache that fills up restarts from the last half block (a windowed model streams instead);
@@ -67,7 +74,7 @@ class Config:
     tokenizer: str = "byte"  # byte (UTF-8 bytes + special tokens), gpt2 (tiktoken) or a bpe.py tokenizer path
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads per block
-    n_kv_head: int = 4  # key/value heads, each shared by n_head/n_kv_head query heads (GQA)
+    n_kv_head: int = 0  # key/value heads, each shared by n_head/n_kv_head query heads (GQA); 0 = n_head
     n_embd: int = 96  # embedding width C
     block_size: int = 64  # context length T in tokens
     dropout: float = 0.0  # dropout probability (attention, residual, embedding)
@@ -227,13 +234,15 @@ def check_config(cfg):
                           ("mlp", ("swiglu", "gelu")), ("quantize", ("none", "int8"))):
         if getattr(cfg, name) not in allowed:
             die(f"--{name} {getattr(cfg, name)}: expected {' or '.join(allowed)}")
-    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head:
+    if cfg.n_embd % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
         die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}, and --n-head "
             f"a multiple of --n-kv-head {cfg.n_kv_head}")
     if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
         die(f"--pos rope turns pairs of dimensions: the head size {cfg.n_embd // cfg.n_head} is odd")
+    if cfg.n_kv_head < 0:
+        die(f"--n-kv-head {cfg.n_kv_head}: must be >= 0 (0 = --n-head)")
     for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "num_samples", "n_kv_head"):
+                 "eval_iters", "log_interval", "num_samples"):
         if getattr(cfg, name) < 1:
             die(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.temperature < 0:

@@ -214,6 +214,9 @@ def check_config(cfg):
             die(f"--{name.replace('_', '-')} must be at least 1")
     if not 0.0 <= cfg.dropout < 1.0:
         die(f"--dropout {cfg.dropout}: expected a value in [0, 1)")
+    if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k < 1) or (
+            cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0):
+        die("sampling: expected --temperature >= 0, --top-k >= 1 and 0 < --top-p <= 1")
     if cfg.plot and importlib.util.find_spec("matplotlib") is None:
         die("--plot needs matplotlib: pip install matplotlib (or run without --plot)")
 

@@ -26,7 +26,16 @@ Run:
   python moe.py --bench-layer                     # MoE layer vs dense MLP, forward+backward
   python moe.py --sample-only --prompt "ROMEO:"   # sample from out/moe/ckpt.pt
 
-Result (2-core CPU under contention): RESULT_PLACEHOLDER
+Result (2-core CPU shared with other jobs, so speed is compared only between runs made side by
+side; the defaults are llama.py's: 4 layers x 96, block 64, batch 16):
+  equal tokens, 300 steps: dense (--n-experts 0) val loss 2.062; MoE, 8 experts top-2 with the
+    same 0.51M active parameters (1.39M total), 2.060 (--routed-scale 2, the default; 2.101
+    with 1); max/mean expert load 1.04 (aux-free)
+  equal time, 90 s side by side: dense 1.8k tok/s, val 2.326; MoE (routed scale 1) 1.4k
+    tok/s (0.74x), val 2.371: at this size the routing overhead costs more than experts give
+  --balance none: every token on the same 2 of 8 experts (max/mean load 4.0); aux-free 1.1,
+    aux 1.3; --bench-layer: MoE layer 0.72x the dense MLP's throughput at 1k tokens, 0.86x
+    at 8k; --attn mla caches 1280 B/token (41.7% of MHA's 3072)
 
 Simplifications: experts run one after another (a loop over E, no grouped-GEMM kernel); the
 capacity limit applies in training only; MLA's queries are full rank and its up-projections
@@ -86,7 +95,7 @@ class Config:
     moe_every: int = 1  # after the dense layers, every N-th block is an MoE block (0 = none)
     dense_layers: int = 0  # the first K blocks keep a dense MLP
     router_noise: float = 0.0  # std of Gaussian noise on the router logits in training (exploration)
-    routed_scale: float = 1.0  # multiplies the routed experts' output (DeepSeek-V2/V3's routed_scaling_factor)
+    routed_scale: float = 2.0  # multiplies the routed experts' output (k = a dense MLP's scale at init)
     capacity_factor: float = 0.0  # expert slots = factor * N*k/E per batch, overflow dropped (0 = no limit)
     balance: str = "aux-free"  # aux (Switch loss), aux-free (DeepSeek-V3 biases) or none
     aux_loss_coef: float = 0.01  # coefficient of the Switch load-balancing loss (--balance aux)
@@ -158,7 +167,7 @@ class ModelConfig:
     moe_every: int = 1  # MoE block period after the dense layers
     dense_layers: int = 0  # leading dense blocks
     router_noise: float = 0.0  # std of the router-logit noise in training
-    routed_scale: float = 1.0  # scale of the routed experts' output
+    routed_scale: float = 2.0  # scale of the routed experts' output
     capacity_factor: float = 0.0  # 0 = no token dropping
     balance: str = "aux-free"  # aux, aux-free or none
     aux_loss_coef: float = 0.01  # Switch loss coefficient
@@ -858,9 +867,11 @@ class MoE(nn.Module):
         # tokens are dropped in training only: at inference every token gets its k experts,
         # so decoding with a KV cache, one token at a time, computes what a full pass does
         capacity = self.capacity(B * T) if self.training else None
-        # the gates sum to 1, so k experts of hidden H/k give about 1/k of what a dense MLP of
-        # hidden H gives at initialisation; DeepSeek-V2/V3 scale the routed output back up
-        # (routed_scaling_factor; --routed-scale k restores the dense model's scale)
+        # the gates sum to 1, so k experts of hidden H/k give about 1/k of the output of a dense
+        # MLP of hidden H at initialisation (std sqrt(H)/k vs sqrt(H)): the MLP path learns as
+        # if scaled down. DeepSeek-V2/V3 multiply the routed output back up (their
+        # routed_scaling_factor); --routed-scale k restores the dense scale, and closed the
+        # gap to the dense model at equal tokens in our runs (see the docstring)
         y, n_dropped = self.dispatch(x, idx, gates.to(x.dtype) * self.config.routed_scale, capacity)
         if self.shared is not None:
             y = y + self.shared(x)

@@ -1321,6 +1321,8 @@ def main(argv=None):
             for micro in range(cfg.gradient_accumulation_steps):
                 with ctx:
                     _, loss = model(X, Y)
+                    # the mean of means: a micro-batch with fewer answer tokens weighs as much as
+                    # one with more (exact for equal counts; nanoGPT's simplification)
                     loss = loss / cfg.gradient_accumulation_steps
                 n_tokens += X.numel()
                 # fetch the next batch (for this step's next micro-batch or the next step)

@@ -20,6 +20,16 @@ TINY = ["--block-size", "4", "--n-embd", "8", "--n-hidden", "32", "--batch-size"
         "--eval-iters", "2", "--log-interval", "1", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a thread pool on a busy machine can be
+    slower by 10x; the setting is restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def names_file(tmp_path):
     rng = random.Random(0)
