@@ -1391,7 +1391,8 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
         resumed_here = ckpt is not None and step == start_iter
         if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
-            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device, autocast)
+            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device,
+                                   autocast)
             if not all(math.isfinite(v) for v in losses.values()):
                 die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
                     f"{out_dir} is kept (try a lower --learning-rate)")
@@ -1455,7 +1456,7 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
             if ddp:  # the loss of the whole global batch, the same number on every rank
                 dist.all_reduce(step_loss)
                 step_loss /= world_size
-            loss_value = step_loss.item()  # the one host-device sync of a logged step
+            loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
             if not math.isfinite(loss_value):
                 die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
                     f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
@@ -1463,7 +1464,7 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
             dt = (now - t_last) / (step + 1 - last_timed)
             t_last, last_timed = now, step + 1
             if master:
-                record = {"iter": step, "loss": round(loss_value, 6), "lr": lr,
+                record = {"iter": step, "loss": loss_value, "lr": lr,
                           "ms_per_iter": round(1000 * dt, 3), "tokens_per_s": round(tokens_per_iter / dt, 1),
                           "elapsed_s": round(now - t_start, 3)}
                 line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "

@@ -17,7 +17,7 @@ Run:
     python sft.py                                   # from scratch, CPU (difficulty 2)
     python sft.py --curriculum                      # easy -> hard ordering instead of random
     python sft.py --no-mask-prompt                  # loss on the prompt tokens too
-    python sft.py --task classify                   # "is this equation correct?" yes/no
+    python sft.py --task classify --n-train 8000    # "is this equation correct?" yes/no
     python sft.py --sample-only --prompt "What is 12 + 7?"
     python sft.py --device cuda                     # GPU preset: 6 x 384, difficulty 3
   From a llama.py base model (the "gap": before SFT it continues text instead of answering),
@@ -30,7 +30,8 @@ Run:
 Result (2-core CPU shared with other jobs, one thread, 4 x 128 model from scratch, 1000 steps
 of 32 examples, 281 CPU-seconds, 36 min wall under heavy contention): held-out exact match
 0.207 mean over families (add 0.02, sub 0.05, reverse 0.09, sort 0.33, compare 0.24, count
-0.51), format adherence 1.00; with --curriculum 0.152 (val loss 1.08 vs 1.16). From scratch,
+0.51), format adherence 1.00; with --curriculum 0.152 (val loss 1.08 vs 1.16); with
+--no-mask-prompt 0.123 (val loss 1.43). From scratch,
 32k short examples are far too few for a 0.8M model to learn to read digits and letters: the
 loss sees only the ~4 answer tokens of each ~60-token example. SFT is meant to start from a
 pretrained base (--init-from) or run longer (the GPU preset).
@@ -369,21 +370,21 @@ def follows_format(completion, family):
 
 
 def make_classify_examples(n, split, seed, difficulty):
-    """Balanced yes/no set "is this equation correct?" from the add/sub problems.
+    """Balanced yes/no set "is this equation correct?" built from n/2 add/sub problems.
 
-    Half the equations are corrupted by a near miss (+-1 or +-10), so the class head must
-    actually check the arithmetic rather than spot implausible numbers. Label 1 = correct.
+    Each problem appears twice: with its answer (label 1) and with a near miss (+-1 or +-10,
+    label 0), so the class head cannot decide from the left-hand side or from implausible
+    numbers: it has to check the arithmetic.
     """
     rng = random.Random(seed)
     out = []
-    for i, ex in enumerate(make_tasks(n, split, seed, difficulty, families=("add", "sub"))):
-        result, label = int(ex["answer"]), i % 2
-        if label == 0:
-            result = max(0, result + rng.choice((-10, -1, 1, 10)))
-            result = result if result != int(ex["answer"]) else result + 1
-        equation = ex["prompt"][len("What is "):-1] + f" = {result}"
-        out.append({"task": "classify", "prompt": f"Is this correct? {equation}", "label": label,
-                    "level": ex["level"]})
+    for ex in make_tasks(n // 2, split, seed, difficulty, families=("add", "sub")):
+        wrong = max(0, int(ex["answer"]) + rng.choice((-10, -1, 1, 10)))
+        wrong = wrong if str(wrong) != ex["answer"] else wrong + 1
+        equation = ex["prompt"][len("What is "):-1]  # "47 + 38"
+        for result, label in ((ex["answer"], 1), (wrong, 0)):
+            out.append({"task": "classify", "prompt": f"Is this correct? {equation} = {result}",
+                        "label": label, "level": ex["level"]})
     return out
 
 
@@ -471,15 +472,15 @@ def rope_cos_sin(pos, hs, theta):
 def apply_rope(x, cos, sin):
     """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
 
-    Each pair (x_i, x_{i+hs/2}) of a query or key x (B, nh, T, hs) at position m is turned by
-    the angle m*w_i (cos, sin: (T, hs/2)). Relative position falls out of the dot product: with
+    Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
+    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout). Relative position falls out of the dot product: with
     R(a) the rotation by a, q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k =
     q^T R((n-m)w) k, because rotations compose and R(a)^T = R(-a). An attention score depends
     only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
     and rotations keep norms. Which dimensions pair up is a convention (halves here, like
     GPT-NeoX and Hugging Face's Llama; Meta's code interleaves): Wq and Wk absorb it.
     """
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -536,7 +537,7 @@ class KVCache:
         else:  # a chunk that wraps would overwrite keys its own first tokens still need
             raise ValueError(f"{T} new tokens do not fit the cache ({self.seen} of {self.capacity} "
                              "slots used); feed them one at a time (see prefill)")
-        self.pos[self.slots] = pos
+        self.pos.index_copy_(0, self.slots, pos)
         self.seen += T
 
     def update(self, layer, k, v):
@@ -582,17 +583,17 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions pos (T,); rope = ((cos, sin), sink (cos, sin) or None) or
         None; with a cache, the keys and values of earlier positions come from there."""
         B, T, C = x.size()
-        kv_dim = self.n_kv_head * self.hs
-        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)  # (B, T, C), (B, T, kv_dim) x2
-        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
+        qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
+        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         q_sink = None
-        if rope is not None:
+        if rope is not None:  # cos, sin: (T, 1, hs/2), broadcast over the heads
             (cos, sin), sink_rope = rope
             if sink_rope is not None:
-                q_sink = apply_rope(q, *sink_rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q_sink = apply_rope(qk[:, :, :nh], *sink_rope).transpose(1, 2)  # (B, nh, T, hs)
+            qk = apply_rope(qk, cos, sin)  # queries and keys turned in one go
+        q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         kpos = pos
         if cache is not None:
             k, v, kpos = cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hs) x2, (Tk,)
@@ -758,8 +759,9 @@ class Llama(nn.Module):
             sink_rope = None
             if cfg.sinks:  # the query's angle as the sinks see it: its slot in a rolling cache
                 slot = pos.clamp(max=cfg.sinks + cfg.window - 1)  # (T,), inside the table
-                sink_rope = (self.cos[slot], self.sin[slot])
-            rope = (self.rope_at(start, start + T), sink_rope)
+                sink_rope = (self.cos[slot, None], self.sin[slot, None])  # (T, 1, hs/2)
+            cos, sin = self.rope_at(start, start + T)  # (T, hs/2)
+            rope = ((cos[:, None], sin[:, None]), sink_rope)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, pos, rope, cache)
