@@ -16,11 +16,11 @@ Run:
 No --device: it is pure Python on the CPU. It saves out/bpe/tokenizer.tiktoken (tiktoken's
 rank file) + tokenizer.json, which mlp.py/gpt.py/llama.py read with `load_bpe`.
 
-Measured on a 2-core CPU shared with other jobs (best of 5 runs):
-- train on all of tinyshakespeare (1.1 MB), GPT-4 split, vocab 512: 0.91 s (minbpe's
-  RegexTokenizer: 128 s here); the textbook loop gives identical merges on the first 300k
-  characters in 75 s (fast trainer: 0.94 s on that slice, same load).
-- encode the 1.1 MB: ours 1.2 MB/s, to_tiktoken() 3.6 MB/s, identical ids.
+Measured on a quiet 2-core CPU (best of 3 runs):
+- train on all of tinyshakespeare (1.1 MB), GPT-4 split, vocab 512: 0.36 s (minbpe's
+  RegexTokenizer: 128 s here); the textbook loop (--naive) gives identical merges on the
+  whole file in 370 s (measured while other jobs shared the CPU).
+- encode the 1.1 MB at vocab 4096: ours 1.7 MB/s, to_tiktoken() 5.8 MB/s, identical ids.
 - GPT-2: 50,000 merges recovered from tiktoken's ranks in 2.6 s, ids identical to tiktoken.
 - val bytes per token: vocab 256: 1.00, 512: 1.99, 1024: 2.44, 2048: 2.81, 4096: 3.24
   (GPT-2's 50257: 3.09).

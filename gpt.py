@@ -20,10 +20,11 @@ Run:
 
 Result (CPU default = nanoGPT's README recipe: 4 layers, 4 heads, 128 dims, block 64, batch 12,
 2000 iters, 0.80M parameters): val loss 1.903 at iter 2000 (1.901 on the whole val split;
-seeds 1 and 2: 1.900, 1.929). Wall time 12m16s with OMP_NUM_THREADS=1 on a 2-core CPU shared
-with four other training jobs (3m19s of CPU time); nanoGPT's train.py with the same recipe on
-the quiet machine: val 1.8857 (its one seed) in 2m16s. Model, optimizer, schedule and batches
-follow nanoGPT's line for line, so we read the gap as seed noise (not proven).
+seeds 1 and 2: 1.900, 1.929), reached after 134 s (2m14s, evals included; 143 s for the
+whole command with the final samples) on a quiet 2-core CPU. nanoGPT's train.py with the same
+recipe on the same machine: val 1.8857 (its one seed) in 2m16s. Model, optimizer, schedule
+and batches follow nanoGPT's line for line; nanoGPT's estimate (20 random batches) has a
+spread of 0.015 on our checkpoint, so we read the gap as noise, but have not proven it.
 
 Simplifications: one text file per run (no sharded corpora), the vocabulary is not padded to
 a multiple of 64, evaluation runs on rank 0 only, and the KV cache is left to llama.py.

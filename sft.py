@@ -84,6 +84,7 @@ class Config:
     difficulty: int = 2  # hardest task level (1-3): L-digit numbers, words of 2L+1 or 2L+2 letters
     n_train: int = 20000  # training problems generated from the task world
     n_test: int = 600  # held-out test problems (disjoint from train by hash of the prompt)
+    mix: str = ""  # training shares per family, e.g. add=2,sub=2 (others 1); empty = equal shares
     mask_prompt: bool = True  # loss only on response tokens (--no-mask-prompt: on the prompt too)
     curriculum: bool = False  # sample easy -> hard (by level, then length) instead of at random
     curriculum_frac: float = 0.5  # fraction of max_iters until the whole training set is in play
@@ -123,6 +124,9 @@ class Config:
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, difficulty=3, batch_size=256,
                   n_train=200000, max_iters=3000, learning_rate=1e-3, min_lr=1e-4,
                   compile=True)
+# --task classify, for every field not given (after the GPU preset): 4000 add/sub problems
+# (each twice, right and near miss), which difficulty 2 has room for on both splits
+CLASSIFY_PRESET = dict(n_train=8000)
 
 
 @dataclass
@@ -372,6 +376,20 @@ ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+
 def follows_format(completion, family):
     """Format adherence: the answer has the family's shape and <|endoftext|> ends it."""
     return EOT in completion and re.fullmatch(ANSWER_SHAPES[family], completion.split(EOT)[0]) is not None
+
+
+def mix_families(mix):
+    """--mix 'add=2,sub=2' -> the families tuple whose entries make_tasks shares n out to
+    equally, so a family listed twice gets twice the problems (a weight of 0 drops it)."""
+    weights = dict.fromkeys(TASK_FAMILIES, 1)
+    for item in filter(None, mix.split(",")):
+        name, _, weight = item.partition("=")
+        if name not in weights or not weight.isdigit():
+            die(f"--mix {mix}: expected family=weight pairs, families {', '.join(TASK_FAMILIES)}")
+        weights[name] = int(weight)
+    if not any(weights.values()):
+        die(f"--mix {mix}: every family has weight 0")
+    return tuple(f for f in TASK_FAMILIES for _ in range(weights[f]))
 
 
 def make_classify_examples(n, split, seed, difficulty):
@@ -1182,6 +1200,8 @@ def main(argv=None):
     device = resolve_device(cfg.device)
     if device.startswith("cuda"):
         cfg = apply_preset(cfg, GPU_PRESET, given)
+    if cfg.task == "classify":
+        cfg = apply_preset(cfg, CLASSIFY_PRESET, given)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.task not in ("generate", "classify"):
         die(f"--task {cfg.task}: expected generate or classify")
@@ -1232,10 +1252,14 @@ def main(argv=None):
           f"({100 * n_train / n_total:.2f}%)")
 
     # ---- data: the task world, tokenized once ----
-    make = make_tasks if cfg.task == "generate" else make_classify_examples
     try:
-        train_ex = make(cfg.n_train, "train", cfg.seed, cfg.difficulty)
-        test_ex = make(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
+        if cfg.task == "generate":
+            # the test set keeps equal shares: the accuracy is a plain mean over families
+            train_ex = make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty, mix_families(cfg.mix))
+            test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
+        else:
+            train_ex = make_classify_examples(cfg.n_train, "train", cfg.seed, cfg.difficulty)
+            test_ex = make_classify_examples(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
     except ValueError as e:
         die(f"{e}: lower --n-train/--n-test or raise --difficulty")
     if cfg.task == "generate":

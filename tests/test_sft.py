@@ -95,6 +95,30 @@ def test_small_task_space_raises_instead_of_looping():
         sft.make_tasks(30, "test", 0, 1, families=("add",))  # 100 one-digit sums, ~20 in test
 
 
+def test_mix_weights_the_training_families():
+    families = sft.mix_families("add=3,count=0")
+    assert families.count("add") == 3 and "count" not in families and len(families) == 7
+    train = sft.make_tasks(140, "train", 0, 2, families)
+    assert [sum(ex["task"] == t for ex in train) for t in sft.TASK_FAMILIES] == [60, 20, 20, 20, 0, 20]
+    assert sft.mix_families("") == sft.TASK_FAMILIES
+    for bad in ("add=x", "mul=2", "add=0,sub=0,reverse=0,sort=0,count=0,compare=0"):
+        with pytest.raises(SystemExit) as e:
+            sft.mix_families(bad)
+        assert e.value.code == 2
+
+
+def test_default_configs_have_enough_distinct_problems():
+    """`python sft.py` and `python sft.py --task classify` must not run out of problems."""
+    cfg = sft.Config()
+    train = sft.make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty, sft.mix_families(cfg.mix))
+    assert len(train) == cfg.n_train
+    assert len(sft.make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)) == cfg.n_test
+    n_classify = sft.CLASSIFY_PRESET.get("n_train", cfg.n_train)
+    difficulty = sft.CLASSIFY_PRESET.get("difficulty", cfg.difficulty)
+    assert len(sft.make_classify_examples(n_classify, "train", cfg.seed, difficulty)) == n_classify
+    assert len(sft.make_classify_examples(cfg.n_test, "test", cfg.seed, difficulty)) == cfg.n_test
+
+
 def test_check_answer_and_format():
     assert sft.check_answer(" 85 <|endoftext|>junk", "85")
     assert sft.check_answer("85", "85")  # no end token: still the right answer
@@ -244,14 +268,14 @@ def test_help(capsys):
 
 def test_main_smoke_resume_and_sample_only(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    done = sft.main(TINY_FLAGS + ["--max-iters", "4", "--eval-interval", "2", "--out-dir", str(full)])
+    flags = TINY_FLAGS + ["--mix", "add=2", "--eval-interval", "2"]
+    done = sft.main(flags + ["--max-iters", "4", "--out-dir", str(full)])
     assert set(done["accuracy_by_task"]) == set(sft.TASK_FAMILIES)
     last = json.loads((full / "log.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "done" and "accuracy" in last and "accuracy_by_task" in last
     # stop at 2, resume to 4: the same losses, bit for bit (batches + RNG restored)
-    sft.main(TINY_FLAGS + ["--max-iters", "2", "--eval-interval", "2", "--out-dir", str(part)])
-    sft.main(TINY_FLAGS + ["--max-iters", "4", "--eval-interval", "2", "--out-dir", str(part),
-                           "--resume"])
+    sft.main(flags + ["--max-iters", "2", "--out-dir", str(part)])
+    sft.main(flags + ["--max-iters", "4", "--out-dir", str(part), "--resume"])
     assert losses_of(part) == losses_of(full)
     out = sft.main(["--sample-only", "--out-dir", str(full), "--prompt", "What is 1 + 1?",
                     "--num-samples", "2", "--max-new-tokens", "3"])
