@@ -7,12 +7,18 @@ Tiny configs (2 layers, 32 dims, block 16), CPU, offline, seeded; data is made i
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llama
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TEXT = "".join(f"{i} little pigs, let me come in! Not by the hair of my chinny chin chin. ü\n"
                for i in range(120))
@@ -310,3 +316,24 @@ def test_plot_writes_figures(tmp_path):
     pytest.importorskip("matplotlib")
     llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "1", "--log-grad-norms", "--plot"))
     assert (tmp_path / "out" / "loss.png").is_file() and (tmp_path / "out" / "grad_norms.png").is_file()
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes accumulating 1 micro-batch each == 1 process accumulating 2."""
+    def args(out):
+        return [a.replace(str(tmp_path / "out"), str(tmp_path / out)) for a in run_args(
+            tmp_path, "--max-iters", "3", "--eval-interval", "3", "--gradient-accumulation-steps", "2")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "llama.py"), *args("two")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    single = llama.main(args("one"))  # runs while the two processes start
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "ddp world_size=2" in stdout
+    one, two = losses_of(tmp_path / "one" / "log.jsonl"), losses_of(tmp_path / "two" / "log.jsonl")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert math.isclose(a, b, rel_tol=1e-5), (one, two)
+    done = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
+    assert math.isclose(done["val_loss"], single["val_loss"], rel_tol=1e-5)
