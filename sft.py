@@ -14,10 +14,11 @@ token, as in Radford et al. 2018 "Improving Language Understanding by Generative
 Pre-Training").
 
 Run:
-    python sft.py                                   # from scratch, CPU (difficulty 2)
+    python sft.py                                   # from scratch, CPU: difficulty 2 (below)
     python sft.py --curriculum                      # easy -> hard ordering instead of random
     python sft.py --no-mask-prompt                  # loss on the prompt tokens too
-    python sft.py --task classify --n-train 8000    # "is this equation correct?" yes/no
+    python sft.py --mix ""                          # equal shares of the six families
+    python sft.py --task classify                   # "is this equation correct?" yes/no
     python sft.py --sample-only --prompt "What is 12 + 7?"
     python sft.py --device cuda                     # GPU preset: 6 x 384, difficulty 3
   From a llama.py base model (the "gap": before SFT it continues text instead of answering),
@@ -82,9 +83,9 @@ class Config:
     task: str = "generate"  # generate (SFT on the task world) | classify (class head)
     init_from: str = ""  # start from a llama.py (or sft.py) checkpoint; empty = from scratch
     difficulty: int = 2  # hardest task level (1-3): L-digit numbers, words of 2L+1 or 2L+2 letters
-    n_train: int = 20000  # training problems generated from the task world
+    n_train: int = 14000  # training problems generated from the task world
     n_test: int = 600  # held-out test problems (disjoint from train by hash of the prompt)
-    mix: str = ""  # training shares per family, e.g. add=2,sub=2 (others 1); empty = equal shares
+    mix: str = "add=2,sub=2"  # training shares per family (others 1); empty = equal shares
     mask_prompt: bool = True  # loss only on response tokens (--no-mask-prompt: on the prompt too)
     curriculum: bool = False  # sample easy -> hard (by level, then length) instead of at random
     curriculum_frac: float = 0.5  # fraction of max_iters until the whole training set is in play
@@ -96,14 +97,14 @@ class Config:
     n_embd: int = 128  # model width (from scratch)
     block_size: int = 96  # context length in bytes (from scratch)
     dropout: float = 0.0  # dropout probability (also replaces a --init-from checkpoint's)
-    max_iters: int = 1000  # optimizer steps
-    eval_interval: int = 250  # steps between evaluations (response-only loss) and checkpoints
-    eval_iters: int = 10  # batches per loss estimate
-    batch_size: int = 32  # examples per micro-batch
+    max_iters: int = 450  # optimizer steps
+    eval_interval: int = 150  # steps between evaluations (response-only loss) and checkpoints
+    eval_iters: int = 4  # batches per loss estimate
+    batch_size: int = 128  # examples per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 3e-3  # peak learning rate (AdamW)
+    learning_rate: float = 4e-3  # peak learning rate (AdamW)
     min_lr: float = 2e-4  # floor of the cosine decay
-    warmup_iters: int = 100  # linear warmup steps
+    warmup_iters: int = 30  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     eval_max_new_tokens: int = 16  # decoding budget per test problem
@@ -120,10 +121,10 @@ class Config:
     plot: bool = False  # write accuracy_by_task.png (needs matplotlib)
 
 
-# on CUDA, for every field not given: a wider model, all three levels, 15x the examples
+# on CUDA, for every field not given: a wider model, all three levels, 14x the problems
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, difficulty=3, batch_size=256,
                   n_train=200000, max_iters=3000, learning_rate=1e-3, min_lr=1e-4,
-                  compile=True)
+                  warmup_iters=100, eval_interval=250, eval_iters=10, compile=True)
 # --task classify, for every field not given (after the GPU preset): 4000 add/sub problems
 # (each twice, right and near miss), which difficulty 2 has room for on both splits
 CLASSIFY_PRESET = dict(n_train=8000)
