@@ -29,13 +29,14 @@ Run:
         --lora-alpha $((2 * r)) --out-dir out/sft_lora$r; done
 
 Result (2-core CPU, 4 x 128 model from scratch, difficulty 2 = numbers of 1-2 digits and words of
-3-6 letters, held-out exact match, mean over the six families; all timings under contention):
+3-6 letters, held-out exact match, mean over the six families; timings as marked):
     python sft.py          450 x 128 examples, add and sub twice the share of the others:
                            0.285 (add 0.06, sub 0.11, reverse 0.21, sort 0.53, compare 0.23,
-                           count 0.57), val loss 0.71, format 0.998; 589 s wall with
-                           OMP_NUM_THREADS=1 while other jobs held both cores
+                           count 0.57), val loss 0.71, format 0.998; 332 s wall on a quiet
+                           CPU, over the 5-minute budget (589 s with OMP_NUM_THREADS=1 while
+                           other jobs held both cores)
     python sft.py --task classify --max-iters 150   0.500 (chance: the loss stays at ln 2),
-                           191 s wall, same conditions
+                           191 s wall while other jobs held both cores
   with the earlier defaults (1000 x 32 examples, equal shares, lr 3e-3, n_train 20000):
     python sft.py          173 s wall   0.207 (add 0.02, sub 0.05, reverse 0.09, sort 0.33,
                            compare 0.24, count 0.51), val loss 1.16
