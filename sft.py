@@ -94,6 +94,7 @@ class Config:
     n_train: int = 14000  # training problems generated from the task world
     n_test: int = 600  # held-out test problems (disjoint from train by hash of the prompt)
     mix: str = "add=2,sub=2"  # training shares per family (others 1); empty = equal shares
+    template_tokens: bool = True  # from scratch: one token per template marker (--no-template-tokens: bytes)
     mask_prompt: bool = True  # loss only on response tokens (--no-mask-prompt: on the prompt too)
     curriculum: bool = False  # sample easy -> hard (by level, then length) instead of at random
     curriculum_frac: float = 0.5  # fraction of max_iters until the whole training set is in play
@@ -105,14 +106,14 @@ class Config:
     n_embd: int = 128  # model width (from scratch)
     block_size: int = 96  # context length in bytes (from scratch)
     dropout: float = 0.0  # dropout probability (also replaces a --init-from checkpoint's)
-    max_iters: int = 450  # optimizer steps
-    eval_interval: int = 150  # steps between evaluations (response-only loss) and checkpoints
-    eval_iters: int = 4  # batches per loss estimate
-    batch_size: int = 128  # examples per micro-batch
+    max_iters: int = 3000  # optimizer steps
+    eval_interval: int = 500  # steps between evaluations (response-only loss) and checkpoints
+    eval_iters: int = 8  # batches per loss estimate
+    batch_size: int = 32  # examples per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 4e-3  # peak learning rate (AdamW)
-    min_lr: float = 2e-4  # floor of the cosine decay
-    warmup_iters: int = 30  # linear warmup steps
+    learning_rate: float = 1.5e-3  # peak learning rate (AdamW)
+    min_lr: float = 7.5e-5  # floor of the cosine decay
+    warmup_iters: int = 150  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     eval_max_new_tokens: int = 16  # decoding budget per test problem
@@ -267,6 +268,16 @@ class ByteTokenizer:
         """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
         return list(text.encode("utf-8"))
 
+    def encode(self, text, allowed_special=()):
+        """NEW vs llama.py: as tiktoken's `encode`, the special-token strings listed in
+        allowed_special become their ids; the rest of the text is plain bytes."""
+        if not allowed_special:
+            return self.encode_ordinary(text)
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text):
+            ids += [self.special[part]] if part in allowed_special else self.encode_ordinary(part)
+        return ids
+
     def decode(self, ids):
         """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
         parts, run = [], bytearray()
@@ -292,6 +303,12 @@ TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"  # Alpaca-style (Taori et al. 2023)
 EOT = "<|endoftext|>"  # ends every response; generation stops there
 PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
+# NEW vs llama.py: the template's two markers as single tokens, in the ids of <|reserved_2|>
+# and <|reserved_3|>, as chat models give their role markers special tokens. The text stays the
+# same; a from-scratch model reads 2 ids instead of 33 bytes (an example shrinks from ~57 ids to
+# ~26, so a CPU minute sees twice the problems) and an answer sits a few ids after its question.
+# A llama.py base never saw these ids, so with --init-from the markers stay bytes.
+TEMPLATE_TOKENS = {"### Instruction:\n": 258, "\n\n### Response:\n": 259}
 
 
 def make_word(rng, length):
@@ -373,6 +390,12 @@ def format_prompt(prompt):
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
+def encode_prompt(tok, prompt):
+    """The template around `prompt` -> ids: one id per marker when the tokenizer has the
+    TEMPLATE_TOKENS (sft.py from scratch), the bytes of the markers when not (a llama.py base)."""
+    return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
+
+
 def check_answer(completion, answer):
     """True when the completion, cut at <|endoftext|> and stripped, is exactly the answer."""
     return completion.split("<|endoftext|>")[0].strip() == answer.strip()
@@ -427,7 +450,7 @@ def encode_example(tok, ex, mask_prompt):
     mask_prompt the prompt's targets are IGNORE_INDEX: the model is not trained to write the
     instruction, only the answer and the end-of-text token that teaches it to stop.
     """
-    prompt_ids = tok.encode_ordinary(format_prompt(ex["prompt"]))
+    prompt_ids = encode_prompt(tok, ex["prompt"])
     ids = prompt_ids + tok.encode_ordinary(ex["answer"]) + [tok.special[EOT]]
     targets = ids[1:]
     if mask_prompt:
@@ -439,7 +462,7 @@ def encode_example(tok, ex, mask_prompt):
 def encode_classify(tok, ex):
     """Classification as the same masked loss: only the last prompt position has a target,
     the class id (read by the class head that replaces the LM head)."""
-    ids = tok.encode_ordinary(format_prompt(ex["prompt"]))
+    ids = encode_prompt(tok, ex["prompt"])
     return ids, [IGNORE_INDEX] * (len(ids) - 1) + [ex["label"]]
 
 
@@ -1020,12 +1043,12 @@ def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx
     model.eval()
     groups = defaultdict(list)
     for ex in examples:
-        groups[len(tok.encode_ordinary(format_prompt(ex["prompt"])))].append(ex)
+        groups[len(encode_prompt(tok, ex["prompt"]))].append(ex)
     results = []
     for T, group in sorted(groups.items()):
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
-            idx = torch.tensor([tok.encode_ordinary(format_prompt(ex["prompt"])) for ex in chunk], device=device)
+            idx = torch.tensor([encode_prompt(tok, ex["prompt"]) for ex in chunk], device=device)
             with ctx:
                 out = generate_until(model, idx, max_new_tokens, tok.special[EOT])
             for ex, row in zip(chunk, out[:, T:].tolist()):
@@ -1185,7 +1208,7 @@ def sample_only(cfg, device, ctx):
     model = build_model(ckpt["model_args"], task)
     load_weights(model, ckpt["model"], path)
     model.to(device).eval()
-    ids = tok.encode_ordinary(format_prompt(cfg.prompt))
+    ids = encode_prompt(tok, cfg.prompt)
     if len(ids) >= model.config.block_size:
         die(f"--prompt is {len(ids)} tokens; the model's context is {model.config.block_size}")
     idx = torch.tensor([ids] * cfg.num_samples, device=device)
@@ -1238,7 +1261,11 @@ def main(argv=None):
         tok, model_args = tokenizer_from(source, source_path), source["model_args"]
         print(f"model from {source_path} ({source['script']}, iter {source['iter']}): {model_args}")
     else:
-        tok = ByteTokenizer()
+        special = dict(BYTE_SPECIAL)
+        if cfg.template_tokens:  # the markers take the ids of two reserved tokens
+            special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
+            special.update(TEMPLATE_TOKENS)
+        tok = ByteTokenizer(special)
         model_args = dataclasses.asdict(ModelConfig(
             vocab_size=padded_vocab(tok.n_vocab), block_size=cfg.block_size, n_layer=cfg.n_layer,
             n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head))

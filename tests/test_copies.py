@@ -21,9 +21,10 @@ SHARED_FUNCTIONS = [
     "die", "field_help", "parse_config", "apply_preset", "resolve_device", "resolve_dtype",
     "sha256_of", "download", "resolve_data", "load_bpe", "sample_logits", "get_lr",
     "check_out_dir", "save_checkpoint", "load_checkpoint", "append_jsonl", "format_eta",
-    "make_task", "make_tasks", "check_answer", "task_split", "format_prompt",
+    "make_task", "make_tasks", "check_answer", "task_split", "format_prompt", "encode_prompt",
 ]
-SHARED_CONSTANTS = ["DATA_DIR", "DATASETS", "IGNORE_INDEX", "PROMPT_TEMPLATE", "TASK_FAMILIES"]
+SHARED_CONSTANTS = ["DATA_DIR", "DATASETS", "IGNORE_INDEX", "PROMPT_TEMPLATE", "TASK_FAMILIES",
+                    "TEMPLATE_TOKENS"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -174,6 +174,24 @@ def test_only_response_tokens_carry_the_loss():
 
 
 # ---- LoRA ----
+
+def test_template_tokens_encode_the_same_text_in_fewer_ids():
+    special = {n: i for n, i in sft.BYTE_SPECIAL.items() if i not in sft.TEMPLATE_TOKENS.values()}
+    tok, plain = sft.ByteTokenizer({**special, **sft.TEMPLATE_TOKENS}), sft.ByteTokenizer()
+    prompt = "Reverse the word: bevak"
+    ids = sft.encode_prompt(tok, prompt)
+    assert ids == [258] + list(prompt.encode()) + [259]  # one id per marker
+    assert sft.encode_prompt(plain, prompt) == plain.encode_ordinary(sft.format_prompt(prompt))
+    assert tok.decode(ids) == plain.decode(sft.encode_prompt(plain, prompt)) == sft.format_prompt(prompt)
+    # the markers are special only where the caller allows it (tiktoken's rule)
+    assert tok.encode_ordinary(sft.format_prompt(prompt)) == sft.encode_prompt(plain, prompt)
+    assert tok.special[sft.EOT] == 256 and tok.special[sft.PAD] == 257 and tok.n_vocab == plain.n_vocab
+    ex = {"task": "reverse", "prompt": prompt, "answer": "kaveb"}
+    ids, targets = sft.encode_example(tok, ex, True)
+    assert len(ids) == len(sft.encode_example(plain, ex, True)[0]) - 31
+    assert [t for t in targets if t != sft.IGNORE_INDEX] == list(b"kaveb") + [256]
+
+
 def test_lora_zero_init_freezes_base_and_merges_exactly():
     model = tiny_model()
     idx = torch.randint(0, 256, (2, 20))
@@ -273,6 +291,8 @@ def test_main_smoke_resume_and_sample_only(tmp_path):
     assert set(done["accuracy_by_task"]) == set(sft.TASK_FAMILIES)
     last = json.loads((full / "log.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "done" and "accuracy" in last and "accuracy_by_task" in last
+    special = torch.load(full / "ckpt.pt", weights_only=True)["tokenizer"]["special"]
+    assert {k: special[k] for k in sft.TEMPLATE_TOKENS} == sft.TEMPLATE_TOKENS  # saved for the next stage
     # stop at 2, resume to 4: the same losses, bit for bit (batches + RNG restored)
     sft.main(flags + ["--max-iters", "2", "--out-dir", str(part)])
     sft.main(flags + ["--max-iters", "4", "--out-dir", str(part), "--resume"])
