@@ -32,7 +32,7 @@ Result (2-core CPU, 4 x 128 model from scratch, difficulty 2 = numbers of 1-2 di
 3-6 letters, held-out exact match, mean over the six families):
     python sft.py          3000 steps x 32 examples, add and sub twice the share of the others:
                            0.887 (add 0.99, sub 1.00, reverse 0.93, sort 0.90, compare 0.94,
-                           count 0.56), format 1.000; 204 s wall on a quiet CPU
+                           count 0.56), format 1.000; 204-213 s wall on a quiet CPU
 Counting a letter is the hard family for this model (left for the RL scripts). What made the
 five minutes enough: the template markers as single tokens (TEMPLATE_TOKENS; an example falls
 from ~57 ids to ~26, so a CPU second sees twice the problems), and many small steps (batch 32,
