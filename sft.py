@@ -95,7 +95,7 @@ class Config:
     n_head: int = 4  # query heads (from scratch)
     n_kv_head: int = 2  # key/value heads, grouped-query attention (from scratch)
     n_embd: int = 128  # model width (from scratch)
-    block_size: int = 96  # context length in bytes (from scratch)
+    block_size: int = 96  # context length in tokens (from scratch)
     dropout: float = 0.0  # dropout probability (also replaces a --init-from checkpoint's)
     max_iters: int = 3000  # optimizer steps
     eval_interval: int = 500  # steps between evaluations (response-only loss) and checkpoints
@@ -387,6 +387,16 @@ def encode_prompt(tok, prompt):
     return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
 
 
+def task_tokenizer(template_tokens=True):
+    """A fresh byte tokenizer for the task world; with template_tokens the two markers of the
+    prompt template take the ids of <|reserved_2|> and <|reserved_3|> (TEMPLATE_TOKENS)."""
+    special = dict(BYTE_SPECIAL)
+    if template_tokens:
+        special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
+        special.update(TEMPLATE_TOKENS)
+    return ByteTokenizer(special)
+
+
 def check_answer(completion, answer):
     """True when the completion, cut at <|endoftext|> and stripped, is exactly the answer."""
     return completion.split("<|endoftext|>")[0].strip() == answer.strip()
@@ -519,12 +529,13 @@ def apply_rope(x, cos, sin):
     """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
 
     Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
-    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout). Relative position falls out of the dot product: with
-    R(a) the rotation by a, q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k =
-    q^T R((n-m)w) k, because rotations compose and R(a)^T = R(-a). An attention score depends
-    only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
-    and rotations keep norms. Which dimensions pair up is a convention (halves here, like
-    GPT-NeoX and Hugging Face's Llama; Meta's code interleaves): Wq and Wk absorb it.
+    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout).
+    Relative position falls out of the dot product: with R(a) the rotation by a,
+    q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k = q^T R((n-m)w) k, because rotations
+    compose and R(a)^T = R(-a). An attention score depends only on the offset n - m (Eq. 16 of
+    the paper), never on where the pair sits in the text, and rotations keep norms. Which
+    dimensions pair up is a convention (halves here, like GPT-NeoX and Hugging Face's Llama;
+    Meta's code interleaves): Wq and Wk absorb it.
     """
     x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
@@ -1252,11 +1263,7 @@ def main(argv=None):
         tok, model_args = tokenizer_from(source, source_path), source["model_args"]
         print(f"model from {source_path} ({source['script']}, iter {source['iter']}): {model_args}")
     else:
-        special = dict(BYTE_SPECIAL)
-        if cfg.template_tokens:  # the markers take the ids of two reserved tokens
-            special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
-            special.update(TEMPLATE_TOKENS)
-        tok = ByteTokenizer(special)
+        tok = task_tokenizer(cfg.template_tokens)
         model_args = dataclasses.asdict(ModelConfig(
             vocab_size=padded_vocab(tok.n_vocab), block_size=cfg.block_size, n_layer=cfg.n_layer,
             n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head))

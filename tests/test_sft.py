@@ -173,11 +173,9 @@ def test_only_response_tokens_carry_the_loss():
     torch.testing.assert_close(loss, torch.stack(terms).mean())
 
 
-# ---- LoRA ----
-
 def test_template_tokens_encode_the_same_text_in_fewer_ids():
-    special = {n: i for n, i in sft.BYTE_SPECIAL.items() if i not in sft.TEMPLATE_TOKENS.values()}
-    tok, plain = sft.ByteTokenizer({**special, **sft.TEMPLATE_TOKENS}), sft.ByteTokenizer()
+    tok, plain = sft.task_tokenizer(), sft.task_tokenizer(template_tokens=False)
+    assert plain.special == sft.BYTE_SPECIAL  # llama.py's tokenizer
     prompt = "Reverse the word: bevak"
     ids = sft.encode_prompt(tok, prompt)
     assert ids == [258] + list(prompt.encode()) + [259]  # one id per marker
@@ -192,6 +190,7 @@ def test_template_tokens_encode_the_same_text_in_fewer_ids():
     assert [t for t in targets if t != sft.IGNORE_INDEX] == list(b"kaveb") + [256]
 
 
+# ---- LoRA ----
 def test_lora_zero_init_freezes_base_and_merges_exactly():
     model = tiny_model()
     idx = torch.randint(0, 256, (2, 20))
