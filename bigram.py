@@ -416,12 +416,14 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
 
 
 def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist."""
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    resume=None: the script has no --resume, so the message offers only --overwrite."""
     ckpt = Path(out_dir) / "ckpt.pt"
     if resume and not ckpt.is_file():
         die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
     if ckpt.is_file() and not (resume or overwrite):
-        die(f"{ckpt} exists: pass --resume to continue that run or --overwrite to replace it")
+        choices = "" if resume is None else "--resume to continue that run or "
+        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
 
 
 def save_checkpoint(ckpt, path):
@@ -531,7 +533,7 @@ def main(argv=None):
             m.to(device)
         return {"samples": print_samples(models, chars, ckpt["config"]["format"], cfg, device)}
 
-    check_out_dir(out_dir, False, cfg.overwrite)
+    check_out_dir(out_dir, None, cfg.overwrite)  # bigram.py has no --resume
     fmt, chars, parts = load_corpus(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"

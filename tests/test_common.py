@@ -237,7 +237,10 @@ def test_check_out_dir(tmp_path, capsys):
     bigram.check_out_dir(tmp_path, resume=False, overwrite=False)  # empty folder: fine
     assert "--resume" in exits_2(capsys, bigram.check_out_dir, tmp_path, True, False)
     (tmp_path / "ckpt.pt").write_bytes(b"x")
-    assert "--overwrite" in exits_2(capsys, bigram.check_out_dir, tmp_path, False, False)
+    assert "--resume to continue" in exits_2(capsys, bigram.check_out_dir, tmp_path, False, False)
+    # a script without --resume (resume=None) offers only --overwrite
+    assert "--resume" not in exits_2(capsys, bigram.check_out_dir, tmp_path, None, False)
+    assert "--overwrite" in exits_2(capsys, bigram.check_out_dir, tmp_path, None, False)
     bigram.check_out_dir(tmp_path, resume=False, overwrite=True)
     bigram.check_out_dir(tmp_path, resume=True, overwrite=False)
 
