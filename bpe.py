@@ -141,11 +141,11 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def download(url, path, sha256=None):
+def download(url, path, sha256=None, way_out="--data PATH"):
     """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
 
     An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and `--data` as the way out.
+    the one-line error names the URL, the file expected and the flag that avoids the download.
     """
     path = Path(path)
     if path.exists():
@@ -158,12 +158,12 @@ def download(url, path, sha256=None):
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass --data PATH")
+            f"put the file at {path} or pass {way_out}")
     digest = sha256_of(tmp)
     if sha256 is not None and digest != sha256:
         tmp.unlink()
         die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass --data PATH)")
+            f"nothing was saved (retry, or pass {way_out})")
     os.replace(tmp, path)
     return path
 

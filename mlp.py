@@ -250,11 +250,11 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def download(url, path, sha256=None):
+def download(url, path, sha256=None, way_out="--data PATH"):
     """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
 
     An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and `--data` as the way out.
+    the one-line error names the URL, the file expected and the flag that avoids the download.
     """
     path = Path(path)
     if path.exists():
@@ -267,12 +267,12 @@ def download(url, path, sha256=None):
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass --data PATH")
+            f"put the file at {path} or pass {way_out}")
     digest = sha256_of(tmp)
     if sha256 is not None and digest != sha256:
         tmp.unlink()
         die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass --data PATH)")
+            f"nothing was saved (retry, or pass {way_out})")
     os.replace(tmp, path)
     return path
 
@@ -889,9 +889,10 @@ def train(cfg, out_dir, device, dtype, use_compile):
         if last_step:
             break
         # With --max-time the cosine also follows the clock (whichever is further along), so
-        # the LR has decayed when the time is up (budgeted training, Li et al. 2020).
+        # the LR has decayed when the time is up (budgeted training, Li et al. 2020). Warmup
+        # always counts steps: it is there for the first updates, however slow they are.
         progress = step
-        if cfg.max_time > 0:
+        if cfg.max_time > 0 and step >= cfg.warmup_iters:
             progress = max(step, int(cfg.max_iters * elapsed() / cfg.max_time))
         lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
         for group in optimizer.param_groups:

@@ -314,11 +314,11 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def download(url, path, sha256=None):
+def download(url, path, sha256=None, way_out="--data PATH"):
     """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
 
     An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and `--data` as the way out.
+    the one-line error names the URL, the file expected and the flag that avoids the download.
     """
     path = Path(path)
     if path.exists():
@@ -331,12 +331,12 @@ def download(url, path, sha256=None):
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass --data PATH")
+            f"put the file at {path} or pass {way_out}")
     digest = sha256_of(tmp)
     if sha256 is not None and digest != sha256:
         tmp.unlink()
         die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass --data PATH)")
+            f"nothing was saved (retry, or pass {way_out})")
     os.replace(tmp, path)
     return path
 
@@ -1516,11 +1516,12 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
     eval_seconds = 0.0  # NEW vs llama.py: for the training throughput of the final metrics
     for step in range(start_iter, cfg.max_iters + 1):
         # --max-time ends the run like the last step (final eval, checkpoint)
-        out_of_time = cfg.max_time > 0 and time.perf_counter() - t_start >= cfg.max_time
-        if ddp and cfg.max_time > 0:  # every process must stop at the same step
-            flag = torch.tensor(float(out_of_time), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+        clock = time.perf_counter() - t_start  # seconds since training started
+        if ddp and cfg.max_time > 0:  # one clock for all processes: same last step, same lr
+            shared = torch.tensor(clock, dtype=torch.float64, device=device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            clock = shared.item()
+        out_of_time = cfg.max_time > 0 and clock >= cfg.max_time
         last_step = step == cfg.max_iters or out_of_time
         # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
         resumed_here = ckpt is not None and step == start_iter
@@ -1565,8 +1566,8 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         # the learning rate has decayed when the budget runs out (Li et al. 2020, "Budgeted
         # training", arXiv:1905.04753)
         progress = step
-        if cfg.max_time > 0:
-            progress = max(step, int(lr_decay_iters * (time.perf_counter() - t_start) / cfg.max_time))
+        if cfg.max_time > 0 and step >= cfg.warmup_iters:  # warmup always counts steps
+            progress = max(step, int(lr_decay_iters * clock / cfg.max_time))
         lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import types
+import urllib.error
 from pathlib import Path
 from unittest import mock
 
@@ -549,6 +550,19 @@ def test_existing_checkpoint_needs_resume_or_overwrite(text_file, tmp_path, caps
     assert "--resume" in err and "--overwrite" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     gpt.main(tiny_flags(text_file, tmp_path, "--max-iters", "1", "--overwrite"))
+
+
+def test_init_from_offline_names_the_local_folder_way_out(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(gpt.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(gpt, "DATA_DIR", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        gpt.pretrained_config("gpt2")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "openai-community/gpt2/" in err and "--init-from DIR" in err and "--data" not in err
+    assert list(tmp_path.iterdir()) == []  # no partial download left behind
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

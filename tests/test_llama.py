@@ -286,6 +286,20 @@ def test_max_time_stops_with_final_eval(tmp_path):
     assert metrics["iter"] < 1000 and "val_loss" in metrics
 
 
+def test_max_time_warmup_counts_steps_then_the_cosine_follows_the_clock(tmp_path, monkeypatch):
+    clock = iter(range(0, 10**7, 5))  # a fake clock: every reading is five seconds later
+    monkeypatch.setattr(llama.time, "perf_counter", lambda: float(next(clock)))
+    llama.main(run_args(tmp_path, "--max-iters", "1000", "--max-time", "300", "--warmup-iters", "3",
+                        "--eval-interval", "1000", "--log-interval", "1"))
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "out" / "log.jsonl").read_text().splitlines())
+           if "lr" in r]
+    assert 5 < len(lrs) < 1000  # stopped by the clock
+    # warmup by steps (peak * (s + 1) / 4), although the clock is already far along
+    peak = lrs[0] * 4
+    assert lrs[1] == pytest.approx(peak / 2) and lrs[2] == pytest.approx(3 * peak / 4)
+    assert lrs[-1] < 0.5 * peak  # then the cosine runs over 300 "seconds", not 1000 steps
+
+
 def test_sample_only_int8_and_bench(tmp_path, capsys):
     llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "2"))
     report = llama.main(run_args(tmp_path, "--sample-only", "--quantize", "int8"))

@@ -326,3 +326,13 @@ def test_max_time_stops_early_and_decays_the_lr_by_the_clock(tmp_path, names_fil
     cfg = mlp.Config()
     by_step = mlp.get_lr(steps[-1]["iter"], cfg.learning_rate, cfg.min_lr, 0, 1000)
     assert steps[-1]["lr"] < 0.5 * by_step
+
+
+def test_max_time_warmup_counts_steps(tmp_path, names_file, monkeypatch):
+    clock = iter(range(0, 10**7, 5))  # a fake clock that runs far ahead of the steps
+    monkeypatch.setattr(mlp.time, "time", lambda: float(next(clock)))
+    _, records = run(tmp_path, names_file, "--max-iters", "1000", "--max-time", "300",
+                     "--warmup-iters", "3", "--eval-interval", "1000", "--log-interval", "1")
+    lrs = [r["lr"] for r in records if "lr" in r]
+    peak = lrs[0] * 4  # warmup by steps: peak * (s + 1) / 4
+    assert lrs[1] == pytest.approx(peak / 2) and lrs[2] == pytest.approx(3 * peak / 4)

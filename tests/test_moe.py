@@ -207,6 +207,21 @@ def test_same_seed_same_losses_and_bit_exact_resume(text_file, tmp_path):
     assert losses(tmp_path / "half" / "log.jsonl") == full
 
 
+def test_max_time_warmup_counts_steps_then_the_cosine_follows_the_clock(text_file, tmp_path,
+                                                                       monkeypatch):
+    clock = iter(range(0, 10**7, 5))  # a fake clock: every reading is five seconds later
+    monkeypatch.setattr(moe.time, "perf_counter", lambda: float(next(clock)))
+    moe.main(TINY_FLAGS + ["--data", str(text_file), "--out-dir", str(tmp_path / "out"),
+                           "--max-iters", "1000", "--max-time", "300", "--warmup-iters", "3",
+                           "--eval-interval", "1000", "--log-interval", "1"])
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "out" / "log.jsonl").read_text().splitlines())
+           if "lr" in r]
+    assert 5 < len(lrs) < 1000  # stopped by the clock
+    peak = lrs[0] * 4  # warmup by steps: peak * (s + 1) / 4
+    assert lrs[1] == pytest.approx(peak / 2) and lrs[2] == pytest.approx(3 * peak / 4)
+    assert lrs[-1] < 0.5 * peak  # then the cosine runs over 300 "seconds", not 1000 steps
+
+
 def test_dense_path_is_llama_py(text_file, tmp_path):
     """--n-experts 0 is llama.py's model and loop: the same losses, bit for bit (a copy that
     drifted from llama.py fails here)."""
