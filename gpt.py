@@ -19,12 +19,13 @@ Run:
   python gpt.py --resume --max-iters 4000        # continue a run with its saved settings
 
 Result (CPU default = nanoGPT's README recipe: 4 layers, 4 heads, 128 dims, block 64, batch 12,
-2000 iters, 0.80M parameters): val loss 1.903 at iter 2000 (1.901 on the whole val split;
-seeds 1 and 2: 1.900, 1.929), reached after 134 s (2m14s, evals included; 143 s for the
-whole command with the final samples) on a quiet 2-core CPU. nanoGPT's train.py with the same
-recipe on the same machine: val 1.8857 (its one seed) in 2m16s. Model, optimizer, schedule
-and batches follow nanoGPT's line for line; nanoGPT's estimate (20 random batches) has a
-spread of 0.015 on our checkpoint, so we read the gap as noise, but have not proven it.
+2000 iters, 0.80M parameters): val loss 1.903 at iter 2000 (1.902 on the whole val split;
+7 seeds: 1.910 +- 0.014), reached after 134 s (2m14s, evals included; 143 s for the whole
+command with the final samples) on a quiet 2-core CPU. nanoGPT's train.py with the same
+recipe on the same machine: val 1.8857 (its one seed) in 2m16s. Model, init, optimizer and
+schedule follow nanoGPT's line for line: given nanoGPT's random numbers (every batch from
+the global RNG) this file prints 1.8857 too. It draws batches from its own generator
+instead, so that resume and DDP are exact, and evaluates on fixed batches (README, gpt.py).
 
 Simplifications: one text file per run (no sharded corpora), the vocabulary is not padded to
 a multiple of 64, evaluation runs on rank 0 only, and the KV cache is left to llama.py.
@@ -514,8 +515,14 @@ class Block(nn.Module):
 
 class SinusoidalPositions(nn.Module):
     """Fixed position codes (Vaswani et al. 2017, §3.5): PE[p, 2i] = sin(p / 10000^(2i/C)),
-    PE[p, 2i+1] = cos(p / 10000^(2i/C)). Called like nn.Embedding; `weight` is a buffer, so it
-    is neither trained nor saved (it is recomputed from the shape)."""
+    PE[p, 2i+1] = cos(p / 10000^(2i/C)), divided by sqrt(C/2) so that every row has norm 1.
+
+    Vaswani et al. add the raw table (entries of size ~1) to embeddings they scale up by
+    sqrt(C). GPT-2's token embeddings are N(0, 0.02^2) and not scaled, so the raw table would
+    be ~35x the token signal at the first LayerNorm: on the CPU recipe that trains to val 2.33.
+    With unit rows (entries ~1/sqrt(C)) it does as well as the learned table (README, gpt.py).
+    Called like nn.Embedding; `weight` is a buffer, so it is neither trained nor saved (it is
+    recomputed from the shape)."""
 
     def __init__(self, block_size, n_embd):
         super().__init__()
@@ -524,7 +531,8 @@ class SinusoidalPositions(nn.Module):
         weight = torch.zeros(block_size, n_embd)
         weight[:, 0::2] = torch.sin(position * inv_freq)  # (T, ceil(C/2))
         weight[:, 1::2] = torch.cos(position * inv_freq[: n_embd // 2])  # (T, floor(C/2))
-        self.register_buffer("weight", weight, persistent=False)
+        # each (sin, cos) pair has squared norm 1, so a row has norm sqrt(C/2) before this
+        self.register_buffer("weight", weight / math.sqrt(n_embd / 2), persistent=False)
 
     def forward(self, pos):
         return self.weight[pos]

@@ -131,9 +131,11 @@ def test_manual_attention_equals_sdpa(pos, gelu):
 
 def test_sinusoidal_positions_follow_the_formula():
     table = gpt.SinusoidalPositions(16, 6).weight
-    p, i = 5, 1
-    assert math.isclose(table[p, 2 * i], math.sin(p / 10000 ** (2 * i / 6)), rel_tol=1e-5)
-    assert math.isclose(table[p, 2 * i + 1], math.cos(p / 10000 ** (2 * i / 6)), rel_tol=1e-5)
+    p, i, scale = 5, 1, math.sqrt(6 / 2)
+    assert math.isclose(table[p, 2 * i] * scale, math.sin(p / 10000 ** (2 * i / 6)), rel_tol=1e-5)
+    assert math.isclose(table[p, 2 * i + 1] * scale, math.cos(p / 10000 ** (2 * i / 6)), rel_tol=1e-5)
+    # unit rows: the position signal stays on the scale of the N(0, 0.02^2) token embeddings
+    torch.testing.assert_close(table.norm(dim=1), torch.ones(16))
     assert "transformer.wpe.weight" not in gpt.GPT(dataclasses.replace(TINY, pos="sinusoidal")).state_dict()
 
 
