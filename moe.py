@@ -33,11 +33,11 @@ side; the defaults are llama.py's: 4 layers x 96, block 64, batch 16):
   equal tokens, 300 steps: dense (--n-experts 0) val loss 2.062; MoE, 8 experts top-2 with the
     same 0.51M active parameters (1.39M total), 2.060 (--routed-scale 2, the default; 2.101
     with 1); max/mean expert load 1.04 (aux-free)
-  equal time, --max-time 60 on a quiet 2-core CPU: dense 1.832 (15.5k tok/s); MoE equal active
-    1.939 (10.0k tok/s, 0.64x, load 1.22); MoE equal total (--expert-hidden 32) 1.909; at this
+  equal time, --max-time 60 on a quiet 2-core CPU: dense 1.866 (18.2k tok/s); MoE equal active
+    1.881 (11.9k tok/s, 0.65x, load 1.06); MoE equal total (--expert-hidden 32) 1.877; at this
     size the routing overhead costs more than the experts give
   --balance none (same 60 s): max/mean load 3.91, nearly every token on the same 2 of 8
-    experts; --balance aux 1.19; --bench-layer: MoE layer 0.72x the dense MLP's throughput at 1k tokens, 0.86x
+    experts; --balance aux 1.10; --bench-layer: MoE layer 0.72x the dense MLP's throughput at 1k tokens, 0.86x
     at 8k; --attn mla caches 1280 B/token (41.7% of MHA's 3072)
 
 Simplifications: experts run one after another (a loop over E, no grouped-GEMM kernel); the
