@@ -51,22 +51,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
-DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-    "names": (
-        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
-        "names.txt",
-        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-    ),
-}
-BOUNDARY = "."  # --format lines: token 0, marks both the start and the end of every item
-SPLIT_SEED = 42  # items are shuffled with random.seed(42) as in makemore, whatever --seed says
-
 
 # -------------------------------------------------------------------------------
 # Config
@@ -99,130 +83,80 @@ class Config:
 GPU_PRESET = {"max_iters": 1000, "eval_interval": 100}
 
 
-def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+# -------------------------------------------------------------------------------
+# Model
+# -------------------------------------------------------------------------------
+class Bigram(nn.Module):
+    """Both models are a (V, V) table of logits: row `prev` scores every possible next token."""
+
+    def table(self):
+        raise NotImplementedError
+
+    def forward(self, idx, targets=None):
+        logits = self.table()[idx]  # (N,) -> (N, V): a row lookup = one_hot(idx) @ table
+        loss = None if targets is None else F.cross_entropy(logits, targets)  # mean NLL
+        return logits, loss
 
 
-def field_help(cls):
-    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source file (e.g. a class defined in an interactive session)
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
+class CountsBigram(Bigram):
+    """P(next | prev) = (N[prev, next] + k) / sum_j (N[prev, j] + k): maximum likelihood with
+    add-k smoothing (Laplace for k = 1); without it an unseen bigram costs an infinite loss."""
+
+    def __init__(self, vocab_size, smoothing):
+        super().__init__()
+        self.smoothing = smoothing
+        self.register_buffer("counts", torch.zeros(vocab_size, vocab_size))  # N, (V, V)
+
+    def fit(self, x, y):
+        ones = torch.ones(len(x), device=x.device)
+        self.counts.zero_().index_put_((x, y), ones, accumulate=True)  # N[x_i, y_i] += 1
+        return self
+
+    def table(self):
+        p = self.counts + self.smoothing
+        # log-probabilities serve as logits: softmax(log p) = p, so the loss and the sampler
+        # treat both models alike
+        return (p / p.sum(dim=1, keepdim=True)).log()
 
 
-def parse_config(cls, argv=None, description=None):
-    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+class NeuralBigram(Bigram):
+    """The same table as free parameters W, learned by gradient descent: a one-layer network
+    whose input is the one-hot previous character and whose output is the next one's logits."""
 
-    Returns (config, given): `given` is the set of field names set on the command line, so
-    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
+    def __init__(self, vocab_size):
+        super().__init__()
+        # zero init: every row starts uniform, so the loss at step 0 is exactly ln(V)
+        self.W = nn.Parameter(torch.zeros(vocab_size, vocab_size))
 
+    def table(self):
+        return self.W
 
-def apply_preset(cfg, preset, given):
-    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
-
-
-def resolve_device(name):
-    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device mps: MPS is not available on this machine; use --device cpu")
-    return name
-
-
-def resolve_dtype(name, device):
-    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
-    if name == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
-    if name == "float16" and not device.startswith("cuda"):
-        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
-    return name
+    def smoothing_penalty(self, k, n):
+        """Add-k smoothing as a regulariser: k fake observations of every bigram next to the n
+        real ones. mean NLL + penalty = (1/n) sum_ij (N_ij + k)(-log p_ij), minimised exactly at
+        p_ij = (N_ij + k) / sum_j (N_ij + k), the counts model. makemore's 0.01 * (W**2).mean()
+        also pulls the rows towards uniform, but only approximates a given k."""
+        return -k / n * F.log_softmax(self.W, dim=-1).sum()
 
 
 # -------------------------------------------------------------------------------
 # Data
 # -------------------------------------------------------------------------------
-def sha256_of(path):
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, path, sha256=None, way_out="--data PATH"):
-    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
-
-    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and the flag that avoids the download.
-    """
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass {way_out}")
-    digest = sha256_of(tmp)
-    if sha256 is not None and digest != sha256:
-        tmp.unlink()
-        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass {way_out})")
-    os.replace(tmp, path)
-    return path
-
-
-def resolve_data(name):
-    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
-    if name in DATASETS:
-        url, filename, sha256 = DATASETS[name]
-        return download(url, DATA_DIR / filename, sha256)
-    path = Path(name)
-    if not path.is_file():
-        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
-    return path
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
+BOUNDARY = "."  # --format lines: token 0, marks both the start and the end of every item
+SPLIT_SEED = 42  # items are shuffled with random.seed(42) as in makemore, whatever --seed says
 
 
 def detect_format(text):
@@ -284,63 +218,26 @@ def get_batch(x, y, batch_size, generator):
 
 
 # -------------------------------------------------------------------------------
-# Model
+# Training
 # -------------------------------------------------------------------------------
-class Bigram(nn.Module):
-    """Both models are a (V, V) table of logits: row `prev` scores every possible next token."""
-
-    def table(self):
-        raise NotImplementedError
-
-    def forward(self, idx, targets=None):
-        logits = self.table()[idx]  # (N,) -> (N, V): a row lookup = one_hot(idx) @ table
-        loss = None if targets is None else F.cross_entropy(logits, targets)  # mean NLL
-        return logits, loss
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-class CountsBigram(Bigram):
-    """P(next | prev) = (N[prev, next] + k) / sum_j (N[prev, j] + k): maximum likelihood with
-    add-k smoothing (Laplace for k = 1); without it an unseen bigram costs an infinite loss."""
-
-    def __init__(self, vocab_size, smoothing):
-        super().__init__()
-        self.smoothing = smoothing
-        self.register_buffer("counts", torch.zeros(vocab_size, vocab_size))  # N, (V, V)
-
-    def fit(self, x, y):
-        ones = torch.ones(len(x), device=x.device)
-        self.counts.zero_().index_put_((x, y), ones, accumulate=True)  # N[x_i, y_i] += 1
-        return self
-
-    def table(self):
-        p = self.counts + self.smoothing
-        # log-probabilities serve as logits: softmax(log p) = p, so the loss and the sampler
-        # treat both models alike
-        return (p / p.sum(dim=1, keepdim=True)).log()
-
-
-class NeuralBigram(Bigram):
-    """The same table as free parameters W, learned by gradient descent: a one-layer network
-    whose input is the one-hot previous character and whose output is the next one's logits."""
-
-    def __init__(self, vocab_size):
-        super().__init__()
-        # zero init: every row starts uniform, so the loss at step 0 is exactly ln(V)
-        self.W = nn.Parameter(torch.zeros(vocab_size, vocab_size))
-
-    def table(self):
-        return self.W
-
-    def smoothing_penalty(self, k, n):
-        """Add-k smoothing as a regulariser: k fake observations of every bigram next to the n
-        real ones. mean NLL + penalty = (1/n) sum_ij (N_ij + k)(-log p_ij), minimised exactly at
-        p_ij = (N_ij + k) / sum_j (N_ij + k), the counts model. makemore's 0.01 * (W**2).mean()
-        also pulls the rows towards uniform, but only approximates a given k."""
-        return -k / n * F.log_softmax(self.W, dim=-1).sum()
+@torch.no_grad()
+def evaluate(model, x, y):
+    """Mean negative log-likelihood (nats per character) of all the bigrams (x, y)."""
+    return model(x, y)[1].item()
 
 
 # -------------------------------------------------------------------------------
-# Generation
+# Generation & evaluation
 # -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
@@ -400,101 +297,6 @@ def sample_texts(model, chars, fmt, cfg, device="cpu"):
                    stop=0 if fmt == "lines" else None)  # a name ends at its closing '.'
     texts = ["".join(chars[i] for i in row) for row in out.tolist()]
     return [t[1:].split(BOUNDARY)[0] for t in texts] if fmt == "lines" else texts
-
-
-# -------------------------------------------------------------------------------
-# Training utilities
-# -------------------------------------------------------------------------------
-def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / (warmup_iters + 1)
-    if step >= lr_decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
-    resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
-    if resume and not ckpt.is_file():
-        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
-    if ckpt.is_file() and not (resume or overwrite):
-        choices = "" if resume is None else "--resume to continue that run or "
-        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
-
-
-def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects ...
-        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
-        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
-    if ckpt["script"] not in scripts:
-        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
-            f"{', '.join(scripts)}")
-    return ckpt
-
-
-def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def format_eta(seconds):
-    """Seconds as a short human duration: 95 -> '1m35s'."""
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-@torch.no_grad()
-def evaluate(model, x, y):
-    """Mean negative log-likelihood (nats per character) of all the bigrams (x, y)."""
-    return model(x, y)[1].item()
-
-
-def plot_counts(counts, chars, path):
-    """The bigram count matrix as a heatmap (makemore's figure): rows = previous character."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot: matplotlib is not installed (pip install matplotlib); no figure written",
-              file=sys.stderr)
-        return
-    labels = [repr(c)[1:-1] for c in chars]  # '\n' shows as \n
-    size = max(6, 0.4 * len(chars))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(counts.cpu().numpy(), cmap="Blues")
-    ax.set_xticks(range(len(chars)), labels)
-    ax.set_yticks(range(len(chars)), labels)
-    ax.set_xlabel("next character")
-    ax.set_ylabel("previous character")
-    if len(chars) <= 32:  # room to write the count in each cell
-        for i, row in enumerate(counts.tolist()):
-            for j, c in enumerate(row):
-                ax.text(j, i, f"{c:.0f}", ha="center", va="center", fontsize=6, color="gray")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 # -------------------------------------------------------------------------------
@@ -603,7 +405,10 @@ def main(argv=None):
                              perplexity=math.exp(test_loss))
         print(f"{name:<8} {train_loss:<7.4f} {val_loss:<7.4f} {test_loss:<7.4f} "
               f"{metrics[name]['perplexity']:.2f}")
-        append_jsonl(log_path, {"event": "done", "model": name, **metrics[name]})
+        # --smoothing 0: an unseen val/test bigram costs log(0), an infinite loss. The console
+        # says inf; log.jsonl writes null, as strict JSON has no Infinity or NaN
+        finite = {k: v if math.isfinite(v) else None for k, v in metrics[name].items()}
+        append_jsonl(log_path, {"event": "done", "model": name, **finite})
     # no optimizer or RNG state: nothing resumes from this checkpoint (see --overwrite)
     save_checkpoint({"script": "bigram.py", "version": 1, "config": dataclasses.asdict(cfg),
                      "model_args": {"vocab_size": len(chars), "smoothing": cfg.smoothing},
@@ -615,6 +420,208 @@ def main(argv=None):
     metrics["samples"] = print_samples(models, chars, fmt, cfg, device)
     print(f"done in {time.time() - t0:.1f}s; checkpoint and log in {out_dir}")
     return metrics
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
+# -------------------------------------------------------------------------------
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
+
+
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None, way_out="--data PATH"):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and the flag that avoids the download.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass {way_out}")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass {way_out})")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    resume=None: the script has no --resume, so the message offers only --overwrite."""
+    ckpt = Path(out_dir) / "ckpt.pt"
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        choices = "" if resume is None else "--resume to continue that run or "
+        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
+    if ckpt["script"] not in scripts:
+        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
+            f"{', '.join(scripts)}")
+    return ckpt
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds):
+    """Seconds as a short human duration: 95 -> '1m35s'."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def plot_counts(counts, chars, path):
+    """The bigram count matrix as a heatmap (makemore's figure): rows = previous character."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); no figure written",
+              file=sys.stderr)
+        return
+    labels = [repr(c)[1:-1] for c in chars]  # '\n' shows as \n
+    size = max(6, 0.4 * len(chars))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts.cpu().numpy(), cmap="Blues")
+    ax.set_xticks(range(len(chars)), labels)
+    ax.set_yticks(range(len(chars)), labels)
+    ax.set_xlabel("next character")
+    ax.set_ylabel("previous character")
+    if len(chars) <= 32:  # room to write the count in each cell
+        for i, row in enumerate(counts.tolist()):
+            for j, c in enumerate(row):
+                ax.text(j, i, f"{c:.0f}", ha="center", va="center", fontsize=6, color="gray")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -71,123 +71,17 @@ class Config:
     plot: bool = False  # write compression.png (tokens per character vs vocab size)
 
 
-def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def field_help(cls):
-    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source file (e.g. a class defined in an interactive session)
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def parse_config(cls, argv=None, description=None):
-    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
-
-    Returns (config, given): `given` is the set of field names set on the command line, so
-    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
-
-
 # -------------------------------------------------------------------------------
-# Data
-# -------------------------------------------------------------------------------
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
-DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-    "names": (
-        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
-        "names.txt",
-        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-    ),
-}
-
-
-def sha256_of(path):
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, path, sha256=None, way_out="--data PATH"):
-    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
-
-    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and the flag that avoids the download.
-    """
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass {way_out}")
-    digest = sha256_of(tmp)
-    if sha256 is not None and digest != sha256:
-        tmp.unlink()
-        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass {way_out})")
-    os.replace(tmp, path)
-    return path
-
-
-def resolve_data(name):
-    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
-    if name in DATASETS:
-        url, filename, sha256 = DATASETS[name]
-        return download(url, DATA_DIR / filename, sha256)
-    path = Path(name)
-    if not path.is_file():
-        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
-    return path
-
-
-# -------------------------------------------------------------------------------
-# Model
+# Tokenizer
 # -------------------------------------------------------------------------------
 # The pre-tokenizer regexes, exactly as tiktoken writes them (so that to_tiktoken() splits the
 # same way): GPT-2's (r50k_base) and GPT-4's (cl100k_base). GPT-4's matches contractions in
 # any case ('S, 'LL), cuts numbers into at most 3 digits, attaches one leading non-letter
 # ("(", "_", a space) to the following word and keeps newlines apart from other whitespace.
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+GPT2_SPLIT_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"""
+                      r"""|\s++$|\s+(?!\S)|\s""")
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+                      r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 SPLIT_PATTERNS = {"gpt4": GPT4_SPLIT_PATTERN, "gpt2": GPT2_SPLIT_PATTERN}
 
 
@@ -470,31 +364,25 @@ class BPETokenizer:
 
 
 # -------------------------------------------------------------------------------
-# Training utilities
+# Data
 # -------------------------------------------------------------------------------
-def write_atomic(path, text):
-    """Write a text file via a temp file and os.replace, so it is never left half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def timed(fn, *args):
-    """(fn(*args), wall seconds it took)."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
 
 
 # -------------------------------------------------------------------------------
-# Main
+# Evaluation
 # -------------------------------------------------------------------------------
 def compression(encode, train_text, val_text):
     """Tokens per character and UTF-8 bytes per token of `encode` on both splits."""
@@ -544,29 +432,9 @@ def show_tokens(tok, text, color):
     return "".join(pieces)
 
 
-def plot_compression(rows, path):
-    """tokens per character vs vocab size, train and val (matplotlib, when installed)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot: matplotlib is not installed (pip install matplotlib); no figure written")
-        return
-    ours = [r for r in rows if r["name"].startswith("bpe")]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split in ("train", "val"):
-        ax.plot([r["vocab_size"] for r in ours], [r[f"{split}_tokens_per_char"] for r in ours],
-                marker="o", label=split)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("vocab size")
-    ax.set_ylabel("tokens per character")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"saved {path}")
-
-
+# -------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------
 def main(argv=None):
     cfg, _ = parse_config(Config, argv, __doc__.splitlines()[0])
     print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
@@ -629,6 +497,143 @@ def main(argv=None):
     (out_dir / "log.jsonl").write_text("")  # a fresh run starts a fresh log
     append_jsonl(out_dir / "log.jsonl", {"event": "done", **metrics})
     return metrics
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
+# -------------------------------------------------------------------------------
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None, way_out="--data PATH"):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and the flag that avoids the download.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass {way_out}")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass {way_out})")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
+
+
+def write_atomic(path, text):
+    """Write a text file via a temp file and os.replace, so it is never left half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def timed(fn, *args):
+    """(fn(*args), wall seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def plot_compression(rows, path):
+    """tokens per character vs vocab size, train and val (matplotlib, when installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); no figure written")
+        return
+    ours = [r for r in rows if r["name"].startswith("bpe")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split in ("train", "val"):
+        ax.plot([r["vocab_size"] for r in ours], [r[f"{split}_tokens_per_char"] for r in ours],
+                marker="o", label=split)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("vocab size")
+    ax.set_ylabel("tokens per character")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 @dataclass
 class Config:
     data: str = "shakespeare"  # dataset name (shakespeare, names) or path to a text file
-    tokenizer: str = "char"  # char (one id per character), gpt2 (tiktoken) or a bpe.py tokenizer path
-    init_from: str = "scratch"  # scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face folder
+    tokenizer: str = "char"  # char (one id per char), gpt2 (tiktoken) or a bpe.py tokenizer path
+    init_from: str = "scratch"  # scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or an HF folder
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # embedding width C
@@ -130,166 +130,244 @@ class ModelConfig:
     sdpa: bool = True  # fused attention kernel, else written out
 
 
-def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+# -------------------------------------------------------------------------------
+# Model
+# -------------------------------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees only positions <= t.
 
-
-def field_help(cls):
-    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source file (e.g. a class defined in an interactive session)
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def parse_config(cls, argv=None, description=None):
-    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
-
-    Returns (config, given): `given` is the set of field names set on the command line, so
-    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    Each head h projects x to queries, keys and values and mixes the values with weights
+    softmax(q·k / sqrt(hs)) (Vaswani et al. 2017, Eq. 1); nh heads of width hs = C / nh run
+    side by side and c_proj mixes their outputs.
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+
+    def __init__(self, config):
+        super().__init__()
+        # Q, K, V at once
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.sdpa = config.sdpa
+
+    def forward(self, x):
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.sdpa:
+            # the same computation in one fused kernel (FlashAttention on GPU, Dao et al. 2022,
+            # arXiv:2205.14135): the (T, T) weights are never stored, so memory is O(T)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         else:
-            kw["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
+            # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T): how much query t attends to key s
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+            # the causal mask: -inf above the diagonal becomes weight 0 after the softmax
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)  # (T, T)
+            att = att.masked_fill(future, float("-inf")).softmax(dim=-1)  # rows sum to 1
+            att = self.attn_dropout(att)  # its input is what --plot draws (a forward hook reads it)
+            y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+        # heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
-def apply_preset(cfg, preset, given):
-    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+class MLP(nn.Module):
+    """Position-wise feed-forward net: C -> 4C -> GELU -> C (GELU: Hendrycks & Gimpel 2016)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 was trained with the tanh approximation; matching its logits needs the same form
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-def resolve_device(name):
-    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device mps: MPS is not available on this machine; use --device cpu")
-    return name
+class Block(nn.Module):
+    """Pre-LN transformer block (GPT-2 moved LayerNorm to each sub-block's input, Radford et al.
+    2019, §2.3): the residual stream x is only ever added to, which keeps deep stacks trainable."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # tokens exchange information
+        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
+        return x
 
 
-def resolve_dtype(name, device):
-    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
-    if name == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
-    if name == "float16" and not device.startswith("cuda"):
-        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
-    return name
+class SinusoidalPositions(nn.Module):
+    """Fixed position codes (Vaswani et al. 2017, §3.5): PE[p, 2i] = sin(p / 10000^(2i/C)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/C)), divided by sqrt(C/2) so that every row has norm 1.
+
+    Vaswani et al. add the raw table (entries of size ~1) to embeddings they scale up by
+    sqrt(C). GPT-2's token embeddings are N(0, 0.02^2) and not scaled, so the raw table would
+    be ~35x the token signal at the first LayerNorm: on the CPU recipe that trains to val 2.33.
+    With unit rows (entries ~1/sqrt(C)) it does as well as the learned table (README, gpt.py).
+    Called like nn.Embedding; `weight` is a buffer, so it is neither trained nor saved (it is
+    recomputed from the shape)."""
+
+    def __init__(self, block_size, n_embd):
+        super().__init__()
+        position = torch.arange(block_size).unsqueeze(1)  # (T, 1)
+        inv_freq = torch.exp(
+            torch.arange(0, n_embd, 2) * (-math.log(10000.0) / n_embd))  # (ceil(C/2),)
+        weight = torch.zeros(block_size, n_embd)
+        weight[:, 0::2] = torch.sin(position * inv_freq)  # (T, ceil(C/2))
+        weight[:, 1::2] = torch.cos(position * inv_freq[: n_embd // 2])  # (T, floor(C/2))
+        # each (sin, cos) pair has squared norm 1, so a row has norm sqrt(C/2) before this
+        self.register_buffer("weight", weight / math.sqrt(n_embd / 2), persistent=False)
+
+    def forward(self, pos):
+        return self.weight[pos]
 
 
-def check_config(cfg):
-    """Values argparse cannot check by type alone."""
-    if cfg.pos not in ("learned", "sinusoidal"):
-        die(f"--pos {cfg.pos}: expected learned or sinusoidal")
-    if cfg.gelu not in ("exact", "tanh"):
-        die(f"--gelu {cfg.gelu}: expected exact or tanh")
-    if cfg.n_embd % cfg.n_head:
-        die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}")
-    for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "num_samples"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
-    if not (cfg.init_from in ("scratch", *GPT2_SIZES) or Path(cfg.init_from, "config.json").is_file()):
-        die(f"--init-from {cfg.init_from}: expected scratch, {', '.join(GPT2_SIZES)} or a folder "
-            f"with config.json and model.safetensors")
-    if cfg.temperature < 0:
-        die(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
+class GPT(nn.Module):
+    """Token + position embedding -> n_layer Blocks -> LayerNorm -> logits over the vocabulary."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        if config.pos == "learned":
+            wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            wpe = SinusoidalPositions(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=wpe,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017, arXiv:1608.05859): the output layer reuses the token
+        # embedding matrix; one (V, C) parameter, counted once
+        self.transformer.wte.weight = self.lm_head.weight
+        # initialisation, GPT-2 style: every weight N(0, 0.02), biases 0; the projections that
+        # write into the residual stream get std 0.02/sqrt(2L) (Radford et al. 2019, §2.3), so
+        # the variance of the stream, a sum of 2L such writes, does not grow with depth
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding leaves out the position table, as Kaplan et al. (2020)
+        and nanoGPT do (the token embedding stays: tied, it is also the output layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.transformer.wpe.parameters())
+        return n
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, V) for every position, and the mean
+        cross-entropy against targets (B, T) when given (else None)."""
+        B, T = idx.size()
+        assert T <= self.config.block_size, (
+            f"sequence of {T} tokens > block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.drop(
+            self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak):
+        """Model FLOPs utilisation: achieved FLOP/s over the hardware peak. A token costs
+        6N FLOPs (forward + backward through N parameters) plus 12·L·nh·hs·T for attention
+        (PaLM, Chowdhery et al. 2022, Appendix B)."""
+        L, nh, T = self.config.n_layer, self.config.n_head, self.config.block_size
+        hs = self.config.n_embd // nh
+        flops_per_token = 6 * self.num_params() + 12 * L * nh * hs * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak
+
+
+# OpenAI's released GPT-2 sizes (Radford et al. 2019, Table 2); all have 1024 positions and the
+# 50257-token BPE vocabulary, biases, learned positions and tanh-GELU
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def pretrained_config(init_from):
+    """`--init-from NAME|DIR` -> (ModelConfig, path of model.safetensors).
+
+    A NAME is downloaded once from Hugging Face into data/; a DIR is in Hugging Face's layout
+    (config.json with n_layer, n_head, n_embd, n_positions, vocab_size + model.safetensors).
+    """
+    if init_from in GPT2_SIZES:
+        hf = dict(GPT2_SIZES[init_from], n_positions=1024, vocab_size=50257)
+        url = f"https://huggingface.co/openai-community/{init_from}/resolve/main/model.safetensors"
+        path = download(url, DATA_DIR / f"{init_from}.safetensors",
+                        way_out="--init-from DIR (a folder with config.json and model.safetensors)")
+    else:  # a folder (check_config made sure it has a config.json)
+        hf = json.loads((Path(init_from) / "config.json").read_text())
+        path = Path(init_from) / "model.safetensors"
+    try:
+        config = ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                             bias=True, pos="learned", gelu="tanh")
+    except KeyError as e:
+        die(f"--init-from {init_from}: config.json lacks {e}")
+    return config, path
+
+
+def load_gpt2_weights(model, tensors):
+    """Copy GPT-2 weights (Hugging Face names, with or without the `transformer.` prefix) into
+    `model`, whose names are the same. HF's GPT-2 keeps c_attn, c_proj and c_fc in Conv1D
+    layers with weight (in, out), the transpose of nn.Linear's (out, in)."""
+    ours = model.state_dict()
+    loaded = set()
+    for name, tensor in tensors.items():
+        key = "transformer." + name.removeprefix("transformer.")
+        # the causal-mask buffers and the output layer (tied to wte) carry no new weights
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue
+        if key not in ours:
+            die(f"unexpected tensor {name} in the GPT-2 weights")
+        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
+        if key == "transformer.wpe.weight":
+            # a shorter context keeps the first positions
+            tensor = tensor[: model.config.block_size]
+        if tensor.shape != ours[key].shape:
+            die(f"GPT-2 tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(ours[key].shape)}")
+        ours[key].copy_(tensor)
+        loaded.add(key)
+    missing = sorted(set(ours) - loaded - {"lm_head.weight"})
+    if missing:
+        die(f"the GPT-2 weights lack {len(missing)} tensors, e.g. {missing[0]}")
 
 
 # -------------------------------------------------------------------------------
 # Data
 # -------------------------------------------------------------------------------
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
-DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-    "names": (
-        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
-        "names.txt",
-        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-    ),
-}
-
-
-def sha256_of(path):
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, path, sha256=None, way_out="--data PATH"):
-    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
-
-    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and the flag that avoids the download.
-    """
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass {way_out}")
-    digest = sha256_of(tmp)
-    if sha256 is not None and digest != sha256:
-        tmp.unlink()
-        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass {way_out})")
-    os.replace(tmp, path)
-    return path
-
-
-def resolve_data(name):
-    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
-    if name in DATASETS:
-        url, filename, sha256 = DATASETS[name]
-        return download(url, DATA_DIR / filename, sha256)
-    path = Path(name)
-    if not path.is_file():
-        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
-    return path
-
-
 def load_bpe(path):
     """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
 
@@ -304,7 +382,8 @@ def load_bpe(path):
     try:
         meta = json.loads(Path(prefix + ".json").read_text())
         lines = Path(prefix + ".tiktoken").read_text().splitlines()
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in lines if ln)}
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (ln.split() for ln in lines if ln)}
     except (OSError, ValueError) as e:
         die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
     pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
@@ -386,12 +465,14 @@ def load_tokens(path, text, tokenizer):
     key = hashlib.sha256(text.encode() + state.encode()).hexdigest()[:12]
     label = "char" if isinstance(tokenizer, CharTokenizer) else tokenizer.name
     path = Path(path)
-    files = {split: path.with_name(f"{path.stem}.{label}-{key}.{split}.bin") for split in ("train", "val")}
+    files = {split: path.with_name(f"{path.stem}.{label}-{key}.{split}.bin")
+             for split in ("train", "val")}
     if not all(f.is_file() for f in files.values()):
         ids = np.array(tokenizer.encode_ordinary(text), dtype=np.uint16)
         n_train = int(0.9 * len(ids))
         for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
-            tmp = files[split].with_name(f"{files[split].name}.{os.getpid()}.tmp")  # one per DDP rank
+            tmp = files[split].with_name(
+                f"{files[split].name}.{os.getpid()}.tmp")  # one per DDP rank
             part.tofile(tmp)
             os.replace(tmp, files[split])
     return {split: torch.from_numpy(np.fromfile(f, dtype=np.uint16).astype(np.int64))
@@ -409,7 +490,8 @@ def get_batch(data, block_size, batch_size, generator, device, rank=0, world_siz
     window = data[ix[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
     x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) each
     if device.startswith("cuda"):  # pinned memory makes the copy asynchronous
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
 
@@ -425,7 +507,8 @@ class TrainBatches:
     """
 
     def __init__(self, data, block_size, batch_size, seed, device, rank=0, world_size=1):
-        self.data, self.block_size, self.batch_size, self.device = data, block_size, batch_size, device
+        self.data, self.block_size = data, block_size
+        self.batch_size, self.device = batch_size, device
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.state = self.generator.get_state()
@@ -437,321 +520,7 @@ class TrainBatches:
 
 
 # -------------------------------------------------------------------------------
-# Model
-# -------------------------------------------------------------------------------
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which position t sees only positions <= t.
-
-    Each head h projects x to queries, keys and values and mixes the values with weights
-    softmax(q·k / sqrt(hs)) (Vaswani et al. 2017, Eq. 1); nh heads of width hs = C / nh run
-    side by side and c_proj mixes their outputs.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # Q, K, V at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.sdpa = config.sdpa
-
-    def forward(self, x):
-        B, T, C = x.size()
-        hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.sdpa:
-            # the same computation in one fused kernel (FlashAttention on GPU, Dao et al. 2022,
-            # arXiv:2205.14135): the (T, T) weights are never stored, so memory is O(T)
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        else:
-            # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T): how much query t attends to key s
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
-            # the causal mask: -inf above the diagonal becomes weight 0 after the softmax
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)  # (T, T)
-            att = att.masked_fill(future, float("-inf")).softmax(dim=-1)  # rows sum to 1
-            att = self.attn_dropout(att)  # its input is what --plot draws (a forward hook reads it)
-            y = att @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward net: C -> 4C -> GELU -> C (GELU: Hendrycks & Gimpel 2016)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 was trained with the tanh approximation; matching its logits needs the same form
-        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block (GPT-2 moved LayerNorm to each sub-block's input, Radford et al.
-    2019, §2.3): the residual stream x is only ever added to, which keeps deep stacks trainable."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # tokens exchange information
-        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
-        return x
-
-
-class SinusoidalPositions(nn.Module):
-    """Fixed position codes (Vaswani et al. 2017, §3.5): PE[p, 2i] = sin(p / 10000^(2i/C)),
-    PE[p, 2i+1] = cos(p / 10000^(2i/C)), divided by sqrt(C/2) so that every row has norm 1.
-
-    Vaswani et al. add the raw table (entries of size ~1) to embeddings they scale up by
-    sqrt(C). GPT-2's token embeddings are N(0, 0.02^2) and not scaled, so the raw table would
-    be ~35x the token signal at the first LayerNorm: on the CPU recipe that trains to val 2.33.
-    With unit rows (entries ~1/sqrt(C)) it does as well as the learned table (README, gpt.py).
-    Called like nn.Embedding; `weight` is a buffer, so it is neither trained nor saved (it is
-    recomputed from the shape)."""
-
-    def __init__(self, block_size, n_embd):
-        super().__init__()
-        position = torch.arange(block_size).unsqueeze(1)  # (T, 1)
-        inv_freq = torch.exp(torch.arange(0, n_embd, 2) * (-math.log(10000.0) / n_embd))  # (ceil(C/2),)
-        weight = torch.zeros(block_size, n_embd)
-        weight[:, 0::2] = torch.sin(position * inv_freq)  # (T, ceil(C/2))
-        weight[:, 1::2] = torch.cos(position * inv_freq[: n_embd // 2])  # (T, floor(C/2))
-        # each (sin, cos) pair has squared norm 1, so a row has norm sqrt(C/2) before this
-        self.register_buffer("weight", weight / math.sqrt(n_embd / 2), persistent=False)
-
-    def forward(self, pos):
-        return self.weight[pos]
-
-
-class GPT(nn.Module):
-    """Token + position embedding -> n_layer Blocks -> LayerNorm -> logits over the vocabulary."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        if config.pos == "learned":
-            wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:
-            wpe = SinusoidalPositions(config.block_size, config.n_embd)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=wpe,
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (Press & Wolf 2017, arXiv:1608.05859): the output layer reuses the token
-        # embedding matrix; one (V, C) parameter, counted once
-        self.transformer.wte.weight = self.lm_head.weight
-        # initialisation, GPT-2 style: every weight N(0, 0.02), biases 0; the projections that
-        # write into the residual stream get std 0.02/sqrt(2L) (Radford et al. 2019, §2.3), so
-        # the variance of the stream, a sum of 2L such writes, does not grow with depth
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def num_params(self, non_embedding=True):
-        """Parameter count; non_embedding leaves out the position table, as Kaplan et al. (2020)
-        and nanoGPT do (the token embedding stays: tied, it is also the output layer)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for p in self.transformer.wpe.parameters())
-        return n
-
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, V) for every position, and the mean
-        cross-entropy against targets (B, T) when given (else None)."""
-        B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
-        return logits, loss
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak):
-        """Model FLOPs utilisation: achieved FLOP/s over the hardware peak. A token costs
-        6N FLOPs (forward + backward through N parameters) plus 12·L·nh·hs·T for attention
-        (PaLM, Chowdhery et al. 2022, Appendix B)."""
-        L, nh, T = self.config.n_layer, self.config.n_head, self.config.block_size
-        hs = self.config.n_embd // nh
-        flops_per_token = 6 * self.num_params() + 12 * L * nh * hs * T
-        return flops_per_token * T * fwdbwd_per_iter / dt / peak
-
-
-# OpenAI's released GPT-2 sizes (Radford et al. 2019, Table 2); all have 1024 positions and the
-# 50257-token BPE vocabulary, biases, learned positions and tanh-GELU
-GPT2_SIZES = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_safetensors(path):
-    """name -> tensor of a .safetensors file: an 8-byte little-endian header length N, N bytes
-    of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
-    then the raw little-endian tensor bytes (offsets count from the end of the header)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            buffer = bytearray(f.read())  # writable, so torch.frombuffer can share it without a copy
-    except (OSError, struct.error, ValueError) as e:
-        die(f"cannot read {path} as a safetensors file ({e})")
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            die(f"{path}: tensor {name} has dtype {info['dtype']}; "
-                f"supported: {', '.join(SAFETENSORS_DTYPES)}")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        if end > len(buffer):
-            die(f"{path} is truncated: tensor {name} ends at byte {end} of {len(buffer)}")
-        flat = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-        tensors[name] = flat.view(info["shape"])
-    return tensors
-
-
-def pretrained_config(init_from):
-    """`--init-from NAME|DIR` -> (ModelConfig, path of model.safetensors).
-
-    A NAME is downloaded once from Hugging Face into data/; a DIR is in Hugging Face's layout
-    (config.json with n_layer, n_head, n_embd, n_positions, vocab_size + model.safetensors).
-    """
-    if init_from in GPT2_SIZES:
-        hf = dict(GPT2_SIZES[init_from], n_positions=1024, vocab_size=50257)
-        url = f"https://huggingface.co/openai-community/{init_from}/resolve/main/model.safetensors"
-        path = download(url, DATA_DIR / f"{init_from}.safetensors",
-                        way_out="--init-from DIR (a folder with config.json and model.safetensors)")
-    else:  # a folder (check_config made sure it has a config.json)
-        hf = json.loads((Path(init_from) / "config.json").read_text())
-        path = Path(init_from) / "model.safetensors"
-    try:
-        config = ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                             bias=True, pos="learned", gelu="tanh")
-    except KeyError as e:
-        die(f"--init-from {init_from}: config.json lacks {e}")
-    return config, path
-
-
-def load_gpt2_weights(model, tensors):
-    """Copy GPT-2 weights (Hugging Face names, with or without the `transformer.` prefix) into
-    `model`, whose names are the same. HF's GPT-2 keeps c_attn, c_proj and c_fc in Conv1D
-    layers with weight (in, out), the transpose of nn.Linear's (out, in)."""
-    ours = model.state_dict()
-    loaded = set()
-    for name, tensor in tensors.items():
-        key = "transformer." + name.removeprefix("transformer.")
-        # the causal-mask buffers and the output layer (tied to wte) carry no new weights
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue
-        if key not in ours:
-            die(f"unexpected tensor {name} in the GPT-2 weights")
-        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
-        if key == "transformer.wpe.weight":
-            tensor = tensor[: model.config.block_size]  # a shorter context keeps the first positions
-        if tensor.shape != ours[key].shape:
-            die(f"GPT-2 tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the model expects {tuple(ours[key].shape)}")
-        ours[key].copy_(tensor)
-        loaded.add(key)
-    missing = sorted(set(ours) - loaded - {"lm_head.weight"})
-    if missing:
-        die(f"the GPT-2 weights lack {len(missing)} tensors, e.g. {missing[0]}")
-
-
-# -------------------------------------------------------------------------------
-# Generation
-# -------------------------------------------------------------------------------
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from (B, V) logits -> (B, 1) ids.
-
-    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
-    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
-    whose probabilities sum to at least p. Both may be combined (top-k first).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Extend each row of idx (B, T0) by max_new_tokens sampled tokens -> (B, T0 + new).
-
-    Without a KV cache every step reruns the (cropped) context: O(T^2) work, plain to read.
-    """
-    for _ in range(max_new_tokens):
-        context = idx[:, -model.config.block_size:]  # (B, <= block_size)
-        logits, _ = model(context)  # (B, T, V)
-        next_id = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat((idx, next_id), dim=1)
-    return idx
-
-
-def write_samples(model, tokenizer, cfg, device, out_dir):
-    """Draw cfg.num_samples continuations of cfg.prompt, print them, save samples.txt.
-
-    Returns the token ids (num_samples, T) and the decoded texts (prompt included)."""
-    prompt = tokenizer.encode_ordinary(cfg.prompt)
-    if not prompt:
-        die("--prompt is empty; give at least one character to continue")
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T0)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p, generator)
-    texts = [tokenizer.decode(row.tolist()) for row in ids]
-    separator = "\n" + "-" * 40 + "\n"
-    print(separator.join(texts))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "samples.txt").write_text(separator.join(texts) + "\n")
-    return ids, texts
-
-
-# -------------------------------------------------------------------------------
-# Training utilities
+# Training
 # -------------------------------------------------------------------------------
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
@@ -761,55 +530,6 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
         return min_lr
     ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
-    resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
-    if resume and not ckpt.is_file():
-        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
-    if ckpt.is_file() and not (resume or overwrite):
-        choices = "" if resume is None else "--resume to continue that run or "
-        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
-
-
-def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects ...
-        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
-        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
-    if ckpt["script"] not in scripts:
-        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
-            f"{', '.join(scripts)}")
-    return ckpt
-
-
-def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def format_eta(seconds):
-    """Seconds as a short human duration: 95 -> '1m35s'."""
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def make_optimizer(model, cfg, device_type):
@@ -846,150 +566,6 @@ def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
     return out
 
 
-# dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched against the device name
-# in this order ("A100" before "A10", "L40S" before "L4")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12,
-                   "L40S": 362e12, "L4": 121e12}
-
-
-def peak_flops(device):
-    """The GPU's peak bf16 FLOP/s for MFU, or None (CPU, MPS, a GPU not in the table)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-class RunLog:
-    """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
-
-    def __init__(self, out_dir, fresh, tensorboard):
-        self.path = Path(out_dir) / "log.jsonl"
-        if fresh:
-            self.path.write_text("")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("--tensorboard: the tensorboard package is not installed; logging to log.jsonl only")
-            else:
-                self.writer = SummaryWriter(Path(out_dir) / "tensorboard")
-
-    def write(self, record):
-        append_jsonl(self.path, record)
-        if self.writer is not None:
-            for name, value in record.items():
-                if name != "iter" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, record["iter"])
-
-
-@torch.no_grad()
-def attention_maps(model, idx):
-    """Attention weights (L, nh, T, T) of `model` on one sequence idx (1, T).
-
-    The fused kernel never materialises the weights, so a copy of the model runs the written-out
-    path and a forward hook reads the softmax output where it enters attn_dropout.
-    """
-    manual = GPT(dataclasses.replace(model.config, sdpa=False)).to(idx.device).eval()
-    manual.load_state_dict(model.state_dict())
-    maps = []
-    hooks = [block.attn.attn_dropout.register_forward_hook(lambda m, args, out: maps.append(args[0][0]))
-             for block in manual.transformer.h]
-    manual(idx)
-    for hook in hooks:
-        hook.remove()
-    return torch.stack(maps).float().cpu()
-
-
-def write_figures(model, tokenizer, ids, out_dir):
-    """--plot: loss.png (from log.jsonl), attention.png (every head on the token ids `ids`),
-    positions.png (the position-embedding table and its cosine similarities)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot: matplotlib is not installed; no figures written (pip install matplotlib)")
-        return
-    log_path = out_dir / "log.jsonl"
-    if log_path.is_file():
-        records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["iter"] for r in records if "loss" in r], [r["loss"] for r in records if "loss" in r],
-                lw=0.5, alpha=0.5, label="train (batch)")
-        evals = [r for r in records if "val_loss" in r]
-        for split in ("train", "val"):
-            ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], "o-", ms=3,
-                    label=f"{split} (eval)")
-        ax.set(xlabel="iteration", ylabel="cross-entropy (nats/token)", title="loss")
-        ax.legend()
-        fig.savefig(out_dir / "loss.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    maps = attention_maps(model, ids[None, :])  # (L, nh, T, T)
-    labels = [tokenizer.decode([i]) for i in ids.tolist()]
-    L, nh = maps.shape[:2]
-    fig, axes = plt.subplots(L, nh, figsize=(2.2 * nh, 2.2 * L), squeeze=False)
-    for layer in range(L):
-        for head in range(nh):
-            ax = axes[layer][head]
-            ax.imshow(maps[layer, head], cmap="viridis", vmin=0, vmax=1)
-            ax.set_title(f"layer {layer} head {head}", fontsize=7)
-            ax.set_xticks(range(len(labels)), [repr(s)[1:-1] for s in labels], fontsize=4, rotation=90)
-            ax.set_yticks(range(len(labels)), [repr(s)[1:-1] for s in labels], fontsize=4)
-    fig.suptitle("attention weights (row: query position, column: key position)")
-    fig.savefig(out_dir / "attention.png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    table = model.transformer.wpe.weight.detach().float().cpu()  # (T, C)
-    unit = F.normalize(table, dim=1)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.imshow(table.T, aspect="auto", cmap="RdBu")
-    left.set(xlabel="position", ylabel="embedding dimension", title=f"{model.config.pos} position embeddings")
-    right.imshow(unit @ unit.T, cmap="viridis")  # (T, C) @ (C, T) -> (T, T)
-    right.set(xlabel="position", ylabel="position", title="cosine similarity between positions")
-    fig.savefig(out_dir / "positions.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote loss.png, attention.png and positions.png to {out_dir}")
-
-
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-def build_model(cfg, given, ckpt, vocab_size):
-    """The raw GPT: from a checkpoint, from GPT-2 weights (--init-from) or freshly initialised."""
-    if ckpt is not None:
-        config = ModelConfig(**ckpt["model_args"])
-        model = GPT(dataclasses.replace(config, dropout=cfg.dropout, sdpa=cfg.sdpa))
-        model.load_state_dict(ckpt["model"])
-        return model
-    if cfg.init_from != "scratch":
-        config, path = pretrained_config(cfg.init_from)
-        if vocab_size > config.vocab_size:
-            die(f"--init-from {cfg.init_from}: its {config.vocab_size}-token vocabulary is smaller "
-                f"than the gpt2 tokenizer's {vocab_size}")
-        # a --block-size given on the command line crops the 1024 positions (cheaper fine-tuning)
-        block_size = min(cfg.block_size, config.block_size) if "block_size" in given else config.block_size
-        model = GPT(dataclasses.replace(config, block_size=block_size, dropout=cfg.dropout, sdpa=cfg.sdpa))
-        load_gpt2_weights(model, read_safetensors(path))
-        return model
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"}
-    return GPT(ModelConfig(vocab_size=vocab_size, **fields))
-
-
-def sample_only(cfg, given, device, dtype):
-    """--sample-only: continue --prompt with the checkpoint in --out-dir or the --init-from weights."""
-    out_dir = Path(cfg.out_dir)
-    ckpt = None if cfg.init_from != "scratch" else load_checkpoint(out_dir / "ckpt.pt", ["gpt.py"])
-    tokenizer = gpt2_tokenizer() if ckpt is None else tokenizer_from_state(ckpt["tokenizer"])
-    model = build_model(cfg, given, ckpt, tokenizer.n_vocab).to(device).eval()
-    device_type = device.split(":")[0]
-    with torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
-        ids, texts = write_samples(model, tokenizer, cfg, device, out_dir)
-    if cfg.plot:
-        write_figures(model, tokenizer, ids[0, : min(48, model.config.block_size)], out_dir)
-    return {"samples": texts}
-
-
 def train(cfg, given, ckpt, device, dtype, rank, world_size):
     """The training loop of nanoGPT's train.py; returns the final metrics (rank 0)."""
     master, ddp, device_type = rank == 0, world_size > 1, device.split(":")[0]
@@ -1009,13 +585,14 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
     if ckpt is not None:
         tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     else:
-        tokenizer = gpt2_tokenizer() if cfg.init_from != "scratch" else load_tokenizer(cfg.tokenizer, text)
+        tokenizer = (gpt2_tokenizer() if cfg.init_from != "scratch"
+                     else load_tokenizer(cfg.tokenizer, text))
     data = load_tokens(path, text, tokenizer)
     raw_model = build_model(cfg, given, ckpt, tokenizer.n_vocab).to(device)
     block_size = raw_model.config.block_size
     if len(data["val"]) <= block_size:
-        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than --block-size "
-            f"{block_size} + 1; use more text or a smaller --block-size")
+        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
+            f"--block-size {block_size} + 1; use more text or a smaller --block-size")
     if master:
         print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
               f"{tokenizer.n_vocab}; model: {raw_model.num_params() / 1e6:.2f}M parameters "
@@ -1024,11 +601,15 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
     # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if ddp:
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
+        model = DDP(model,
+                    device_ids=[torch.device(device).index] if device_type == "cuda" else None)
     optimizer = make_optimizer(raw_model, cfg, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling
-    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank, world_size)
+    # fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank,
+                           world_size)
     start_iter, best_val_loss = 0, float("inf")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1056,8 +637,8 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
         # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
         resumed_here = ckpt is not None and step == start_iter
         if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
-            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device,
-                                   autocast)
+            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
+                                   device, autocast)
             if not all(math.isfinite(v) for v in losses.values()):
                 die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
                     f"{out_dir} is kept (try a lower --learning-rate)")
@@ -1121,7 +702,8 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
             t_last, last_timed = now, step + 1
             if master:
                 record = {"iter": step, "loss": loss_value, "lr": lr,
-                          "ms_per_iter": round(1000 * dt, 3), "tokens_per_s": round(tokens_per_iter / dt, 1),
+                          "ms_per_iter": round(1000 * dt, 3),
+                          "tokens_per_s": round(tokens_per_iter / dt, 1),
                           "elapsed_s": round(now - t_start, 3)}
                 line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
                         f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
@@ -1144,6 +726,128 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
     if ddp:
         dist.destroy_process_group()
     return metrics
+
+
+# -------------------------------------------------------------------------------
+# Generation
+# -------------------------------------------------------------------------------
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, V) logits -> (B, 1) ids.
+
+    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
+    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
+    whose probabilities sum to at least p. Both may be combined (top-k first).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Extend each row of idx (B, T0) by max_new_tokens sampled tokens -> (B, T0 + new).
+
+    Without a KV cache every step reruns the (cropped) context: O(T^2) work, plain to read.
+    """
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.config.block_size:]  # (B, <= block_size)
+        logits, _ = model(context)  # (B, T, V)
+        next_id = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def write_samples(model, tokenizer, cfg, device, out_dir):
+    """Draw cfg.num_samples continuations of cfg.prompt, print them, save samples.txt.
+
+    Returns the token ids (num_samples, T) and the decoded texts (prompt included)."""
+    prompt = tokenizer.encode_ordinary(cfg.prompt)
+    if not prompt:
+        die("--prompt is empty; give at least one character to continue")
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long,
+                       device=device)  # (num_samples, T0)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                   generator)
+    texts = [tokenizer.decode(row.tolist()) for row in ids]
+    separator = "\n" + "-" * 40 + "\n"
+    print(separator.join(texts))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "samples.txt").write_text(separator.join(texts) + "\n")
+    return ids, texts
+
+
+# -------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------
+def build_model(cfg, given, ckpt, vocab_size):
+    """The raw GPT: from a checkpoint, from GPT-2 weights (--init-from) or freshly initialised."""
+    if ckpt is not None:
+        config = ModelConfig(**ckpt["model_args"])
+        model = GPT(dataclasses.replace(config, dropout=cfg.dropout, sdpa=cfg.sdpa))
+        model.load_state_dict(ckpt["model"])
+        return model
+    if cfg.init_from != "scratch":
+        config, path = pretrained_config(cfg.init_from)
+        if vocab_size > config.vocab_size:
+            die(f"--init-from {cfg.init_from}: its {config.vocab_size}-token vocabulary is smaller "
+                f"than the gpt2 tokenizer's {vocab_size}")
+        # a --block-size given on the command line crops the 1024 positions (cheaper fine-tuning)
+        block_size = (min(cfg.block_size, config.block_size) if "block_size" in given
+                      else config.block_size)
+        model = GPT(dataclasses.replace(config, block_size=block_size, dropout=cfg.dropout,
+                                        sdpa=cfg.sdpa))
+        load_gpt2_weights(model, read_safetensors(path))
+        return model
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name != "vocab_size"}
+    return GPT(ModelConfig(vocab_size=vocab_size, **fields))
+
+
+def sample_only(cfg, given, device, dtype):
+    """--sample-only: continue --prompt with the checkpoint in --out-dir or the --init-from
+    weights."""
+    out_dir = Path(cfg.out_dir)
+    ckpt = None if cfg.init_from != "scratch" else load_checkpoint(out_dir / "ckpt.pt", ["gpt.py"])
+    tokenizer = gpt2_tokenizer() if ckpt is None else tokenizer_from_state(ckpt["tokenizer"])
+    model = build_model(cfg, given, ckpt, tokenizer.n_vocab).to(device).eval()
+    device_type = device.split(":")[0]
+    with torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+        ids, texts = write_samples(model, tokenizer, cfg, device, out_dir)
+    if cfg.plot:
+        write_figures(model, tokenizer, ids[0, : min(48, model.config.block_size)], out_dir)
+    return {"samples": texts}
+
+
+def check_config(cfg):
+    """Values argparse cannot check by type alone."""
+    if cfg.pos not in ("learned", "sinusoidal"):
+        die(f"--pos {cfg.pos}: expected learned or sinusoidal")
+    if cfg.gelu not in ("exact", "tanh"):
+        die(f"--gelu {cfg.gelu}: expected exact or tanh")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}")
+    for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
+                 "eval_iters", "log_interval", "num_samples"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1")
+    if not (cfg.init_from in ("scratch", *GPT2_SIZES)
+            or Path(cfg.init_from, "config.json").is_file()):
+        die(f"--init-from {cfg.init_from}: expected scratch, {', '.join(GPT2_SIZES)} or a folder "
+            f"with config.json and model.safetensors")
+    if cfg.temperature < 0:
+        die(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
 
 
 def main(argv=None):
@@ -1175,6 +879,338 @@ def main(argv=None):
     except torch.OutOfMemoryError:
         die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
             f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
+# -------------------------------------------------------------------------------
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
+
+
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
+
+
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None, way_out="--data PATH"):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and the flag that avoids the download.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass {way_out}")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass {way_out})")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    resume=None: the script has no --resume, so the message offers only --overwrite."""
+    ckpt = Path(out_dir) / "ckpt.pt"
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        choices = "" if resume is None else "--resume to continue that run or "
+        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
+    if ckpt["script"] not in scripts:
+        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
+            f"{', '.join(scripts)}")
+    return ckpt
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds):
+    """Seconds as a short human duration: 95 -> '1m35s'."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """name -> tensor of a .safetensors file: an 8-byte little-endian header length N, N bytes
+    of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
+    then the raw little-endian tensor bytes (offsets count from the end of the header)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            # writable, so torch.frombuffer can share it without a copy
+            buffer = bytearray(f.read())
+    except (OSError, struct.error, ValueError) as e:
+        die(f"cannot read {path} as a safetensors file ({e})")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            die(f"{path}: tensor {name} has dtype {info['dtype']}; "
+                f"supported: {', '.join(SAFETENSORS_DTYPES)}")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        if end > len(buffer):
+            die(f"{path} is truncated: tensor {name} ends at byte {end} of {len(buffer)}")
+        flat = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=begin)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
+# dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched against the device name
+# in this order ("A100" before "A10", "L40S" before "L4")
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12,
+                   "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device):
+    """The GPU's peak bf16 FLOP/s for MFU, or None (CPU, MPS, a GPU not in the table)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+class RunLog:
+    """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
+
+    def __init__(self, out_dir, fresh, tensorboard):
+        self.path = Path(out_dir) / "log.jsonl"
+        if fresh:
+            self.path.write_text("")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("--tensorboard: the tensorboard package is not installed; logging to "
+                      "log.jsonl only")
+            else:
+                self.writer = SummaryWriter(Path(out_dir) / "tensorboard")
+
+    def write(self, record):
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for name, value in record.items():
+                if name != "iter" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, record["iter"])
+
+
+@torch.no_grad()
+def attention_maps(model, idx):
+    """Attention weights (L, nh, T, T) of `model` on one sequence idx (1, T).
+
+    The fused kernel never materialises the weights, so a copy of the model runs the written-out
+    path and a forward hook reads the softmax output where it enters attn_dropout.
+    """
+    manual = GPT(dataclasses.replace(model.config, sdpa=False)).to(idx.device).eval()
+    manual.load_state_dict(model.state_dict())
+    maps = []
+    hooks = [block.attn.attn_dropout.register_forward_hook(
+        lambda m, args, out: maps.append(args[0][0])) for block in manual.transformer.h]
+    manual(idx)
+    for hook in hooks:
+        hook.remove()
+    return torch.stack(maps).float().cpu()
+
+
+def write_figures(model, tokenizer, ids, out_dir):
+    """--plot: loss.png (from log.jsonl), attention.png (every head on the token ids `ids`),
+    positions.png (the position-embedding table and its cosine similarities)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed; no figures written (pip install matplotlib)")
+        return
+    log_path = out_dir / "log.jsonl"
+    if log_path.is_file():
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["iter"] for r in records if "loss" in r],
+                [r["loss"] for r in records if "loss" in r],
+                lw=0.5, alpha=0.5, label="train (batch)")
+        evals = [r for r in records if "val_loss" in r]
+        for split in ("train", "val"):
+            ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], "o-", ms=3,
+                    label=f"{split} (eval)")
+        ax.set(xlabel="iteration", ylabel="cross-entropy (nats/token)", title="loss")
+        ax.legend()
+        fig.savefig(out_dir / "loss.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    maps = attention_maps(model, ids[None, :])  # (L, nh, T, T)
+    labels = [tokenizer.decode([i]) for i in ids.tolist()]
+    L, nh = maps.shape[:2]
+    fig, axes = plt.subplots(L, nh, figsize=(2.2 * nh, 2.2 * L), squeeze=False)
+    for layer in range(L):
+        for head in range(nh):
+            ax = axes[layer][head]
+            ax.imshow(maps[layer, head], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer} head {head}", fontsize=7)
+            ax.set_xticks(range(len(labels)), [repr(s)[1:-1] for s in labels], fontsize=4,
+                          rotation=90)
+            ax.set_yticks(range(len(labels)), [repr(s)[1:-1] for s in labels], fontsize=4)
+    fig.suptitle("attention weights (row: query position, column: key position)")
+    fig.savefig(out_dir / "attention.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    table = model.transformer.wpe.weight.detach().float().cpu()  # (T, C)
+    unit = F.normalize(table, dim=1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.imshow(table.T, aspect="auto", cmap="RdBu")
+    left.set(xlabel="position", ylabel="embedding dimension",
+             title=f"{model.config.pos} position embeddings")
+    right.imshow(unit @ unit.T, cmap="viridis")  # (T, C) @ (C, T) -> (T, T)
+    right.set(xlabel="position", ylabel="position", title="cosine similarity between positions")
+    fig.savefig(out_dir / "positions.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote loss.png, attention.png and positions.png to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -72,10 +72,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 @dataclass
 class Config:
     data: str = "shakespeare"  # dataset name (shakespeare, names) or path to a text file
-    tokenizer: str = "byte"  # byte (UTF-8 bytes + special tokens), gpt2 (tiktoken) or a bpe.py tokenizer path
+    tokenizer: str = "byte"  # byte (UTF-8 bytes + specials), gpt2 (tiktoken) or a bpe.py path
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads per block
-    n_kv_head: int = 0  # key/value heads, each shared by n_head/n_kv_head query heads (GQA); 0 = n_head
+    n_kv_head: int = 0  # K/V heads, each shared by n_head/n_kv_head query heads (GQA); 0 = n_head
     n_embd: int = 96  # embedding width C
     block_size: int = 64  # context length T in tokens
     dropout: float = 0.0  # dropout probability (attention, residual, embedding)
@@ -85,7 +85,7 @@ class Config:
     mlp: str = "swiglu"  # swiglu or gelu (gpt.py's MLP, same parameter count; an ablation)
     rope_theta: float = 10000.0  # RoPE base: pair i turns by theta^(-2i/hs) radians per position
     window: int = 0  # sliding-window attention: a query sees only the last W positions (0 = all)
-    sinks: int = 0  # attention sinks: the first S positions stay visible to every query (with --window)
+    sinks: int = 0  # attention sinks: the first S positions stay visible to every query (--window)
     batch_size: int = 16  # sequences per micro-batch and process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
     max_iters: int = 800  # optimizer steps
@@ -113,7 +113,7 @@ class Config:
     top_k: int = 200  # sample among the k most likely tokens (0 = off)
     top_p: float = 1.0  # nucleus sampling: smallest set with probability >= p (1 = off)
     kv_cache: bool = True  # generate with the KV cache (--no-kv-cache reruns the whole context)
-    quantize: str = "none"  # none or int8: with --sample-only/--bench, int8 weight-only quantization
+    quantize: str = "none"  # none or int8: with --sample-only/--bench, weight-only quantization
     bench: bool = False  # time generation (KV cache, no cache, rolling cache, streaming) and exit
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
@@ -151,344 +151,6 @@ class ModelConfig:
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
-
-
-def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def field_help(cls):
-    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source file (e.g. a class defined in an interactive session)
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def parse_config(cls, argv=None, description=None):
-    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
-
-    Returns (config, given): `given` is the set of field names set on the command line, so
-    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
-
-
-def apply_preset(cfg, preset, given):
-    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
-
-
-def resolve_device(name):
-    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device mps: MPS is not available on this machine; use --device cpu")
-    return name
-
-
-def resolve_dtype(name, device):
-    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
-    if name == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
-    if name == "float16" and not device.startswith("cuda"):
-        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
-    return name
-
-
-def check_config(cfg):
-    """Values argparse cannot check by type alone, and flag combinations the model cannot honour."""
-    for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("pos", ("rope", "learned", "none")),
-                          ("mlp", ("swiglu", "gelu")), ("quantize", ("none", "int8"))):
-        if getattr(cfg, name) not in allowed:
-            die(f"--{name} {getattr(cfg, name)}: expected {' or '.join(allowed)}")
-    if cfg.n_embd % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
-        die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}, and --n-head "
-            f"a multiple of --n-kv-head {cfg.n_kv_head}")
-    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
-        die(f"--pos rope turns pairs of dimensions: the head size {cfg.n_embd // cfg.n_head} is odd")
-    if cfg.n_kv_head < 0:
-        die(f"--n-kv-head {cfg.n_kv_head}: must be >= 0 (0 = --n-head)")
-    for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "num_samples"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.temperature < 0:
-        die(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
-    if cfg.sinks and not cfg.window:
-        die("--sinks needs --window (without a window every position is visible anyway)")
-    if cfg.window < 0 or cfg.sinks < 0 or cfg.window + cfg.sinks > cfg.block_size:
-        die(f"--window {cfg.window} + --sinks {cfg.sinks} must lie in 0..--block-size {cfg.block_size}")
-    if cfg.window and cfg.pos == "learned":
-        die("--window needs --pos rope or none: a learned position table ends at block_size")
-    if cfg.quantize != "none" and not (cfg.sample_only or cfg.bench):
-        die("--quantize int8 is for inference: add --sample-only or --bench")
-
-
-# -------------------------------------------------------------------------------
-# Data
-# -------------------------------------------------------------------------------
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
-DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-    "names": (
-        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
-        "names.txt",
-        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-    ),
-}
-
-
-def sha256_of(path):
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, path, sha256=None, way_out="--data PATH"):
-    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
-
-    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and the flag that avoids the download.
-    """
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass {way_out}")
-    digest = sha256_of(tmp)
-    if sha256 is not None and digest != sha256:
-        tmp.unlink()
-        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass {way_out})")
-    os.replace(tmp, path)
-    return path
-
-
-def resolve_data(name):
-    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
-    if name in DATASETS:
-        url, filename, sha256 = DATASETS[name]
-        return download(url, DATA_DIR / filename, sha256)
-    path = Path(name)
-    if not path.is_file():
-        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
-    return path
-
-
-def load_bpe(path):
-    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
-
-    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
-    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
-    "vocab_size": int}); `path` may name either file or the bare prefix.
-    """
-    import base64
-    import tiktoken
-
-    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
-    try:
-        meta = json.loads(Path(prefix + ".json").read_text())
-        lines = Path(prefix + ".tiktoken").read_text().splitlines()
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in lines if ln)}
-    except (OSError, ValueError) as e:
-        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
-    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
-    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
-                             mergeable_ranks=ranks, special_tokens=meta["special"])
-
-
-# NEW vs gpt.py: the byte tokenizer's special tokens. <|endoftext|> separates documents and
-# <|pad|> fills ragged batches (sft.py); the reserved ids let later stages add tokens (chat
-# roles, tool calls) without resizing the embedding of a trained model.
-BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257, **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
-
-
-class ByteTokenizer:
-    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
-    special tokens follow (<|endoftext|> = 256).
-
-    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
-    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
-    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
-    character. The members are those of `tiktoken.Encoding` this file uses.
-    """
-
-    name = "byte"
-
-    def __init__(self, special=None):
-        self.special = dict(BYTE_SPECIAL if special is None else special)
-        self.n_vocab = 256 + len(self.special)
-        self.names = {i: s for s, i in self.special.items()}
-
-    def encode_ordinary(self, text):
-        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
-        parts, run = [], bytearray()
-        for i in ids:
-            if i < 256:
-                run.append(i)
-            else:
-                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
-                run = bytearray()
-        return "".join(parts) + run.decode("utf-8", errors="replace")
-
-
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 BPE (50257 tokens); its two files are fetched once into tiktoken's cache."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline with an empty cache: requests/urllib errors, not one class
-        die(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect once, or set "
-            f"TIKTOKEN_CACHE_DIR to a folder that holds its files")
-
-
-def load_tokenizer(name):
-    """`--tokenizer byte|gpt2|PATH`."""
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "gpt2":
-        return gpt2_tokenizer()
-    return load_bpe(name)
-
-
-def tokenizer_state(tokenizer):
-    """The tokenizer as plain data for the checkpoint (DESIGN.md section 4)."""
-    if isinstance(tokenizer, ByteTokenizer):
-        return {"kind": "byte", "special": dict(tokenizer.special)}
-    # tiktoken has no public accessor for its ranks and pattern; these attributes are stable
-    ranks = sorted(tokenizer._mergeable_ranks.items(), key=lambda item: item[1])
-    return {"kind": "tiktoken", "name": tokenizer.name, "pat_str": tokenizer._pat_str,
-            "ranks_b64": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
-            "special": dict(tokenizer._special_tokens)}
-
-
-def tokenizer_from_state(state):
-    """Inverse of `tokenizer_state`: no file or network needed to sample from a checkpoint."""
-    if state["kind"] == "byte":
-        return ByteTokenizer(state["special"])
-    ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["ranks_b64"])}
-    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
-                             mergeable_ranks=ranks, special_tokens=state["special"])
-
-
-def padded_vocab(n_vocab):
-    """NEW vs gpt.py: the vocabulary rounded up to a multiple of 64, for faster matmuls
-    (nanoGPT pads GPT-2's 50257 to 50304); the extra ids never occur in the data."""
-    return 64 * math.ceil(n_vocab / 64)
-
-
-def load_tokens(path, text, tokenizer):
-    """Token ids of `text` (read from `path`), split 90/10 into {"train", "val"} int64 tensors.
-
-    Tokenizing is the slow part for BPE, so the ids are cached as uint16 .bin files next to the
-    text, e.g. data/tinyshakespeare.char-3f2a9c01d4e7.train.bin: the suffix hashes the text and
-    the tokenizer, so an edited file or another tokenizer gets a new cache, never stale ids.
-    """
-    if tokenizer.n_vocab > 2**16:
-        die(f"the tokenizer has {tokenizer.n_vocab} tokens; the uint16 cache holds at most 65536")
-    state = json.dumps(tokenizer_state(tokenizer), sort_keys=True)
-    key = hashlib.sha256(text.encode() + state.encode()).hexdigest()[:12]
-    label = tokenizer.name  # NEW vs gpt.py: "byte" has a name like tiktoken's encodings
-    path = Path(path)
-    files = {split: path.with_name(f"{path.stem}.{label}-{key}.{split}.bin") for split in ("train", "val")}
-    if not all(f.is_file() for f in files.values()):
-        ids = np.array(tokenizer.encode_ordinary(text), dtype=np.uint16)
-        n_train = int(0.9 * len(ids))
-        for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
-            tmp = files[split].with_name(f"{files[split].name}.{os.getpid()}.tmp")  # one per DDP rank
-            part.tofile(tmp)
-            os.replace(tmp, files[split])
-    return {split: torch.from_numpy(np.fromfile(f, dtype=np.uint16).astype(np.int64))
-            for split, f in files.items()}
-
-
-def get_batch(data, block_size, batch_size, generator, device, rank=0, world_size=1):
-    """`batch_size` random windows of `data` -> inputs x and targets y, both (B, T).
-
-    y is x shifted one token left: position t is trained to predict token t+1. Offsets for
-    all `world_size` processes are drawn and rank `rank` keeps its slice (see TrainBatches).
-    """
-    ix = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
-    ix = ix[rank * batch_size:(rank + 1) * batch_size]  # (B,)
-    window = data[ix[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
-    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) each
-    if device.startswith("cuda"):  # pinned memory makes the copy asynchronous
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-class TrainBatches:
-    """Training batches from one seeded generator that every DDP process shares.
-
-    Each draw takes world_size * batch_size offsets and a process keeps its own slice, so rank
-    r trains on micro-batches r, r+W, r+2W, ... of the stream one process would see: W
-    processes accumulating k/W micro-batches reproduce one process accumulating k.
-    `state` is the generator state before the batch handed out last. The loop always holds
-    that batch unused (it fetches one ahead), so a checkpoint saves `state` and the resumed
-    run draws that same batch again: resume is bit-exact.
-    """
-
-    def __init__(self, data, block_size, batch_size, seed, device, rank=0, world_size=1):
-        self.data, self.block_size, self.batch_size, self.device = data, block_size, batch_size, device
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.state = self.generator.get_state()
-
-    def next(self):
-        self.state = self.generator.get_state()
-        return get_batch(self.data, self.block_size, self.batch_size, self.generator, self.device,
-                         self.rank, self.world_size)
 
 
 # -------------------------------------------------------------------------------
@@ -529,7 +191,8 @@ def rope_cos_sin(pos, hs, theta):
     a full turn every ~60k tokens (theta = 10^4), so both near and far offsets stay distinct.
     Computed in float64: 10^4 tokens into a stream float32 angles would be off by ~1e-3 rad.
     """
-    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64, device=pos.device) / hs)  # (hs/2,)
+    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64,
+                                       device=pos.device) / hs)  # (hs/2,)
     angles = pos.double()[:, None] * inv_freq[None, :]  # (T, 1) * (1, hs/2) -> (T, hs/2)
     return angles.cos().float(), angles.sin().float()
 
@@ -538,8 +201,9 @@ def apply_rope(x, cos, sin):
     """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
 
     Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
-    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout). Relative position falls out of the dot product: with
-    R(a) the rotation by a, q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k =
+    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout).
+    Relative position falls out of the dot product: with R(a) the rotation by a,
+    q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k =
     q^T R((n-m)w) k, because rotations compose and R(a)^T = R(-a). An attention score depends
     only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
     and rotations keep norms. Which dimensions pair up is a convention (halves here, like
@@ -651,7 +315,8 @@ class CausalSelfAttention(nn.Module):
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
         qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
-        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        # (B, nkv, T, hs)
+        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)
         q_sink = None
         if rope is not None:  # cos, sin: (T, 1, hs/2), broadcast over the heads
             (cos, sin), sink_rope = rope
@@ -675,7 +340,8 @@ class CausalSelfAttention(nn.Module):
             mask = attention_mask(pos, kpos, self.window, self.sinks)  # (T, Tk)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                enable_gqa=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+        # (B, T, nh, hs) -> (B, T, C): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def sink_attention(self, q, k, v, q_sink, pos, kpos):
@@ -694,9 +360,12 @@ class CausalSelfAttention(nn.Module):
         rep = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, Tk, hs)
         S = self.sinks  # positions 0..S-1 are the first S keys, in a full pass and in the cache
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
-        att_sink = (q_sink @ k[:, :, :S].transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))  # (B, nh, T, S)
-        outside = kpos[None, :S] <= pos[:, None] - self.window  # (T, S): seen as a sink, not in the window
+        # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))
+        # (B, nh, T, S)
+        att_sink = (q_sink @ k[:, :, :S].transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))
+        # (T, S): seen as a sink, not in the window
+        outside = kpos[None, :S] <= pos[:, None] - self.window
         att = torch.cat((torch.where(outside, att_sink, att[..., :S]), att[..., S:]), dim=-1)
         mask = attention_mask(pos, kpos, self.window, S)  # (T, Tk)
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # rows sum to 1
@@ -833,7 +502,8 @@ class Llama(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T),
+                               ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
@@ -864,7 +534,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)  # (B, T, in) -> (B, T, out)
+        # (B, T, in) -> (B, T, out)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 
 def quantize_int8(model):
@@ -885,7 +556,422 @@ def model_bytes(model):
 
 
 # -------------------------------------------------------------------------------
-# Generation
+# Data
+# -------------------------------------------------------------------------------
+def load_bpe(path):
+    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
+
+    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
+    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
+    "vocab_size": int}); `path` may name either file or the bare prefix.
+    """
+    import base64
+    import tiktoken
+
+    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
+    try:
+        meta = json.loads(Path(prefix + ".json").read_text())
+        lines = Path(prefix + ".tiktoken").read_text().splitlines()
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (ln.split() for ln in lines if ln)}
+    except (OSError, ValueError) as e:
+        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
+    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
+    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
+                             mergeable_ranks=ranks, special_tokens=meta["special"])
+
+
+# NEW vs gpt.py: the byte tokenizer's special tokens. <|endoftext|> separates documents and
+# <|pad|> fills ragged batches (sft.py); the reserved ids let later stages add tokens (chat
+# roles, tool calls) without resizing the embedding of a trained model.
+BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
+                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
+
+
+class ByteTokenizer:
+    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
+    special tokens follow (<|endoftext|> = 256).
+
+    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
+    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
+    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
+    character. The members are those of `tiktoken.Encoding` this file uses.
+    """
+
+    name = "byte"
+
+    def __init__(self, special=None):
+        self.special = dict(BYTE_SPECIAL if special is None else special)
+        self.n_vocab = 256 + len(self.special)
+        self.names = {i: s for s, i in self.special.items()}
+
+    def encode_ordinary(self, text):
+        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            else:
+                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
+                run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are fetched once into tiktoken's cache."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline with an empty cache: requests/urllib errors, not one class
+        die(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect once, or set "
+            f"TIKTOKEN_CACHE_DIR to a folder that holds its files")
+
+
+def load_tokenizer(name):
+    """`--tokenizer byte|gpt2|PATH`."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    return load_bpe(name)
+
+
+def tokenizer_state(tokenizer):
+    """The tokenizer as plain data for the checkpoint (DESIGN.md section 4)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "byte", "special": dict(tokenizer.special)}
+    # tiktoken has no public accessor for its ranks and pattern; these attributes are stable
+    ranks = sorted(tokenizer._mergeable_ranks.items(), key=lambda item: item[1])
+    return {"kind": "tiktoken", "name": tokenizer.name, "pat_str": tokenizer._pat_str,
+            "ranks_b64": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
+            "special": dict(tokenizer._special_tokens)}
+
+
+def tokenizer_from_state(state):
+    """Inverse of `tokenizer_state`: no file or network needed to sample from a checkpoint."""
+    if state["kind"] == "byte":
+        return ByteTokenizer(state["special"])
+    ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["ranks_b64"])}
+    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                             mergeable_ranks=ranks, special_tokens=state["special"])
+
+
+def padded_vocab(n_vocab):
+    """NEW vs gpt.py: the vocabulary rounded up to a multiple of 64, for faster matmuls
+    (nanoGPT pads GPT-2's 50257 to 50304); the extra ids never occur in the data."""
+    return 64 * math.ceil(n_vocab / 64)
+
+
+def load_tokens(path, text, tokenizer):
+    """Token ids of `text` (read from `path`), split 90/10 into {"train", "val"} int64 tensors.
+
+    Tokenizing is the slow part for BPE, so the ids are cached as uint16 .bin files next to the
+    text, e.g. data/tinyshakespeare.char-3f2a9c01d4e7.train.bin: the suffix hashes the text and
+    the tokenizer, so an edited file or another tokenizer gets a new cache, never stale ids.
+    """
+    if tokenizer.n_vocab > 2**16:
+        die(f"the tokenizer has {tokenizer.n_vocab} tokens; the uint16 cache holds at most 65536")
+    state = json.dumps(tokenizer_state(tokenizer), sort_keys=True)
+    key = hashlib.sha256(text.encode() + state.encode()).hexdigest()[:12]
+    label = tokenizer.name  # NEW vs gpt.py: "byte" has a name like tiktoken's encodings
+    path = Path(path)
+    files = {split: path.with_name(f"{path.stem}.{label}-{key}.{split}.bin")
+             for split in ("train", "val")}
+    if not all(f.is_file() for f in files.values()):
+        ids = np.array(tokenizer.encode_ordinary(text), dtype=np.uint16)
+        n_train = int(0.9 * len(ids))
+        for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
+            # one per DDP rank
+            tmp = files[split].with_name(f"{files[split].name}.{os.getpid()}.tmp")
+            part.tofile(tmp)
+            os.replace(tmp, files[split])
+    return {split: torch.from_numpy(np.fromfile(f, dtype=np.uint16).astype(np.int64))
+            for split, f in files.items()}
+
+
+def get_batch(data, block_size, batch_size, generator, device, rank=0, world_size=1):
+    """`batch_size` random windows of `data` -> inputs x and targets y, both (B, T).
+
+    y is x shifted one token left: position t is trained to predict token t+1. Offsets for
+    all `world_size` processes are drawn and rank `rank` keeps its slice (see TrainBatches).
+    """
+    ix = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
+    ix = ix[rank * batch_size:(rank + 1) * batch_size]  # (B,)
+    window = data[ix[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
+    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) each
+    if device.startswith("cuda"):  # pinned memory makes the copy asynchronous
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+
+class TrainBatches:
+    """Training batches from one seeded generator that every DDP process shares.
+
+    Each draw takes world_size * batch_size offsets and a process keeps its own slice, so rank
+    r trains on micro-batches r, r+W, r+2W, ... of the stream one process would see: W
+    processes accumulating k/W micro-batches reproduce one process accumulating k.
+    `state` is the generator state before the batch handed out last. The loop always holds
+    that batch unused (it fetches one ahead), so a checkpoint saves `state` and the resumed
+    run draws that same batch again: resume is bit-exact.
+    """
+
+    def __init__(self, data, block_size, batch_size, seed, device, rank=0, world_size=1):
+        self.data, self.block_size, self.batch_size, self.device = (
+            data, block_size, batch_size, device)
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.state = self.generator.get_state()
+
+    def next(self):
+        self.state = self.generator.get_state()
+        return get_batch(self.data, self.block_size, self.batch_size, self.generator, self.device,
+                         self.rank, self.world_size)
+
+
+# -------------------------------------------------------------------------------
+# Training
+# -------------------------------------------------------------------------------
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def make_optimizer(model, cfg, device_type):
+    """AdamW (Loshchilov & Hutter 2019) with weight decay on the matrices (embeddings, Linear
+    weights) only; biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # the fused kernel updates every tensor in one launch (CUDA; measured no faster on CPU)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+@torch.no_grad()
+def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
+    """Mean loss over `eval_iters` batches of each split, in eval mode (no dropout).
+
+    The batches come from a generator seeded afresh on every call: each evaluation scores the
+    same windows (curves compare like with like) and the training RNG is left untouched.
+    """
+    model.eval()
+    out = {}
+    for split, tokens in data.items():
+        generator = torch.Generator().manual_seed(seed)
+        losses = torch.zeros(eval_iters, device=device)
+        for k in range(eval_iters):
+            x, y = get_batch(tokens, model.config.block_size, batch_size, generator, device)
+            with autocast:
+                losses[k] = model(x, y)[1]
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def layer_grad_norms(model):
+    """NEW vs gpt.py: the L2 norm of the gradient of each block ("h.0", "h.1", ...) and of the
+    embedding, final norm and head, for --log-grad-norms: a layer whose gradients vanish or
+    explode shows up here long before the loss says so."""
+    squares = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            parts = name.removeprefix("transformer.").split(".")
+            group = ".".join(parts[:2]) if parts[0] == "h" else parts[0]
+            squares[group] = squares.get(group, 0.0) + p.grad.float().pow(2).sum().item()
+    return {group: round(math.sqrt(s), 6) for group, s in squares.items()}
+
+
+def train(cfg, ckpt, device, dtype, rank, world_size):
+    """gpt.py's training loop (nanoGPT's train.py); returns the final metrics (rank 0)."""
+    master, ddp, device_type = rank == 0, world_size > 1, device.split(":")[0]
+    if cfg.gradient_accumulation_steps % world_size:
+        die(f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple "
+            f"of the {world_size} processes")
+    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps per process
+    if ddp:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
+
+    # data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
+    path = resolve_data(cfg.data)
+    text = path.read_text(encoding="utf-8")
+    tokenizer = (tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None
+                 else load_tokenizer(cfg.tokenizer))
+    data = load_tokens(path, text, tokenizer)
+    raw_model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device)
+    block_size = raw_model.config.block_size
+    if len(data["val"]) <= block_size:
+        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
+            f"--block-size {block_size} + 1; use more text or a smaller --block-size")
+    if master:
+        print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
+              f"{tokenizer.n_vocab}; model: {raw_model.num_params() / 1e6:.2f}M parameters "
+              f"({dataclasses.asdict(raw_model.config)})")
+
+    # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if ddp:
+        # NEW vs gpt.py: the RoPE tables are constants, nothing to broadcast before a forward
+        model = DDP(model,
+                    device_ids=[torch.device(device).index] if device_type == "cuda" else None,
+                    broadcast_buffers=False)
+    optimizer = make_optimizer(raw_model, cfg, device_type)
+    # fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank,
+                           world_size)
+    start_iter, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
+        batches.generator.set_state(ckpt["rng"]["data"])
+        if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device_type == "cuda" and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+
+    out_dir = Path(cfg.out_dir)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = RunLog(out_dir, fresh=ckpt is None, tensorboard=cfg.tensorboard)
+    lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
+    flops = peak_flops(device)
+    metrics = {}
+    X, Y = batches.next()  # the first batch; from here on the next one is fetched before backward
+    t_start = t_last = time.perf_counter()
+    last_timed = start_iter  # ms/iter averages over the steps since this one (evals excluded)
+    for step in range(start_iter, cfg.max_iters + 1):
+        # NEW vs gpt.py: --max-time ends the run like the last step (final eval, checkpoint)
+        clock = time.perf_counter() - t_start  # seconds since training started
+        if ddp and cfg.max_time > 0:  # one clock for all processes: same last step, same lr
+            shared = torch.tensor(clock, dtype=torch.float64, device=device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            clock = shared.item()
+        out_of_time = cfg.max_time > 0 and clock >= cfg.max_time
+        last_step = step == cfg.max_iters or out_of_time
+        # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
+        resumed_here = ckpt is not None and step == start_iter
+        if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
+            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
+                                   device, autocast)
+            if not all(math.isfinite(v) for v in losses.values()):
+                die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
+                    f"{out_dir} is kept (try a lower --learning-rate)")
+            best_val_loss = min(best_val_loss, losses["val"])
+            elapsed = time.perf_counter() - t_start
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                       "elapsed_s": round(elapsed, 3)}
+            log.write(metrics)
+            save_checkpoint({
+                "script": "llama.py",
+                "version": 1,
+                "config": dataclasses.asdict(cfg),
+                "model_args": dataclasses.asdict(raw_model.config),
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "iter": step,
+                "best_val_loss": best_val_loss,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": [torch.cuda.get_rng_state(device)] if device_type == "cuda" else [],
+                        "data": batches.state},
+                "tokenizer": tokenizer_state(tokenizer),
+            }, out_dir / "ckpt.pt")
+            t_last, last_timed = time.perf_counter(), step
+        if last_step:
+            break
+
+        # one optimizer step over `accum` micro-batches per process
+        # NEW vs gpt.py: under --max-time the cosine follows the clock too (whichever is further
+        # along), so the learning rate has decayed when the budget runs out (Li et al. 2020,
+        # "Budgeted training", arXiv:1905.04753)
+        progress = step
+        if cfg.max_time > 0 and step >= cfg.warmup_iters:  # warmup always counts steps
+            progress = max(step, int(lr_decay_iters * clock / cfg.max_time))
+        lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro_step in range(accum):
+            # DDP all-reduces gradients during backward; only the last micro-step needs that
+            sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(X, Y)
+                    loss = loss / accum  # gradients add up over micro-steps: this makes them a mean
+                X, Y = batches.next()  # fetched while the device still works on the forward pass
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if cfg.grad_clip > 0 or cfg.log_grad_norms:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        # NEW vs gpt.py: per-layer gradient norms (before clipping) on the logged steps
+        norms = (layer_grad_norms(raw_model)
+                 if cfg.log_grad_norms and step % cfg.log_interval == 0 else None)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % cfg.log_interval == 0:
+            if ddp:  # the loss of the whole global batch, the same number on every rank
+                dist.all_reduce(step_loss)
+                step_loss /= world_size
+            loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
+            if not math.isfinite(loss_value):
+                die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
+                    f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
+            now = time.perf_counter()
+            dt = (now - t_last) / (step + 1 - last_timed)
+            t_last, last_timed = now, step + 1
+            if master:
+                record = {"iter": step, "loss": loss_value, "lr": lr,
+                          "ms_per_iter": round(1000 * dt, 3),
+                          "tokens_per_s": round(tokens_per_iter / dt, 1),
+                          "elapsed_s": round(now - t_start, 3)}
+                line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
+                        f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
+                        f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
+                if norms is not None:
+                    record["grad_norms"] = norms
+                if flops is not None:
+                    record["mfu"] = raw_model.estimate_mfu(cfg.batch_size * accum, dt, flops)
+                    line += f" | mfu {100 * record['mfu']:.1f}%"
+                log.write(record)
+                print(line)
+
+    if master:
+        raw_model.eval()
+        with autocast:
+            write_samples(raw_model, tokenizer, cfg, device, out_dir)
+        if cfg.plot:
+            write_figures(out_dir)
+        metrics = dict(metrics, best_val_loss=best_val_loss, params=raw_model.num_params(),
+                       elapsed_s=round(time.perf_counter() - t_start, 3))
+        log.write({"event": "done", **metrics})
+    if ddp:
+        dist.destroy_process_group()
+    return metrics
+
+
+# -------------------------------------------------------------------------------
+# Generation & evaluation
 # -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
@@ -968,10 +1054,11 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     prompt = tokenizer.encode_ordinary(cfg.prompt)
     if not prompt:
         die("--prompt is empty; give at least one character to continue")
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T0)
+    # (num_samples, T0)
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p, generator,
-                   cfg.kv_cache)
+    ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                   generator, cfg.kv_cache)
     # NEW vs gpt.py: the padded vocabulary has ids no tokenizer knows (rare once trained)
     texts = [tokenizer.decode([i for i in row.tolist() if i < tokenizer.n_vocab]) for row in ids]
     separator = "\n" + "-" * 40 + "\n"
@@ -979,6 +1066,305 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "samples.txt").write_text(separator.join(texts) + "\n")
     return ids, texts
+
+
+def timed_generate(model, idx, n, cfg, device, kv_cache=True):
+    """Seconds to generate n tokens after idx (1, T0), sampling as the flags say."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    synchronize(device)
+    t0 = time.perf_counter()
+    generate(model, idx, n, cfg.temperature, cfg.top_k or None, cfg.top_p, generator, kv_cache)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def bench(model, cfg, device, vocab_size):
+    """NEW vs gpt.py: --bench. Tokens/s for --max-new-tokens (512) new tokens with the KV cache,
+    without it and with a rolling cache (the model's window and sinks, else block_size/2 + 4
+    sinks), the prefill time, memory, then a stream of 10 * block_size tokens through the
+    rolling cache with its speed and memory at every tenth. Ends with one JSON line of the
+    numbers."""
+    config, new_tokens = model.config, cfg.max_new_tokens
+    prompt = torch.randint(vocab_size, (1, config.block_size // 2),  # a random prompt: speed only
+                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    window, sinks = (config.window, config.sinks) if config.window else (config.block_size // 2, 4)
+    rolling = Llama(dataclasses.replace(config, window=window, sinks=sinks))
+    if isinstance(model.lm_head, Int8Linear):  # --quantize int8
+        quantize_int8(rolling)
+    rolling.load_state_dict(model.state_dict())  # the same weights, another attention mask
+    rolling.to(device).eval()
+    print(f"bench: prompt {prompt.size(1)} tokens, {new_tokens} new, batch 1, temperature "
+          f"{cfg.temperature}; rolling cache: window {window} + sinks {sinks}")
+    result = {}
+    for name, m, kv_cache in (("cache", model, True), ("nocache", model, False),
+                              ("rolling", rolling, True)):
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        dt = timed_generate(m, prompt, new_tokens, cfg, device, kv_cache)
+        result[f"tokens_per_s_{name}"] = round(new_tokens / dt, 1)
+        result[f"memory_mib_{name}"] = round(memory_mib(device), 1)
+        print(f"{name:8s} {new_tokens / dt:9.1f} tok/s | {dt:6.2f} s | "
+              f"memory {memory_mib(device):.0f} MiB")
+    result["speedup_cache"] = round(
+        result["tokens_per_s_cache"] / result["tokens_per_s_nocache"], 2)
+    with torch.no_grad():
+        cache = KVCache(config, 1)
+        synchronize(device)
+        t0 = time.perf_counter()
+        prefill(model, prompt, cache)
+        synchronize(device)
+    result["prefill_ms"] = round(1000 * (time.perf_counter() - t0), 2)
+    result["kv_cache_bytes"] = cache.nbytes()
+    result["rolling_cache_bytes"] = cache.nbytes() * (window + sinks) // cache.capacity
+    print(f"KV cache is {result['speedup_cache']}x faster | prefill of {prompt.size(1)} tokens "
+          f"{result['prefill_ms']:.1f} ms | cache {cache.nbytes() / 2**10:.0f} KiB, rolling "
+          f"{result['rolling_cache_bytes'] / 2**10:.0f} KiB")
+    # streaming far past block_size: speed and memory must stay flat
+    n = 10 * config.block_size
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    ms, memory, t_last = [], [], time.perf_counter()
+    for i, _ in enumerate(stream(rolling, prompt, n, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                                 generator)):
+        if (i + 1) % (n // 10) == 0:
+            synchronize(device)
+            ms.append(round(1000 * (time.perf_counter() - t_last) / (n // 10), 3))
+            memory.append(round(memory_mib(device), 1))
+            t_last = time.perf_counter()
+    result.update(stream_tokens=n, stream_ms_per_token=ms, stream_memory_mib=memory)
+    print(f"stream of {n} tokens ({n // config.block_size} x block_size), rolling cache, "
+          "per tenth:")
+    print(f"  ms/token {ms}\n  memory MiB {memory}")
+    print(json.dumps(result))
+    return result
+
+
+# -------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------
+def check_config(cfg):
+    """Values argparse cannot check by type alone, and flag combinations the model cannot honour."""
+    for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("pos", ("rope", "learned", "none")),
+                          ("mlp", ("swiglu", "gelu")), ("quantize", ("none", "int8"))):
+        if getattr(cfg, name) not in allowed:
+            die(f"--{name} {getattr(cfg, name)}: expected {' or '.join(allowed)}")
+    if cfg.n_embd % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
+        die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}, and --n-head "
+            f"a multiple of --n-kv-head {cfg.n_kv_head}")
+    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        die(f"--pos rope turns pairs of dimensions: the head size {cfg.n_embd // cfg.n_head} "
+            "is odd")
+    if cfg.n_kv_head < 0:
+        die(f"--n-kv-head {cfg.n_kv_head}: must be >= 0 (0 = --n-head)")
+    for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
+                 "eval_iters", "log_interval", "num_samples"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.temperature < 0:
+        die(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
+    if cfg.sinks and not cfg.window:
+        die("--sinks needs --window (without a window every position is visible anyway)")
+    if cfg.window < 0 or cfg.sinks < 0 or cfg.window + cfg.sinks > cfg.block_size:
+        die(f"--window {cfg.window} + --sinks {cfg.sinks} must lie in "
+            f"0..--block-size {cfg.block_size}")
+    if cfg.window and cfg.pos == "learned":
+        die("--window needs --pos rope or none: a learned position table ends at block_size")
+    if cfg.quantize != "none" and not (cfg.sample_only or cfg.bench):
+        die("--quantize int8 is for inference: add --sample-only or --bench")
+
+
+def build_model(cfg, ckpt, vocab_size):
+    """The raw Llama: from a checkpoint or freshly initialised."""
+    if ckpt is not None:
+        try:
+            model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]),
+                                              dropout=cfg.dropout))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
+            die(f"the checkpoint in {cfg.out_dir} does not fit this llama.py ({type(e).__name__}: "
+                f"{str(e)[:200]})")
+        return model
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("vocab_size", "norm_eps")}
+    return Llama(ModelConfig(vocab_size=padded_vocab(vocab_size), **fields))
+
+
+def state_dict_bytes(model):
+    """Bytes of the model's state_dict as torch.save writes it: a weights-only checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def quantization_report(model, tokenizer, cfg, device, autocast):
+    """NEW vs gpt.py: --quantize int8. Bytes, tokens/s and validation loss of the float model,
+    then of the same model with int8 weights (quantized in place)."""
+    path = resolve_data(cfg.data)
+    data = load_tokens(path, path.read_text(encoding="utf-8"), tokenizer)
+    prompt = data["val"][None, : model.config.block_size // 2].to(device)  # (1, T0)
+    report = {"checkpoint_bytes": (Path(cfg.out_dir) / "ckpt.pt").stat().st_size}
+    for kind in ("float", "int8"):
+        if kind == "int8":
+            quantize_int8(model)
+        with autocast:
+            dt = timed_generate(model, prompt, cfg.max_new_tokens, cfg, device)
+            val = estimate_loss(model, {"val": data["val"]}, cfg.batch_size, cfg.eval_iters,
+                                cfg.seed, device, autocast)["val"]
+        report.update({f"{kind}_model_bytes": model_bytes(model), f"{kind}_weights_bytes":
+                       state_dict_bytes(model),
+                       f"{kind}_tokens_per_s": round(cfg.max_new_tokens / dt, 1),
+                       f"{kind}_val_loss": round(val, 4)})
+        print(f"{kind:5s}: parameters+buffers {model_bytes(model) / 2**20:.2f} MiB | weights file "
+              f"{report[f'{kind}_weights_bytes'] / 2**20:.2f} MiB | "
+              f"{cfg.max_new_tokens / dt:.1f} tok/s | val loss {val:.4f}")
+    report["val_loss_change"] = round(report["int8_val_loss"] - report["float_val_loss"], 4)
+    print(f"int8 changes the val loss by {report['val_loss_change']:+.4f}; the training checkpoint "
+          f"(weights + AdamW moments) is {report['checkpoint_bytes'] / 2**20:.2f} MiB")
+    return report
+
+
+def sample_only(cfg, device, dtype):
+    """--sample-only: continue --prompt with the checkpoint in --out-dir (--quantize int8 first
+    reports what int8 weights cost and save)."""
+    out_dir = Path(cfg.out_dir)
+    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["llama.py"])
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+    model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device).eval()
+    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    report = (quantization_report(model, tokenizer, cfg, device, autocast)
+              if cfg.quantize == "int8" else {})
+    with autocast:
+        _, texts = write_samples(model, tokenizer, cfg, device, out_dir)
+    return {**report, "samples": texts}
+
+
+def run_bench(cfg, device, dtype):
+    """--bench with the checkpoint in --out-dir if there is one, else a fresh model of the
+    configured size (speed does not depend on the weights)."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    ckpt = load_checkpoint(path, ["llama.py"]) if path.is_file() else None
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else load_tokenizer(cfg.tokenizer)
+    model = build_model(cfg, ckpt, tokenizer.n_vocab)
+    print(f"bench: {'checkpoint ' + str(path) if ckpt else 'a freshly initialised model'}, "
+          f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {dtype}")
+    if cfg.quantize == "int8":
+        quantize_int8(model)
+    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    with autocast:
+        return bench(model.to(device).eval(), cfg, device, tokenizer.n_vocab)
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    ckpt = None
+    if cfg.resume and not cfg.sample_only:
+        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["llama.py"])
+        cfg = apply_preset(cfg, ckpt["config"], given)  # continue with the saved settings
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda") and world_size > 1:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
+        torch.cuda.set_device(device)
+    if device.startswith("cuda") and ckpt is None:
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg)
+    if rank == 0:
+        print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
+              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
+    if cfg.sample_only:
+        return sample_only(cfg, device, dtype)
+    if cfg.bench:
+        return run_bench(cfg, device, dtype)
+    if ckpt is None:
+        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    try:
+        return train(cfg, ckpt, device, dtype, rank, world_size)
+    except torch.OutOfMemoryError:
+        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
+            f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
+# -------------------------------------------------------------------------------
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
 
 
 def synchronize(device):
@@ -1001,81 +1387,66 @@ def memory_mib(device):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
-def timed_generate(model, idx, n, cfg, device, kv_cache=True):
-    """Seconds to generate n tokens after idx (1, T0), sampling as the flags say."""
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    synchronize(device)
-    t0 = time.perf_counter()
-    generate(model, idx, n, cfg.temperature, cfg.top_k or None, cfg.top_p, generator, kv_cache)
-    synchronize(device)
-    return time.perf_counter() - t0
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
 
 
-def bench(model, cfg, device, vocab_size):
-    """NEW vs gpt.py: --bench. Tokens/s for --max-new-tokens (512) new tokens with the KV cache,
-    without it and with a rolling cache (the model's window and sinks, else block_size/2 + 4 sinks), the
-    prefill time, memory, then a stream of 10 * block_size tokens through the rolling cache
-    with its speed and memory at every tenth. Ends with one JSON line of the numbers."""
-    config, new_tokens = model.config, cfg.max_new_tokens
-    prompt = torch.randint(vocab_size, (1, config.block_size // 2),  # a random prompt: speed only
-                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    window, sinks = (config.window, config.sinks) if config.window else (config.block_size // 2, 4)
-    rolling = Llama(dataclasses.replace(config, window=window, sinks=sinks))
-    if isinstance(model.lm_head, Int8Linear):  # --quantize int8
-        quantize_int8(rolling)
-    rolling.load_state_dict(model.state_dict())  # the same weights, another attention mask
-    rolling.to(device).eval()
-    print(f"bench: prompt {prompt.size(1)} tokens, {new_tokens} new, batch 1, temperature "
-          f"{cfg.temperature}; rolling cache: window {window} + sinks {sinks}")
-    result = {}
-    for name, m, kv_cache in (("cache", model, True), ("nocache", model, False), ("rolling", rolling, True)):
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-        dt = timed_generate(m, prompt, new_tokens, cfg, device, kv_cache)
-        result[f"tokens_per_s_{name}"] = round(new_tokens / dt, 1)
-        result[f"memory_mib_{name}"] = round(memory_mib(device), 1)
-        print(f"{name:8s} {new_tokens / dt:9.1f} tok/s | {dt:6.2f} s | memory {memory_mib(device):.0f} MiB")
-    result["speedup_cache"] = round(result["tokens_per_s_cache"] / result["tokens_per_s_nocache"], 2)
-    with torch.no_grad():
-        cache = KVCache(config, 1)
-        synchronize(device)
-        t0 = time.perf_counter()
-        prefill(model, prompt, cache)
-        synchronize(device)
-    result["prefill_ms"] = round(1000 * (time.perf_counter() - t0), 2)
-    result["kv_cache_bytes"] = cache.nbytes()
-    result["rolling_cache_bytes"] = cache.nbytes() * (window + sinks) // cache.capacity
-    print(f"KV cache is {result['speedup_cache']}x faster | prefill of {prompt.size(1)} tokens "
-          f"{result['prefill_ms']:.1f} ms | cache {cache.nbytes() / 2**10:.0f} KiB, rolling "
-          f"{result['rolling_cache_bytes'] / 2**10:.0f} KiB")
-    # streaming far past block_size: speed and memory must stay flat
-    n = 10 * config.block_size
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ms, memory, t_last = [], [], time.perf_counter()
-    for i, _ in enumerate(stream(rolling, prompt, n, cfg.temperature, cfg.top_k or None, cfg.top_p, generator)):
-        if (i + 1) % (n // 10) == 0:
-            synchronize(device)
-            ms.append(round(1000 * (time.perf_counter() - t_last) / (n // 10), 3))
-            memory.append(round(memory_mib(device), 1))
-            t_last = time.perf_counter()
-    result.update(stream_tokens=n, stream_ms_per_token=ms, stream_memory_mib=memory)
-    print(f"stream of {n} tokens ({n // config.block_size} x block_size), rolling cache, per tenth:")
-    print(f"  ms/token {ms}\n  memory MiB {memory}")
-    print(json.dumps(result))
-    return result
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-# -------------------------------------------------------------------------------
-# Training utilities
-# -------------------------------------------------------------------------------
-def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / (warmup_iters + 1)
-    if step >= lr_decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+def download(url, path, sha256=None, way_out="--data PATH"):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and the flag that avoids the download.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass {way_out}")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass {way_out})")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
 
 
 def check_out_dir(out_dir, resume, overwrite):
@@ -1127,36 +1498,29 @@ def format_eta(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def make_optimizer(model, cfg, device_type):
-    """AdamW (Loshchilov & Hutter 2019) with weight decay on the matrices (embeddings, Linear
-    weights) only; biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # the fused kernel updates every tensor in one launch (CUDA; measured no faster on CPU)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
+class RunLog:
+    """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
 
+    def __init__(self, out_dir, fresh, tensorboard):
+        self.path = Path(out_dir) / "log.jsonl"
+        if fresh:
+            self.path.write_text("")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("--tensorboard: the tensorboard package is not installed; "
+                      "logging to log.jsonl only")
+            else:
+                self.writer = SummaryWriter(Path(out_dir) / "tensorboard")
 
-@torch.no_grad()
-def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
-    """Mean loss over `eval_iters` batches of each split, in eval mode (no dropout).
-
-    The batches come from a generator seeded afresh on every call: each evaluation scores the
-    same windows (curves compare like with like) and the training RNG is left untouched.
-    """
-    model.eval()
-    out = {}
-    for split, tokens in data.items():
-        generator = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters, device=device)
-        for k in range(eval_iters):
-            x, y = get_batch(tokens, model.config.block_size, batch_size, generator, device)
-            with autocast:
-                losses[k] = model(x, y)[1]
-        out[split] = losses.mean().item()
-    model.train()
-    return out
+    def write(self, record):
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for name, value in record.items():
+                if name != "iter" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, record["iter"])
 
 
 # dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched against the device name
@@ -1173,43 +1537,6 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-class RunLog:
-    """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
-
-    def __init__(self, out_dir, fresh, tensorboard):
-        self.path = Path(out_dir) / "log.jsonl"
-        if fresh:
-            self.path.write_text("")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("--tensorboard: the tensorboard package is not installed; logging to log.jsonl only")
-            else:
-                self.writer = SummaryWriter(Path(out_dir) / "tensorboard")
-
-    def write(self, record):
-        append_jsonl(self.path, record)
-        if self.writer is not None:
-            for name, value in record.items():
-                if name != "iter" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, record["iter"])
-
-
-def layer_grad_norms(model):
-    """NEW vs gpt.py: the L2 norm of the gradient of each block ("h.0", "h.1", ...) and of the
-    embedding, final norm and head, for --log-grad-norms: a layer whose gradients vanish or
-    explode shows up here long before the loss says so."""
-    squares = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            parts = name.removeprefix("transformer.").split(".")
-            group = ".".join(parts[:2]) if parts[0] == "h" else parts[0]
-            squares[group] = squares.get(group, 0.0) + p.grad.float().pow(2).sum().item()
-    return {group: round(math.sqrt(s), 6) for group, s in squares.items()}
-
-
 def write_figures(out_dir):
     """--plot: loss.png (from log.jsonl) and, after --log-grad-norms, grad_norms.png."""
     try:
@@ -1219,10 +1546,11 @@ def write_figures(out_dir):
     except ImportError:
         print("--plot: matplotlib is not installed; no figures written (pip install matplotlib)")
         return
-    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line]
+    records = [json.loads(line)
+               for line in (out_dir / "log.jsonl").read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["iter"] for r in records if "loss" in r], [r["loss"] for r in records if "loss" in r],
-            lw=0.5, alpha=0.5, label="train (batch)")
+    ax.plot([r["iter"] for r in records if "loss" in r],
+            [r["loss"] for r in records if "loss" in r], lw=0.5, alpha=0.5, label="train (batch)")
     evals = [r for r in records if "val_loss" in r]
     for split in ("train", "val"):
         ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], "o-", ms=3,
@@ -1235,298 +1563,14 @@ def write_figures(out_dir):
     if norms:
         fig, ax = plt.subplots(figsize=(7, 4))
         for group in norms[0]["grad_norms"]:
-            ax.plot([r["iter"] for r in norms], [r["grad_norms"][group] for r in norms], lw=0.8, label=group)
-        ax.set(xlabel="iteration", ylabel="gradient L2 norm", yscale="log", title="gradient norm per layer")
+            ax.plot([r["iter"] for r in norms], [r["grad_norms"][group] for r in norms], lw=0.8,
+                    label=group)
+        ax.set(xlabel="iteration", ylabel="gradient L2 norm", yscale="log",
+               title="gradient norm per layer")
         ax.legend(fontsize=7)
         fig.savefig(out_dir / "grad_norms.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
     print(f"wrote loss.png{' and grad_norms.png' if norms else ''} to {out_dir}")
-
-
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-def build_model(cfg, ckpt, vocab_size):
-    """The raw Llama: from a checkpoint or freshly initialised."""
-    if ckpt is not None:
-        try:
-            model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]), dropout=cfg.dropout))
-            model.load_state_dict(ckpt["model"])
-        except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
-            die(f"the checkpoint in {cfg.out_dir} does not fit this llama.py ({type(e).__name__}: "
-                f"{str(e)[:200]})")
-        return model
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("vocab_size", "norm_eps")}
-    return Llama(ModelConfig(vocab_size=padded_vocab(vocab_size), **fields))
-
-
-def state_dict_bytes(model):
-    """Bytes of the model's state_dict as torch.save writes it: a weights-only checkpoint."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
-
-
-def quantization_report(model, tokenizer, cfg, device, autocast):
-    """NEW vs gpt.py: --quantize int8. Bytes, tokens/s and validation loss of the float model,
-    then of the same model with int8 weights (quantized in place)."""
-    path = resolve_data(cfg.data)
-    data = load_tokens(path, path.read_text(encoding="utf-8"), tokenizer)
-    prompt = data["val"][None, : model.config.block_size // 2].to(device)  # (1, T0)
-    report = {"checkpoint_bytes": (Path(cfg.out_dir) / "ckpt.pt").stat().st_size}
-    for kind in ("float", "int8"):
-        if kind == "int8":
-            quantize_int8(model)
-        with autocast:
-            dt = timed_generate(model, prompt, cfg.max_new_tokens, cfg, device)
-            val = estimate_loss(model, {"val": data["val"]}, cfg.batch_size, cfg.eval_iters, cfg.seed,
-                                device, autocast)["val"]
-        report.update({f"{kind}_model_bytes": model_bytes(model), f"{kind}_weights_bytes":
-                       state_dict_bytes(model), f"{kind}_tokens_per_s": round(cfg.max_new_tokens / dt, 1),
-                       f"{kind}_val_loss": round(val, 4)})
-        print(f"{kind:5s}: parameters+buffers {model_bytes(model) / 2**20:.2f} MiB | weights file "
-              f"{report[f'{kind}_weights_bytes'] / 2**20:.2f} MiB | {cfg.max_new_tokens / dt:.1f} tok/s | val loss {val:.4f}")
-    report["val_loss_change"] = round(report["int8_val_loss"] - report["float_val_loss"], 4)
-    print(f"int8 changes the val loss by {report['val_loss_change']:+.4f}; the training checkpoint "
-          f"(weights + AdamW moments) is {report['checkpoint_bytes'] / 2**20:.2f} MiB")
-    return report
-
-
-def sample_only(cfg, device, dtype):
-    """--sample-only: continue --prompt with the checkpoint in --out-dir (--quantize int8 first
-    reports what int8 weights cost and save)."""
-    out_dir = Path(cfg.out_dir)
-    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["llama.py"])
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device).eval()
-    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    report = quantization_report(model, tokenizer, cfg, device, autocast) if cfg.quantize == "int8" else {}
-    with autocast:
-        _, texts = write_samples(model, tokenizer, cfg, device, out_dir)
-    return {**report, "samples": texts}
-
-
-def run_bench(cfg, device, dtype):
-    """--bench with the checkpoint in --out-dir if there is one, else a fresh model of the
-    configured size (speed does not depend on the weights)."""
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(path, ["llama.py"]) if path.is_file() else None
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else load_tokenizer(cfg.tokenizer)
-    model = build_model(cfg, ckpt, tokenizer.n_vocab)
-    print(f"bench: {'checkpoint ' + str(path) if ckpt else 'a freshly initialised model'}, "
-          f"{model.num_params() / 1e6:.2f}M parameters, device {device}, dtype {dtype}")
-    if cfg.quantize == "int8":
-        quantize_int8(model)
-    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    with autocast:
-        return bench(model.to(device).eval(), cfg, device, tokenizer.n_vocab)
-
-
-def train(cfg, ckpt, device, dtype, rank, world_size):
-    """gpt.py's training loop (nanoGPT's train.py); returns the final metrics (rank 0)."""
-    master, ddp, device_type = rank == 0, world_size > 1, device.split(":")[0]
-    if cfg.gradient_accumulation_steps % world_size:
-        die(f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple "
-            f"of the {world_size} processes")
-    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps per process
-    if ddp:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
-
-    # data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
-    path = resolve_data(cfg.data)
-    text = path.read_text(encoding="utf-8")
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None else load_tokenizer(cfg.tokenizer)
-    data = load_tokens(path, text, tokenizer)
-    raw_model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device)
-    block_size = raw_model.config.block_size
-    if len(data["val"]) <= block_size:
-        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than --block-size "
-            f"{block_size} + 1; use more text or a smaller --block-size")
-    if master:
-        print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
-              f"{tokenizer.n_vocab}; model: {raw_model.num_params() / 1e6:.2f}M parameters "
-              f"({dataclasses.asdict(raw_model.config)})")
-
-    # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if ddp:
-        # NEW vs gpt.py: the RoPE tables are constants, nothing to broadcast before a forward
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
-    optimizer = make_optimizer(raw_model, cfg, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling
-    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank, world_size)
-    start_iter, best_val_loss = 0, float("inf")
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
-        batches.generator.set_state(ckpt["rng"]["data"])
-        if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device_type == "cuda" and ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-
-    out_dir = Path(cfg.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log = RunLog(out_dir, fresh=ckpt is None, tensorboard=cfg.tensorboard)
-    lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
-    flops = peak_flops(device)
-    metrics = {}
-    X, Y = batches.next()  # the first batch; from here on the next one is fetched before backward
-    t_start = t_last = time.perf_counter()
-    last_timed = start_iter  # ms/iter averages over the steps since this one (evals excluded)
-    for step in range(start_iter, cfg.max_iters + 1):
-        # NEW vs gpt.py: --max-time ends the run like the last step (final eval, checkpoint)
-        clock = time.perf_counter() - t_start  # seconds since training started
-        if ddp and cfg.max_time > 0:  # one clock for all processes: same last step, same lr
-            shared = torch.tensor(clock, dtype=torch.float64, device=device)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            clock = shared.item()
-        out_of_time = cfg.max_time > 0 and clock >= cfg.max_time
-        last_step = step == cfg.max_iters or out_of_time
-        # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
-        resumed_here = ckpt is not None and step == start_iter
-        if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
-            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device,
-                                   autocast)
-            if not all(math.isfinite(v) for v in losses.values()):
-                die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
-                    f"{out_dir} is kept (try a lower --learning-rate)")
-            best_val_loss = min(best_val_loss, losses["val"])
-            elapsed = time.perf_counter() - t_start
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(elapsed, 3)}
-            log.write(metrics)
-            save_checkpoint({
-                "script": "llama.py",
-                "version": 1,
-                "config": dataclasses.asdict(cfg),
-                "model_args": dataclasses.asdict(raw_model.config),
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "iter": step,
-                "best_val_loss": best_val_loss,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": [torch.cuda.get_rng_state(device)] if device_type == "cuda" else [],
-                        "data": batches.state},
-                "tokenizer": tokenizer_state(tokenizer),
-            }, out_dir / "ckpt.pt")
-            t_last, last_timed = time.perf_counter(), step
-        if last_step:
-            break
-
-        # one optimizer step over `accum` micro-batches per process
-        # NEW vs gpt.py: under --max-time the cosine follows the clock too (whichever is further
-        # along), so the learning rate has decayed when the budget runs out (Li et al. 2020,
-        # "Budgeted training", arXiv:1905.04753)
-        progress = step
-        if cfg.max_time > 0 and step >= cfg.warmup_iters:  # warmup always counts steps
-            progress = max(step, int(lr_decay_iters * clock / cfg.max_time))
-        lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro_step in range(accum):
-            # DDP all-reduces gradients during backward; only the last micro-step needs that
-            sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(X, Y)
-                    loss = loss / accum  # gradients add up over micro-steps: this makes them a mean
-                X, Y = batches.next()  # fetched while the device still works on the forward pass
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip > 0 or cfg.log_grad_norms:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        # NEW vs gpt.py: per-layer gradient norms (before clipping) on the logged steps
-        norms = layer_grad_norms(raw_model) if cfg.log_grad_norms and step % cfg.log_interval == 0 else None
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-        if step % cfg.log_interval == 0:
-            if ddp:  # the loss of the whole global batch, the same number on every rank
-                dist.all_reduce(step_loss)
-                step_loss /= world_size
-            loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
-            if not math.isfinite(loss_value):
-                die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
-                    f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
-            now = time.perf_counter()
-            dt = (now - t_last) / (step + 1 - last_timed)
-            t_last, last_timed = now, step + 1
-            if master:
-                record = {"iter": step, "loss": loss_value, "lr": lr,
-                          "ms_per_iter": round(1000 * dt, 3), "tokens_per_s": round(tokens_per_iter / dt, 1),
-                          "elapsed_s": round(now - t_start, 3)}
-                line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
-                        f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
-                        f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
-                if norms is not None:
-                    record["grad_norms"] = norms
-                if flops is not None:
-                    record["mfu"] = raw_model.estimate_mfu(cfg.batch_size * accum, dt, flops)
-                    line += f" | mfu {100 * record['mfu']:.1f}%"
-                log.write(record)
-                print(line)
-
-    if master:
-        raw_model.eval()
-        with autocast:
-            write_samples(raw_model, tokenizer, cfg, device, out_dir)
-        if cfg.plot:
-            write_figures(out_dir)
-        metrics = dict(metrics, best_val_loss=best_val_loss, params=raw_model.num_params(),
-                       elapsed_s=round(time.perf_counter() - t_start, 3))
-        log.write({"event": "done", **metrics})
-    if ddp:
-        dist.destroy_process_group()
-    return metrics
-
-
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    ckpt = None
-    if cfg.resume and not cfg.sample_only:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["llama.py"])
-        cfg = apply_preset(cfg, ckpt["config"], given)  # continue with the saved settings
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda") and world_size > 1:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
-        torch.cuda.set_device(device)
-    if device.startswith("cuda") and ckpt is None:
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg)
-    if rank == 0:
-        print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
-              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
-    if cfg.sample_only:
-        return sample_only(cfg, device, dtype)
-    if cfg.bench:
-        return run_bench(cfg, device, dtype)
-    if ckpt is None:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    try:
-        return train(cfg, ckpt, device, dtype, rank, world_size)
-    except torch.OutOfMemoryError:
-        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
-            f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
 
 
 if __name__ == "__main__":

@@ -61,11 +61,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # -------------------------------------------------------------------------------
 # Config
 # -------------------------------------------------------------------------------
-
-
 @dataclass
 class ModelConfig:
     model: str = "mlp"  # mlp (Bengio et al. 2003) or gru (Cho et al. 2014)
@@ -122,103 +121,121 @@ GRU_DEFAULTS = dict(block_size=16, n_hidden=128, dropout=0.1, batch_size=32, max
                     out_dir="out/mlp-gru")
 # On CUDA a step costs little more with a bigger batch and hidden layer (not measured yet).
 GPU_PRESET = dict(batch_size=1024, n_hidden=1024, max_iters=30000, eval_interval=5000)
-MODELS = ("mlp", "gru")
-FORMATS = ("auto", "lines", "text")
 
 
-def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+# -------------------------------------------------------------------------------
+# Model
+# -------------------------------------------------------------------------------
+class LanguageModel(nn.Module):
+    """What both models share: token embeddings in, next-token logits out.
 
-
-def field_help(cls):
-    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source file (e.g. a class defined in an interactive session)
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def parse_config(cls, argv=None, description=None):
-    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
-
-    Returns (config, given): `given` is the set of field names set on the command line, so
-    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    forward(idx (B, T), targets (B,) or None) -> (logits (B, V), loss): the prediction for the
+    token that follows each context row. Subclasses turn the embeddings into a (B, H) summary.
+    A model with `every_target` also takes targets (B, T), one after every prefix of the row,
+    and then returns logits (B, T, V).
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
+
+    every_target = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # C in Bengio et al.
+        self.drop = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.n_hidden, config.vocab_size)
+
+    def init_weights(self):
+        # Embeddings ~ N(0, 1) (nn.Embedding's default). The output layer starts near zero, so
+        # the first prediction is close to uniform and the loss at init is ln(vocab_size)
+        # instead of a confidently wrong guess (makemore part 3, "fixing the initial loss").
+        nn.init.normal_(self.wte.weight)
+        nn.init.normal_(self.lm_head.weight, std=0.01)
+        nn.init.zeros_(self.lm_head.bias)
+
+    def readout(self, h, targets):
+        logits = self.lm_head(self.drop(h))  # (B, [T,] H) @ (H, V) -> (B, [T,] V)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                                       ignore_index=IGNORE_INDEX)
 
 
-def apply_preset(cfg, preset, given):
-    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+class MLP(LanguageModel):
+    """Bengio et al. 2003, Eq. 1 without the direct connections: y = b + U tanh(d + H x),
+    x = the concatenated embeddings of the context."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.fc = nn.Linear(config.block_size * config.n_embd, config.n_hidden)  # H, d
+        self.init_weights()
+        # Kaiming init with tanh's gain 5/3 (He et al. 2015; makemore part 3): with N(0, 1)
+        # embeddings the pre-activations have std 5/3, tanh starts in its bent range, neither
+        # mostly saturated (dead gradients) nor linear.
+        nn.init.kaiming_normal_(self.fc.weight, nonlinearity="tanh")
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        x = self.wte(idx).view(B, T * self.config.n_embd)  # (B, T, C) -> (B, T*C): concatenate
+        h = torch.tanh(self.fc(x))  # (B, T*C) @ (T*C, H) -> (B, H)
+        return self.readout(h, targets)
 
 
-def resolve_device(name):
-    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device mps: MPS is not available on this machine; use --device cpu")
-    return name
+class GRU(LanguageModel):
+    """A gated recurrent unit (Cho et al. 2014, arXiv:1406.1078, Eqs. 5-8) run over the context.
+
+    Per step, with x the token's embedding and h the previous state:
+        z  = sigmoid(W_z x + U_z h + b_z)            update gate
+        r  = sigmoid(W_r x + U_r h + b_r)            reset gate
+        h~ = tanh(W x + b + r * (U h + b_u))         candidate state
+        h' = (1 - z) * h + z * h~
+    Two conventions, said out loud: z weights the *new* candidate, as in Chung et al. 2014
+    (arXiv:1412.3555); Cho's paper and PyTorch write h' = z * h + (1 - z) * h~ (their z is our
+    1 - z). And the reset gate scales U h after the matmul (PyTorch/cuDNN) rather than h
+    before it (Cho's Eq. 8): then one (B, H) @ (H, 3H) matmul per step serves all three gates.
+
+    The states of all T steps are computed anyway, so training reads out every one of them
+    (`every_target`, a char-RNN's loss) instead of only the last like the MLP: T targets for
+    the price of one window.
+    """
+
+    every_target = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        H = config.n_hidden
+        self.w_x = nn.Linear(config.n_embd, 3 * H)  # [W_z; W_r; W] and their biases
+        self.w_h = nn.Linear(H, 3 * H)  # [U_z; U_r; U] and their biases
+        self.init_weights()
+        # uniform(+-1/sqrt(fan_in)) on both sides, PyTorch's nn.GRU default
+        for lin in (self.w_x, self.w_h):
+            nn.init.uniform_(lin.weight, -lin.in_features ** -0.5, lin.in_features ** -0.5)
+            nn.init.zeros_(lin.bias)
+
+    def cell(self, gx, h):
+        """One step: gx = W x + b for all gates (B, 3H), h (B, H) -> the next state (B, H)."""
+        gz, gr, gn = gx.chunk(3, dim=-1)
+        hz, hr, hn = self.w_h(h).chunk(3, dim=-1)  # (B, H) @ (H, 3H) -> 3 x (B, H)
+        z = torch.sigmoid(gz + hz)
+        r = torch.sigmoid(gr + hr)
+        candidate = torch.tanh(gn + r * hn)
+        return h + z * (candidate - h)  # = (1 - z) * h + z * candidate
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        gx = self.w_x(self.wte(idx))  # (B, T, C) @ (C, 3H) -> (B, T, 3H): inputs of all steps
+        h = gx.new_zeros(B, self.config.n_hidden)  # h_0 = 0
+        states = []
+        for t in range(T):  # the recurrence: step t needs h from step t-1
+            h = self.cell(gx[:, t], h)
+            states.append(h)
+        if targets is not None and targets.dim() == 2:  # a target after every prefix
+            return self.readout(torch.stack(states, dim=1), targets)  # (B, T, H)
+        return self.readout(h, targets)
 
 
-def resolve_dtype(name, device):
-    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
-    if name == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
-    if name == "float16" and not device.startswith("cuda"):
-        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
-    return name
-
-
-def check_config(cfg):
-    """Flag values that parse but make no sense end here, before any work is done."""
-    if cfg.model not in MODELS:
-        die(f"--model {cfg.model}: expected one of {', '.join(MODELS)}")
-    if cfg.format not in FORMATS:
-        die(f"--format {cfg.format}: expected one of {', '.join(FORMATS)}")
-    for name in ("block_size", "n_embd", "n_hidden", "batch_size", "eval_interval",
-                 "eval_iters", "log_interval", "final_eval_max"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0.0 <= cfg.dropout < 1.0:
-        die(f"--dropout {cfg.dropout}: expected a value in [0, 1)")
-    if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k < 1) or (
-            cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0):
-        die("sampling: expected --temperature >= 0, --top-k >= 1 and 0 < --top-p <= 1")
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
-        die("--plot needs matplotlib: pip install matplotlib (or run without --plot)")
+def build_model(config):
+    return {"mlp": MLP, "gru": GRU}[config.model](config)
 
 
 # -------------------------------------------------------------------------------
@@ -241,53 +258,6 @@ IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add
 SPLIT_SEED = 42  # the train/val/test split ignores --seed, so every seed is scored alike
 
 
-def sha256_of(path):
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, path, sha256=None, way_out="--data PATH"):
-    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
-
-    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and the flag that avoids the download.
-    """
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass {way_out}")
-    digest = sha256_of(tmp)
-    if sha256 is not None and digest != sha256:
-        tmp.unlink()
-        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass {way_out})")
-    os.replace(tmp, path)
-    return path
-
-
-def resolve_data(name):
-    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
-    if name in DATASETS:
-        url, filename, sha256 = DATASETS[name]
-        return download(url, DATA_DIR / filename, sha256)
-    path = Path(name)
-    if not path.is_file():
-        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
-    return path
-
-
 def load_bpe(path):
     """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
 
@@ -302,7 +272,8 @@ def load_bpe(path):
     try:
         meta = json.loads(Path(prefix + ".json").read_text())
         lines = Path(prefix + ".tiktoken").read_text().splitlines()
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in lines if ln)}
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (ln.split() for ln in lines if ln)}
     except (OSError, ValueError) as e:
         die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
     pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
@@ -463,187 +434,7 @@ def get_batch(split, block_size, batch_size, every_target, generator, device):
 
 
 # -------------------------------------------------------------------------------
-# Model
-# -------------------------------------------------------------------------------
-
-
-class LanguageModel(nn.Module):
-    """What both models share: token embeddings in, next-token logits out.
-
-    forward(idx (B, T), targets (B,) or None) -> (logits (B, V), loss): the prediction for the
-    token that follows each context row. Subclasses turn the embeddings into a (B, H) summary.
-    A model with `every_target` also takes targets (B, T), one after every prefix of the row,
-    and then returns logits (B, T, V).
-    """
-
-    every_target = False
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # C in Bengio et al.
-        self.drop = nn.Dropout(config.dropout)
-        self.lm_head = nn.Linear(config.n_hidden, config.vocab_size)
-
-    def init_weights(self):
-        # Embeddings ~ N(0, 1) (nn.Embedding's default). The output layer starts near zero, so
-        # the first prediction is close to uniform and the loss at init is ln(vocab_size)
-        # instead of a confidently wrong guess (makemore part 3, "fixing the initial loss").
-        nn.init.normal_(self.wte.weight)
-        nn.init.normal_(self.lm_head.weight, std=0.01)
-        nn.init.zeros_(self.lm_head.bias)
-
-    def readout(self, h, targets):
-        logits = self.lm_head(self.drop(h))  # (B, [T,] H) @ (H, V) -> (B, [T,] V)
-        if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
-                                       ignore_index=IGNORE_INDEX)
-
-
-class MLP(LanguageModel):
-    """Bengio et al. 2003, Eq. 1 without the direct connections: y = b + U tanh(d + H x),
-    x = the concatenated embeddings of the context."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.fc = nn.Linear(config.block_size * config.n_embd, config.n_hidden)  # H, d
-        self.init_weights()
-        # Kaiming init with tanh's gain 5/3 (He et al. 2015; makemore part 3): with N(0, 1)
-        # embeddings the pre-activations have std 5/3, tanh starts in its bent range, neither
-        # mostly saturated (dead gradients) nor linear.
-        nn.init.kaiming_normal_(self.fc.weight, nonlinearity="tanh")
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, idx, targets=None):
-        B, T = idx.shape
-        x = self.wte(idx).view(B, T * self.config.n_embd)  # (B, T, C) -> (B, T*C): concatenate
-        h = torch.tanh(self.fc(x))  # (B, T*C) @ (T*C, H) -> (B, H)
-        return self.readout(h, targets)
-
-
-class GRU(LanguageModel):
-    """A gated recurrent unit (Cho et al. 2014, arXiv:1406.1078, Eqs. 5-8) run over the context.
-
-    Per step, with x the token's embedding and h the previous state:
-        z  = sigmoid(W_z x + U_z h + b_z)            update gate
-        r  = sigmoid(W_r x + U_r h + b_r)            reset gate
-        h~ = tanh(W x + b + r * (U h + b_u))         candidate state
-        h' = (1 - z) * h + z * h~
-    Two conventions, said out loud: z weights the *new* candidate, as in Chung et al. 2014
-    (arXiv:1412.3555); Cho's paper and PyTorch write h' = z * h + (1 - z) * h~ (their z is our
-    1 - z). And the reset gate scales U h after the matmul (PyTorch/cuDNN) rather than h
-    before it (Cho's Eq. 8): then one (B, H) @ (H, 3H) matmul per step serves all three gates.
-
-    The states of all T steps are computed anyway, so training reads out every one of them
-    (`every_target`, a char-RNN's loss) instead of only the last like the MLP: T targets for
-    the price of one window.
-    """
-
-    every_target = True
-
-    def __init__(self, config):
-        super().__init__(config)
-        H = config.n_hidden
-        self.w_x = nn.Linear(config.n_embd, 3 * H)  # [W_z; W_r; W] and their biases
-        self.w_h = nn.Linear(H, 3 * H)  # [U_z; U_r; U] and their biases
-        self.init_weights()
-        # uniform(+-1/sqrt(fan_in)) on both sides, PyTorch's nn.GRU default
-        for lin in (self.w_x, self.w_h):
-            nn.init.uniform_(lin.weight, -lin.in_features ** -0.5, lin.in_features ** -0.5)
-            nn.init.zeros_(lin.bias)
-
-    def cell(self, gx, h):
-        """One step: gx = W x + b for all gates (B, 3H), h (B, H) -> the next state (B, H)."""
-        gz, gr, gn = gx.chunk(3, dim=-1)
-        hz, hr, hn = self.w_h(h).chunk(3, dim=-1)  # (B, H) @ (H, 3H) -> 3 x (B, H)
-        z = torch.sigmoid(gz + hz)
-        r = torch.sigmoid(gr + hr)
-        candidate = torch.tanh(gn + r * hn)
-        return h + z * (candidate - h)  # = (1 - z) * h + z * candidate
-
-    def forward(self, idx, targets=None):
-        B, T = idx.shape
-        gx = self.w_x(self.wte(idx))  # (B, T, C) @ (C, 3H) -> (B, T, 3H): inputs of all steps
-        h = gx.new_zeros(B, self.config.n_hidden)  # h_0 = 0
-        states = []
-        for t in range(T):  # the recurrence: step t needs h from step t-1
-            h = self.cell(gx[:, t], h)
-            states.append(h)
-        if targets is not None and targets.dim() == 2:  # a target after every prefix
-            return self.readout(torch.stack(states, dim=1), targets)  # (B, T, H)
-        return self.readout(h, targets)
-
-
-def build_model(config):
-    return {"mlp": MLP, "gru": GRU}[config.model](config)
-
-
-# -------------------------------------------------------------------------------
-# Generation
-# -------------------------------------------------------------------------------
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from (B, V) logits -> (B, 1) ids.
-
-    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
-    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
-    whose probabilities sum to at least p. Both may be combined (top-k first).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Extend every row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
-
-    Both models see only the last block_size tokens, the context they were trained on (the
-    MLP needs all of them: T >= block_size).
-    """
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size:])  # (B, V)
-        idx = torch.cat([idx, sample_logits(logits, temperature, top_k, top_p, generator)], dim=1)
-    return idx
-
-
-def make_samples(model, tok, fmt, cfg, device):
-    """`cfg.num_samples` texts: names cut at their closing boundary, or text continuations."""
-    prompt = tok.encode(cfg.prompt)
-    # every sample starts the way a line starts in training: after block_size boundary
-    # tokens for the MLP, after one for the GRU (whose windows begin at the line's start)
-    pad = 1 if model.every_target else model.config.block_size
-    start = torch.tensor([[tok.boundary] * pad + prompt] * cfg.num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model.eval()
-    out = generate(model, start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                   generator)
-    samples = []
-    for row in out[:, pad:].tolist():
-        if fmt == "lines" and tok.boundary in row[len(prompt):]:  # per-row stop
-            row = row[:row.index(tok.boundary, len(prompt))]
-        samples.append(tok.decode(row))
-    return samples
-
-
-def join_samples(samples, fmt):
-    """One name a line; text samples, which hold newlines of their own, between rules."""
-    return "".join(s + ("\n" if fmt == "lines" else "\n" + "-" * 40 + "\n") for s in samples)
-
-
-# -------------------------------------------------------------------------------
-# Training utilities
+# Training
 # -------------------------------------------------------------------------------
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
@@ -653,55 +444,6 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
         return min_lr
     ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
-    resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
-    if resume and not ckpt.is_file():
-        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
-    if ckpt.is_file() and not (resume or overwrite):
-        choices = "" if resume is None else "--resume to continue that run or "
-        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
-
-
-def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects ...
-        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
-        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
-    if ckpt["script"] not in scripts:
-        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
-            f"{', '.join(scripts)}")
-    return ckpt
-
-
-def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def format_eta(seconds):
-    """Seconds as a short human duration: 95 -> '1m35s'."""
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 @torch.no_grad()
@@ -744,78 +486,6 @@ def final_losses(model, splits, cfg, device, ctx):
             pool = pool[torch.linspace(0, len(pool) - 1, cfg.final_eval_max).long()]
         losses[name] = evaluate(model, splits[name], pool, cfg, device, ctx)
     return losses
-
-
-def plot_run(model, tok, log_path, out_dir):
-    """embeddings.png: the token embeddings projected on their top-2 principal components;
-    loss.png: the training and validation loss from log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
-    emb = model.wte.weight.detach().float().cpu()  # (V, C)
-    # PCA = SVD of the centred matrix; rows of U * S are the coordinates on the components
-    U, S, _ = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
-    xy = U[:, :2] * S[:2]  # (V, 2)
-    fig, ax = plt.subplots(figsize=(8, 8))
-    ax.scatter(xy[:, 0], xy[:, 1], s=200 if len(xy) <= 100 else 4)
-    if len(xy) <= 100:  # a label per token is readable for characters, not for BPE
-        for i, (px, py) in enumerate(xy.tolist()):
-            ax.text(px, py, repr(tok.decode([i]))[1:-1], ha="center", va="center", color="white")
-    ax.set(title="token embeddings, first two principal components", xlabel="PC1", ylabel="PC2")
-    fig.savefig(out_dir / "embeddings.png", dpi=100)
-    records = [json.loads(ln) for ln in log_path.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
-    for points, label in ((train, "train (batch)"), (val, "val")):
-        if points:
-            ax.plot(*zip(*points), label=label)
-    ax.set(xlabel="iteration", ylabel="loss (nats/token)", title="loss")
-    ax.legend()
-    fig.savefig(out_dir / "loss.png", dpi=100)
-    plt.close("all")
-    print(f"wrote {out_dir / 'embeddings.png'} and {out_dir / 'loss.png'}")
-
-
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-
-
-def sample_only(cfg, out_dir, device):
-    """--sample-only: rebuild tokenizer and model from the checkpoint and print samples."""
-    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["mlp.py"])
-    tok = Tokenizer(ckpt["tokenizer"])
-    model = build_model(ModelConfig(**ckpt["model_args"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    samples = make_samples(model, tok, ckpt["config"]["format"], cfg, device)
-    print(join_samples(samples, ckpt["config"]["format"]), end="")
-    return {"samples": samples}
-
-
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    if cfg.model == "gru":
-        cfg = apply_preset(cfg, GRU_DEFAULTS, given)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if device.startswith("cuda"):
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    check_config(cfg)
-    out_dir = Path(cfg.out_dir)
-    if cfg.sample_only:
-        return sample_only(cfg, out_dir, device)
-    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
-    use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
-    print(" ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    print(f"device={device} dtype={dtype} compile={'on' if use_compile else 'off'}")
-    try:
-        return train(cfg, out_dir, device, dtype, use_compile)
-    except torch.OutOfMemoryError:
-        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; "
-            f"try --batch-size {max(1, cfg.batch_size // 2)}")
 
 
 def train(cfg, out_dir, device, dtype, use_compile):
@@ -945,6 +615,337 @@ def train(cfg, out_dir, device, dtype, use_compile):
             "parameters": n_params}
     append_jsonl(log_path, done)
     return done
+
+
+# -------------------------------------------------------------------------------
+# Generation & evaluation
+# -------------------------------------------------------------------------------
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, V) logits -> (B, 1) ids.
+
+    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
+    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
+    whose probabilities sum to at least p. Both may be combined (top-k first).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Extend every row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
+
+    Both models see only the last block_size tokens, the context they were trained on (the
+    MLP needs all of them: T >= block_size).
+    """
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, V)
+        idx = torch.cat([idx, sample_logits(logits, temperature, top_k, top_p, generator)], dim=1)
+    return idx
+
+
+def make_samples(model, tok, fmt, cfg, device):
+    """`cfg.num_samples` texts: names cut at their closing boundary, or text continuations."""
+    prompt = tok.encode(cfg.prompt)
+    # every sample starts the way a line starts in training: after block_size boundary
+    # tokens for the MLP, after one for the GRU (whose windows begin at the line's start)
+    pad = 1 if model.every_target else model.config.block_size
+    start = torch.tensor([[tok.boundary] * pad + prompt] * cfg.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.eval()
+    out = generate(model, start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                   generator)
+    samples = []
+    for row in out[:, pad:].tolist():
+        if fmt == "lines" and tok.boundary in row[len(prompt):]:  # per-row stop
+            row = row[:row.index(tok.boundary, len(prompt))]
+        samples.append(tok.decode(row))
+    return samples
+
+
+def join_samples(samples, fmt):
+    """One name a line; text samples, which hold newlines of their own, between rules."""
+    return "".join(s + ("\n" if fmt == "lines" else "\n" + "-" * 40 + "\n") for s in samples)
+
+
+# -------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------
+MODELS = ("mlp", "gru")
+FORMATS = ("auto", "lines", "text")
+
+
+def check_config(cfg):
+    """Flag values that parse but make no sense end here, before any work is done."""
+    if cfg.model not in MODELS:
+        die(f"--model {cfg.model}: expected one of {', '.join(MODELS)}")
+    if cfg.format not in FORMATS:
+        die(f"--format {cfg.format}: expected one of {', '.join(FORMATS)}")
+    for name in ("block_size", "n_embd", "n_hidden", "batch_size", "eval_interval",
+                 "eval_iters", "log_interval", "final_eval_max"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= cfg.dropout < 1.0:
+        die(f"--dropout {cfg.dropout}: expected a value in [0, 1)")
+    if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k < 1) or (
+            cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0):
+        die("sampling: expected --temperature >= 0, --top-k >= 1 and 0 < --top-p <= 1")
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
+        die("--plot needs matplotlib: pip install matplotlib (or run without --plot)")
+
+
+def sample_only(cfg, out_dir, device):
+    """--sample-only: rebuild tokenizer and model from the checkpoint and print samples."""
+    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["mlp.py"])
+    tok = Tokenizer(ckpt["tokenizer"])
+    model = build_model(ModelConfig(**ckpt["model_args"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    samples = make_samples(model, tok, ckpt["config"]["format"], cfg, device)
+    print(join_samples(samples, ckpt["config"]["format"]), end="")
+    return {"samples": samples}
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    if cfg.model == "gru":
+        cfg = apply_preset(cfg, GRU_DEFAULTS, given)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    check_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    if cfg.sample_only:
+        return sample_only(cfg, out_dir, device)
+    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
+    use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
+    print(" ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    print(f"device={device} dtype={dtype} compile={'on' if use_compile else 'off'}")
+    try:
+        return train(cfg, out_dir, device, dtype, use_compile)
+    except torch.OutOfMemoryError:
+        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; "
+            f"try --batch-size {max(1, cfg.batch_size // 2)}")
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
+# -------------------------------------------------------------------------------
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
+
+
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None, way_out="--data PATH"):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and the flag that avoids the download.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass {way_out}")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass {way_out})")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    resume=None: the script has no --resume, so the message offers only --overwrite."""
+    ckpt = Path(out_dir) / "ckpt.pt"
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        choices = "" if resume is None else "--resume to continue that run or "
+        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
+    if ckpt["script"] not in scripts:
+        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
+            f"{', '.join(scripts)}")
+    return ckpt
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds):
+    """Seconds as a short human duration: 95 -> '1m35s'."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def plot_run(model, tok, log_path, out_dir):
+    """embeddings.png: the token embeddings projected on their top-2 principal components;
+    loss.png: the training and validation loss from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    emb = model.wte.weight.detach().float().cpu()  # (V, C)
+    # PCA = SVD of the centred matrix; rows of U * S are the coordinates on the components
+    U, S, _ = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
+    xy = U[:, :2] * S[:2]  # (V, 2)
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.scatter(xy[:, 0], xy[:, 1], s=200 if len(xy) <= 100 else 4)
+    if len(xy) <= 100:  # a label per token is readable for characters, not for BPE
+        for i, (px, py) in enumerate(xy.tolist()):
+            ax.text(px, py, repr(tok.decode([i]))[1:-1], ha="center", va="center", color="white")
+    ax.set(title="token embeddings, first two principal components", xlabel="PC1", ylabel="PC2")
+    fig.savefig(out_dir / "embeddings.png", dpi=100)
+    records = [json.loads(ln) for ln in log_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    for points, label in ((train, "train (batch)"), (val, "val")):
+        if points:
+            ax.plot(*zip(*points), label=label)
+    ax.set(xlabel="iteration", ylabel="loss (nats/token)", title="loss")
+    ax.legend()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close("all")
+    print(f"wrote {out_dir / 'embeddings.png'} and {out_dir / 'loss.png'}")
 
 
 if __name__ == "__main__":

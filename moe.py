@@ -21,15 +21,14 @@ Run:
   python moe.py --device cuda                     # GPU: llama.py's preset, experts to match
   python moe.py --n-experts 0 --out-dir out/dense # the dense llama.py model, same script
   python moe.py --balance aux --aux-loss-coef 0.01            # Switch-Transformer balancing
-  python moe.py --n-experts 16 --experts-per-token 3 --n-shared-experts 1 --expert-hidden 64  # DeepSeekMoE
+  python moe.py --n-experts 16 --experts-per-token 3 --n-shared-experts 1 \
+      --expert-hidden 64                          # DeepSeekMoE
   python moe.py --attn mla --kv-cache-report      # KV-cache bytes per token: MHA, GQA, MLA
   python moe.py --bench-layer                     # MoE layer vs dense MLP, forward+backward
   python moe.py --sample-only --prompt "ROMEO:"   # sample from out/moe/ckpt.pt
 
-Result (2-core CPU shared with other jobs, so speed is compared only between runs made side by
-side; the defaults are llama.py's: 4 layers x 96, block 64, batch 16):
-  python moe.py (800 steps): val loss 1.834 in 4m11s (3.7k tok/s), max/mean expert load 1.05;
-    llama.py's default run, the same model dense with as many active parameters: 1.854
+Result (2-core CPU; speed is compared only between runs made side by side; the defaults are
+llama.py's: 4 layers x 96, block 64, batch 16):
   equal tokens, 300 steps: dense (--n-experts 0) val loss 2.062; MoE, 8 experts top-2 with the
     same 0.51M active parameters (1.39M total), 2.060 (--routed-scale 2, the default; 2.101
     with 1); max/mean expert load 1.04 (aux-free)
@@ -37,8 +36,8 @@ side; the defaults are llama.py's: 4 layers x 96, block 64, batch 16):
     1.881 (11.9k tok/s, 0.65x, load 1.06); MoE equal total (--expert-hidden 32) 1.877; at this
     size the routing overhead costs more than the experts give
   --balance none (same 60 s): max/mean load 3.91, nearly every token on the same 2 of 8
-    experts; --balance aux 1.10; --bench-layer: MoE layer 0.72x the dense MLP's throughput at 1k tokens, 0.86x
-    at 8k; --attn mla caches 1280 B/token (41.7% of MHA's 3072)
+    experts; --balance aux 1.10; --bench-layer: MoE layer 0.72x the dense MLP's throughput at
+    1k tokens, 0.86x at 8k; --attn mla caches 1280 B/token (41.7% of MHA's 3072)
 
 Simplifications: experts run one after another (a loop over E, no grouped-GEMM kernel); the
 capacity limit applies in training only; MLA's queries are full rank and its up-projections
@@ -81,32 +80,32 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 @dataclass
 class Config:
     data: str = "shakespeare"  # dataset name (shakespeare, names) or path to a text file
-    tokenizer: str = "byte"  # byte (UTF-8 bytes + special tokens), gpt2 (tiktoken) or a bpe.py tokenizer path
+    tokenizer: str = "byte"  # byte (UTF-8 bytes + special tokens), gpt2 (tiktoken) or a bpe.py path
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads per block
-    n_kv_head: int = 0  # key/value heads, each shared by n_head/n_kv_head query heads (GQA); 0 = n_head
+    n_kv_head: int = 0  # key/value heads, each shared by n_head/n_kv_head query heads; 0 = n_head
     n_embd: int = 96  # embedding width C
     block_size: int = 64  # context length T in tokens
     dropout: float = 0.0  # dropout probability (attention, residual, embedding)
     tie_weights: bool = False  # share the token embedding with the LM head (gpt.py always does)
     rope_theta: float = 10000.0  # RoPE base: pair i turns by theta^(-2i/hs) radians per position
     # NEW vs llama.py: experts, routing, load balancing, hybrid stacks, latent attention
-    n_experts: int = 8  # routed experts E per MoE layer (0 = a dense model: llama.py's MLP everywhere)
+    n_experts: int = 8  # routed experts E per MoE layer (0 = dense: llama.py's MLP everywhere)
     experts_per_token: int = 2  # k: experts each token is routed to
-    n_shared_experts: int = 0  # experts every token goes through (DeepSeekMoE), of size --expert-hidden
-    expert_hidden: int = 128  # SwiGLU hidden size of one expert (k * 128 = the dense MLP's 256 at C=96)
+    n_shared_experts: int = 0  # experts every token uses (DeepSeekMoE), of size --expert-hidden
+    expert_hidden: int = 128  # one expert's SwiGLU hidden size (k * 128 = dense MLP's 256 at C=96)
     moe_every: int = 1  # after the dense layers, every N-th block is an MoE block (0 = none)
     dense_layers: int = 0  # the first K blocks keep a dense MLP
-    router_noise: float = 0.0  # std of Gaussian noise on the router logits in training (exploration)
-    routed_scale: float = 2.0  # multiplies the routed experts' output (k = a dense MLP's scale at init)
-    capacity_factor: float = 0.0  # expert slots = factor * N*k/E per batch, overflow dropped (0 = no limit)
+    router_noise: float = 0.0  # std of Gaussian noise on router logits in training (exploration)
+    routed_scale: float = 2.0  # scales the routed experts' output (k = a dense MLP's scale at init)
+    capacity_factor: float = 0.0  # expert slots = factor * N*k/E, overflow dropped (0 = no limit)
     balance: str = "aux-free"  # aux (Switch loss), aux-free (DeepSeek-V3 biases) or none
     aux_loss_coef: float = 0.01  # coefficient of the Switch load-balancing loss (--balance aux)
     z_loss_coef: float = 0.001  # coefficient of the router z-loss (ST-MoE), any --balance (0 = off)
-    bias_update_rate: float = 0.01  # gamma: aux-free bias step per optimizer step (V3: 0.001, far longer runs)
+    bias_update_rate: float = 0.01  # gamma: aux-free bias step per update (V3: 0.001, longer runs)
     attn: str = "gqa"  # gqa (llama.py's; MHA when n_kv_head = n_head) or mla (latent attention)
     kv_lora_rank: int = 64  # MLA: size d_c of the cached latent c_kv
-    rope_head_dim: int = 16  # MLA: decoupled RoPE dimensions d_r per head (one cached key for all heads)
+    rope_head_dim: int = 16  # MLA: decoupled RoPE dims d_r per head (one cached key for all heads)
     batch_size: int = 16  # sequences per micro-batch and process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
     max_iters: int = 800  # optimizer steps
@@ -133,20 +132,21 @@ class Config:
     top_k: int = 200  # sample among the k most likely tokens (0 = off)
     top_p: float = 1.0  # nucleus sampling: smallest set with probability >= p (1 = off)
     kv_cache: bool = True  # generate with the KV cache (--no-kv-cache reruns the whole context)
-    bench_layer: bool = False  # time one MoE layer against the dense MLP of equal active size, and exit
-    kv_cache_report: bool = False  # print the KV-cache bytes per token of MHA, GQA and MLA, and exit
+    bench_layer: bool = False  # time one MoE layer vs the dense MLP of equal active size, and exit
+    kv_cache_report: bool = False  # print KV-cache bytes per token of MHA, GQA and MLA, and exit
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model (the GPU preset turns it on)
     seed: int = 1337  # seed for init, batches, dropout, router noise and sampling
     tensorboard: bool = False  # also log to TensorBoard in --out-dir/tensorboard
-    plot: bool = False  # write loss.png and expert_load.png, print the bytes each expert prefers (matplotlib)
+    plot: bool = False  # write loss.png, expert_load.png; print each expert's bytes (matplotlib)
 
 
 # llama.py's GPU preset, with experts sized like it: k * expert_hidden = swiglu_hidden(384)
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64,
                   dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
-                  eval_interval=250, eval_iters=200, log_interval=10, compile=True, expert_hidden=512)
+                  eval_interval=250, eval_iters=200, log_interval=10, compile=True,
+                  expert_hidden=512)
 
 
 @dataclass
@@ -183,343 +183,6 @@ class ModelConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
 
 
-def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def field_help(cls):
-    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source file (e.g. a class defined in an interactive session)
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def parse_config(cls, argv=None, description=None):
-    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
-
-    Returns (config, given): `given` is the set of field names set on the command line, so
-    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
-
-
-def apply_preset(cfg, preset, given):
-    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
-
-
-def resolve_device(name):
-    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device mps: MPS is not available on this machine; use --device cpu")
-    return name
-
-
-def resolve_dtype(name, device):
-    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
-    if name == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
-    if name == "float16" and not device.startswith("cuda"):
-        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
-    return name
-
-
-def check_config(cfg):
-    """Values argparse cannot check by type alone, and flag combinations the model cannot honour."""
-    for name, allowed in (("balance", ("aux", "aux-free", "none")), ("attn", ("gqa", "mla"))):
-        if getattr(cfg, name) not in allowed:
-            die(f"--{name} {getattr(cfg, name)}: expected {' or '.join(allowed)}")
-    if cfg.n_embd % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
-        die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}, and --n-head "
-            f"a multiple of --n-kv-head {cfg.n_kv_head}")
-    if cfg.n_kv_head < 0:
-        die(f"--n-kv-head {cfg.n_kv_head}: must be >= 0 (0 = --n-head)")
-    if (cfg.n_embd // cfg.n_head) % 2 or cfg.rope_head_dim % 2:
-        die(f"RoPE turns pairs of dimensions: the head size {cfg.n_embd // cfg.n_head} and "
-            f"--rope-head-dim {cfg.rope_head_dim} must be even")
-    for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "num_samples", "expert_hidden", "kv_lora_rank"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.temperature < 0:
-        die(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
-    # NEW vs llama.py
-    if cfg.n_experts < 0 or cfg.moe_every < 0 or cfg.dense_layers < 0 or cfg.n_shared_experts < 0:
-        die("--n-experts, --moe-every, --dense-layers and --n-shared-experts must be >= 0")
-    if cfg.n_experts and not 1 <= cfg.experts_per_token <= cfg.n_experts:
-        die(f"--experts-per-token {cfg.experts_per_token} must lie in 1..--n-experts {cfg.n_experts}")
-    if cfg.bench_layer and not cfg.n_experts:
-        die("--bench-layer times an MoE layer: give --n-experts > 0")
-
-
-# -------------------------------------------------------------------------------
-# Data
-# -------------------------------------------------------------------------------
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
-DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-    "names": (
-        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
-        "names.txt",
-        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-    ),
-}
-
-
-def sha256_of(path):
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, path, sha256=None, way_out="--data PATH"):
-    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
-
-    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
-    the one-line error names the URL, the file expected and the flag that avoids the download.
-    """
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
-            f"put the file at {path} or pass {way_out}")
-    digest = sha256_of(tmp)
-    if sha256 is not None and digest != sha256:
-        tmp.unlink()
-        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
-            f"nothing was saved (retry, or pass {way_out})")
-    os.replace(tmp, path)
-    return path
-
-
-def resolve_data(name):
-    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
-    if name in DATASETS:
-        url, filename, sha256 = DATASETS[name]
-        return download(url, DATA_DIR / filename, sha256)
-    path = Path(name)
-    if not path.is_file():
-        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
-    return path
-
-
-def load_bpe(path):
-    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
-
-    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
-    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
-    "vocab_size": int}); `path` may name either file or the bare prefix.
-    """
-    import base64
-    import tiktoken
-
-    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
-    try:
-        meta = json.loads(Path(prefix + ".json").read_text())
-        lines = Path(prefix + ".tiktoken").read_text().splitlines()
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in lines if ln)}
-    except (OSError, ValueError) as e:
-        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
-    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
-    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
-                             mergeable_ranks=ranks, special_tokens=meta["special"])
-
-
-# NEW vs gpt.py: the byte tokenizer's special tokens. <|endoftext|> separates documents and
-# <|pad|> fills ragged batches (sft.py); the reserved ids let later stages add tokens (chat
-# roles, tool calls) without resizing the embedding of a trained model.
-BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257, **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
-
-
-class ByteTokenizer:
-    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
-    special tokens follow (<|endoftext|> = 256).
-
-    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
-    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
-    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
-    character. The members are those of `tiktoken.Encoding` this file uses.
-    """
-
-    name = "byte"
-
-    def __init__(self, special=None):
-        self.special = dict(BYTE_SPECIAL if special is None else special)
-        self.n_vocab = 256 + len(self.special)
-        self.names = {i: s for s, i in self.special.items()}
-
-    def encode_ordinary(self, text):
-        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
-        parts, run = [], bytearray()
-        for i in ids:
-            if i < 256:
-                run.append(i)
-            else:
-                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
-                run = bytearray()
-        return "".join(parts) + run.decode("utf-8", errors="replace")
-
-
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 BPE (50257 tokens); its two files are fetched once into tiktoken's cache."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline with an empty cache: requests/urllib errors, not one class
-        die(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect once, or set "
-            f"TIKTOKEN_CACHE_DIR to a folder that holds its files")
-
-
-def load_tokenizer(name):
-    """`--tokenizer byte|gpt2|PATH`."""
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "gpt2":
-        return gpt2_tokenizer()
-    return load_bpe(name)
-
-
-def tokenizer_state(tokenizer):
-    """The tokenizer as plain data for the checkpoint (DESIGN.md section 4)."""
-    if isinstance(tokenizer, ByteTokenizer):
-        return {"kind": "byte", "special": dict(tokenizer.special)}
-    # tiktoken has no public accessor for its ranks and pattern; these attributes are stable
-    ranks = sorted(tokenizer._mergeable_ranks.items(), key=lambda item: item[1])
-    return {"kind": "tiktoken", "name": tokenizer.name, "pat_str": tokenizer._pat_str,
-            "ranks_b64": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
-            "special": dict(tokenizer._special_tokens)}
-
-
-def tokenizer_from_state(state):
-    """Inverse of `tokenizer_state`: no file or network needed to sample from a checkpoint."""
-    if state["kind"] == "byte":
-        return ByteTokenizer(state["special"])
-    ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["ranks_b64"])}
-    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
-                             mergeable_ranks=ranks, special_tokens=state["special"])
-
-
-def padded_vocab(n_vocab):
-    """NEW vs gpt.py: the vocabulary rounded up to a multiple of 64, for faster matmuls
-    (nanoGPT pads GPT-2's 50257 to 50304); the extra ids never occur in the data."""
-    return 64 * math.ceil(n_vocab / 64)
-
-
-def load_tokens(path, text, tokenizer):
-    """Token ids of `text` (read from `path`), split 90/10 into {"train", "val"} int64 tensors.
-
-    Tokenizing is the slow part for BPE, so the ids are cached as uint16 .bin files next to the
-    text, e.g. data/tinyshakespeare.char-3f2a9c01d4e7.train.bin: the suffix hashes the text and
-    the tokenizer, so an edited file or another tokenizer gets a new cache, never stale ids.
-    """
-    if tokenizer.n_vocab > 2**16:
-        die(f"the tokenizer has {tokenizer.n_vocab} tokens; the uint16 cache holds at most 65536")
-    state = json.dumps(tokenizer_state(tokenizer), sort_keys=True)
-    key = hashlib.sha256(text.encode() + state.encode()).hexdigest()[:12]
-    label = tokenizer.name  # NEW vs gpt.py: "byte" has a name like tiktoken's encodings
-    path = Path(path)
-    files = {split: path.with_name(f"{path.stem}.{label}-{key}.{split}.bin") for split in ("train", "val")}
-    if not all(f.is_file() for f in files.values()):
-        ids = np.array(tokenizer.encode_ordinary(text), dtype=np.uint16)
-        n_train = int(0.9 * len(ids))
-        for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
-            tmp = files[split].with_name(f"{files[split].name}.{os.getpid()}.tmp")  # one per DDP rank
-            part.tofile(tmp)
-            os.replace(tmp, files[split])
-    return {split: torch.from_numpy(np.fromfile(f, dtype=np.uint16).astype(np.int64))
-            for split, f in files.items()}
-
-
-def get_batch(data, block_size, batch_size, generator, device, rank=0, world_size=1):
-    """`batch_size` random windows of `data` -> inputs x and targets y, both (B, T).
-
-    y is x shifted one token left: position t is trained to predict token t+1. Offsets for
-    all `world_size` processes are drawn and rank `rank` keeps its slice (see TrainBatches).
-    """
-    ix = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
-    ix = ix[rank * batch_size:(rank + 1) * batch_size]  # (B,)
-    window = data[ix[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
-    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) each
-    if device.startswith("cuda"):  # pinned memory makes the copy asynchronous
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-class TrainBatches:
-    """Training batches from one seeded generator that every DDP process shares.
-
-    Each draw takes world_size * batch_size offsets and a process keeps its own slice, so rank
-    r trains on micro-batches r, r+W, r+2W, ... of the stream one process would see: W
-    processes accumulating k/W micro-batches reproduce one process accumulating k.
-    `state` is the generator state before the batch handed out last. The loop always holds
-    that batch unused (it fetches one ahead), so a checkpoint saves `state` and the resumed
-    run draws that same batch again: resume is bit-exact.
-    """
-
-    def __init__(self, data, block_size, batch_size, seed, device, rank=0, world_size=1):
-        self.data, self.block_size, self.batch_size, self.device = data, block_size, batch_size, device
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.state = self.generator.get_state()
-
-    def next(self):
-        self.state = self.generator.get_state()
-        return get_batch(self.data, self.block_size, self.batch_size, self.generator, self.device,
-                         self.rank, self.world_size)
-
-
 # -------------------------------------------------------------------------------
 # Model
 # -------------------------------------------------------------------------------
@@ -551,7 +214,8 @@ def rope_cos_sin(pos, hs, theta):
     a full turn every ~60k tokens (theta = 10^4), so both near and far offsets stay distinct.
     Computed in float64: 10^4 tokens into a stream float32 angles would be off by ~1e-3 rad.
     """
-    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64, device=pos.device) / hs)  # (hs/2,)
+    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64, device=pos.device)
+                         / hs)  # (hs/2,)
     angles = pos.double()[:, None] * inv_freq[None, :]  # (T, 1) * (1, hs/2) -> (T, hs/2)
     return angles.cos().float(), angles.sin().float()
 
@@ -560,9 +224,10 @@ def apply_rope(x, cos, sin):
     """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
 
     Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
-    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout). Relative position falls out of the dot product: with
-    R(a) the rotation by a, q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k =
-    q^T R((n-m)w) k, because rotations compose and R(a)^T = R(-a). An attention score depends
+    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout).
+    Relative position falls out of the dot product: with R(a) the rotation by a,
+    q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k = q^T R((n-m)w) k,
+    because rotations compose and R(a)^T = R(-a). An attention score depends
     only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
     and rotations keep norms. Which dimensions pair up is a convention (halves here, like
     GPT-NeoX and Hugging Face's Llama; Meta's code interleaves): Wq and Wk absorb it.
@@ -594,8 +259,8 @@ class KVCache:
             self.k_shape = (config.n_layer, batch_size, 1, self.capacity, config.kv_lora_rank)
             self.v_shape = (config.n_layer, batch_size, 1, self.capacity, config.rope_head_dim)
         else:  # (L, B, nkv, slots, hs) each
-            self.k_shape = self.v_shape = (config.n_layer, batch_size, config.n_kv_head, self.capacity,
-                                           config.n_embd // config.n_head)
+            self.k_shape = self.v_shape = (config.n_layer, batch_size, config.n_kv_head,
+                                           self.capacity, config.n_embd // config.n_head)
         self.k = self.v = None  # allocated at the first write, in the keys' dtype and device
         self.pos = None  # (slots,) position held by each slot, -1 = empty
         self.seen = 0  # positions written so far = the position of the next token
@@ -658,7 +323,8 @@ class CausalSelfAttention(nn.Module):
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
         qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
-        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        # (B, nkv, T, hs)
+        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)
         qk = apply_rope(qk, *rope)  # queries and keys turned in one go; cos, sin: (T, 1, hs/2)
         q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         kpos = pos
@@ -673,8 +339,10 @@ class CausalSelfAttention(nn.Module):
                                                enable_gqa=True)  # (B, nh, T, hs)
         else:  # T new queries after Tk - T cached positions: explicit mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
-                                               dropout_p=dropout_p, enable_gqa=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+                                               dropout_p=dropout_p,
+                                               enable_gqa=True)  # (B, nh, T, hs)
+        # (B, T, nh, hs) -> (B, T, C): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -688,8 +356,8 @@ class MultiHeadLatentAttention(nn.Module):
     through that path: a position-dependent rotation between W^UK and the query would stop
     W^UK from being absorbed into W^Q at inference. So d_r = rope_head_dim extra
     dimensions carry the positions: a rotary query part per head and ONE rotary key shared by
-    all heads, k^R = RoPE(W^KR x) (Sec. 2.1.3, Eq. 14-19), cached beside c_kv. Cache per token and layer:
-    d_c + d_r numbers (kv_cache_bytes_per_token).
+    all heads, k^R = RoPE(W^KR x) (Sec. 2.1.3, Eq. 14-19), cached beside c_kv. Cache per token
+    and layer: d_c + d_r numbers (kv_cache_bytes_per_token).
     Simplifications: queries are full rank (V2 also compresses them, to save activation
     memory in training), and the cache is expanded by W^UK, W^UV at every step instead of
     absorbing them into the query and output projections (the same function, more FLOPs).
@@ -704,7 +372,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.c_q = nn.Linear(C, nh * (self.hs + self.d_r), bias=False)
         # W^DKV (Eq. 9) and W^KR (Eq. 15) in one matmul: the latent and the shared rotary key
         self.kv_down = nn.Linear(C, self.d_c + self.d_r, bias=False)
-        self.kv_norm = RMSNorm(self.d_c, config.norm_eps)  # on the latent, as DeepSeek-V2's released code does
+        # on the latent, as DeepSeek-V2's released code does
+        self.kv_norm = RMSNorm(self.d_c, config.norm_eps)
         self.kv_up = nn.Linear(self.d_c, 2 * C, bias=False)  # W^UK and W^UV (Eq. 10-11)
         self.c_proj = nn.Linear(C, C, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -716,15 +385,19 @@ class MultiHeadLatentAttention(nn.Module):
         nh, hs, d_r = self.n_head, self.hs, self.d_r
         q = self.c_q(x).view(B, T, nh, hs + d_r)  # (B, T, nh, hs + d_r)
         q_content, q_rot = q.split([hs, d_r], dim=-1)  # (B, T, nh, hs), (B, T, nh, d_r)
-        q = torch.cat((q_content, apply_rope(q_rot, *rope)), dim=-1).transpose(1, 2)  # (B, nh, T, hs + d_r)
+        # (B, nh, T, hs + d_r)
+        q = torch.cat((q_content, apply_rope(q_rot, *rope)), dim=-1).transpose(1, 2)
         c_kv, k_rot = self.kv_down(x).split([self.d_c, d_r], dim=-1)  # (B, T, d_c), (B, T, d_r)
         c_kv = self.kv_norm(c_kv).unsqueeze(1)  # (B, 1, T, d_c): one latent for all heads
-        k_rot = apply_rope(k_rot.unsqueeze(2), *rope).transpose(1, 2)  # (B, 1, T, d_r): one key for all heads
+        # (B, 1, T, d_r): one key for all heads
+        k_rot = apply_rope(k_rot.unsqueeze(2), *rope).transpose(1, 2)
         kpos = pos
-        if cache is not None:  # the cache stores only c_kv and k_rot: (B, 1, Tk, d_c), (B, 1, Tk, d_r)
+        # the cache stores only c_kv and k_rot: (B, 1, Tk, d_c), (B, 1, Tk, d_r)
+        if cache is not None:
             c_kv, k_rot, kpos = cache.update(self.layer_idx, c_kv, k_rot)
         Tk = c_kv.size(2)
-        kv = self.kv_up(c_kv).view(B, Tk, nh, 2 * hs).transpose(1, 2)  # (B, 1, Tk, d_c) -> (B, nh, Tk, 2hs)
+        # (B, 1, Tk, d_c) -> (B, nh, Tk, 2hs)
+        kv = self.kv_up(c_kv).view(B, Tk, nh, 2 * hs).transpose(1, 2)
         k_content, v = kv.split(hs, dim=-1)  # (B, nh, Tk, hs) each
         k = torch.cat((k_content, k_rot.expand(B, nh, Tk, d_r)), dim=-1)  # (B, nh, Tk, hs + d_r)
         dropout_p = self.dropout if self.training else 0.0
@@ -788,8 +461,10 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.n_experts, self.k = config.n_experts, config.experts_per_token
-        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)  # (C, E): a score per expert
-        self.experts = nn.ModuleList(MLP(config, config.expert_hidden) for _ in range(config.n_experts))
+        # (C, E): a score per expert
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config, config.expert_hidden)
+                                     for _ in range(config.n_experts))
         # s shared experts of hidden size h are one SwiGLU MLP of hidden size s * h (an MLP is
         # a sum over its hidden units), so they run as a single dense matmul
         self.shared = (MLP(config, config.n_shared_experts * config.expert_hidden)
@@ -803,11 +478,13 @@ class MoE(nn.Module):
         for name, shape in (("step_load", config.n_experts), ("load", config.n_experts),
                             ("entropy_sum", ()), ("n_tokens", ()), ("n_dropped", ())):
             self.register_buffer(name, torch.zeros(shape), persistent=False)
-        self.aux_loss = None  # router losses of the last training forward pass (Llama.forward adds them)
+        # router losses of the last training forward pass (Llama.forward adds them)
+        self.aux_loss = None
 
     def route(self, x):
         """x (N, C) -> chosen experts (N, k), gates (N, k), probabilities (N, E), logits (N, E)."""
-        logits = self.router(x).float()  # (N, E); softmax in float32 ("selective precision", Switch Sec. 2.4)
+        # (N, E); softmax in float32 ("selective precision", Switch Sec. 2.4)
+        logits = self.router(x).float()
         scores = logits
         if self.training and self.config.router_noise > 0:
             # exploration: Gaussian noise on the logits lets rarely chosen experts win now and
@@ -822,12 +499,14 @@ class MoE(nn.Module):
         return idx, gates, probs, logits
 
     def capacity(self, n_tokens):
-        """Slots per expert: capacity_factor times its fair share of the N*k pairs (None = no limit)."""
+        """Slots per expert: capacity_factor times its fair share of the N*k pairs
+        (None = no limit)."""
         cf = self.config.capacity_factor
         return math.ceil(cf * n_tokens * self.k / self.n_experts) if cf > 0 else None
 
     def dispatch(self, x, idx, gates, capacity=None):
-        """Sorted dispatch: x (N, C) -> y (N, C), y_n = sum over the chosen e of gate * expert_e(x_n).
+        """Sorted dispatch: x (N, C) -> y (N, C),
+        y_n = sum over the chosen e of gate * expert_e(x_n).
 
         The N*k (token, expert) pairs are sorted by expert, so each expert runs once, as dense
         matmuls, on one contiguous slice of gathered tokens; index_add_ sums each token's k
@@ -937,7 +616,8 @@ class MoE(nn.Module):
 
 def is_moe_layer(config, layer_idx):
     """NEW vs llama.py, hybrid stacks: the first dense_layers blocks are dense, then every
-    moe_every-th block is MoE (moe_every 2: MoE, dense, MoE, ...; n_experts or moe_every 0: none)."""
+    moe_every-th block is MoE (moe_every 2: MoE, dense, MoE, ...; n_experts or moe_every 0:
+    none)."""
     i = layer_idx - config.dense_layers
     return config.n_experts > 0 and config.moe_every > 0 and i >= 0 and i % config.moe_every == 0
 
@@ -1026,18 +706,21 @@ class Llama(nn.Module):
         B, T = idx.size()
         start = 0 if cache is None else cache.seen
         if start + T > cfg.block_size:
-            raise ValueError(f"{start + T} positions > block_size {cfg.block_size}: crop the context")
+            raise ValueError(f"{start + T} positions > block_size {cfg.block_size}: "
+                             f"crop the context")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) positions in the text
         if cache is not None:
             cache.advance(pos)
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
-        rope = (self.cos[start:start + T, None], self.sin[start:start + T, None])  # (T, 1, rope_dim/2) each
+        # (T, 1, rope_dim/2) each
+        rope = (self.cos[start:start + T, None], self.sin[start:start + T, None])
         for block in self.transformer.h:
             x = block(x, pos, rope, cache)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T),
+                               ignore_index=IGNORE_INDEX)
         if self.training:  # NEW vs llama.py: evaluation (val_loss) stays pure cross-entropy
             loss = loss + sum(moe.aux_loss for moe in self.moe_layers())
         return logits, loss
@@ -1053,7 +736,229 @@ class Llama(nn.Module):
 
 
 # -------------------------------------------------------------------------------
-# Generation
+# Data
+# -------------------------------------------------------------------------------
+def load_bpe(path):
+    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
+
+    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
+    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
+    "vocab_size": int}); `path` may name either file or the bare prefix.
+    """
+    import base64
+    import tiktoken
+
+    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
+    try:
+        meta = json.loads(Path(prefix + ".json").read_text())
+        lines = Path(prefix + ".tiktoken").read_text().splitlines()
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (ln.split() for ln in lines if ln)}
+    except (OSError, ValueError) as e:
+        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
+    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
+    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
+                             mergeable_ranks=ranks, special_tokens=meta["special"])
+
+
+# NEW vs gpt.py: the byte tokenizer's special tokens. <|endoftext|> separates documents and
+# <|pad|> fills ragged batches (sft.py); the reserved ids let later stages add tokens (chat
+# roles, tool calls) without resizing the embedding of a trained model.
+BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
+                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
+
+
+class ByteTokenizer:
+    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
+    special tokens follow (<|endoftext|> = 256).
+
+    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
+    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
+    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
+    character. The members are those of `tiktoken.Encoding` this file uses.
+    """
+
+    name = "byte"
+
+    def __init__(self, special=None):
+        self.special = dict(BYTE_SPECIAL if special is None else special)
+        self.n_vocab = 256 + len(self.special)
+        self.names = {i: s for s, i in self.special.items()}
+
+    def encode_ordinary(self, text):
+        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            else:
+                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
+                run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are fetched once into tiktoken's cache."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline with an empty cache: requests/urllib errors, not one class
+        die(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect once, or set "
+            f"TIKTOKEN_CACHE_DIR to a folder that holds its files")
+
+
+def load_tokenizer(name):
+    """`--tokenizer byte|gpt2|PATH`."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    return load_bpe(name)
+
+
+def tokenizer_state(tokenizer):
+    """The tokenizer as plain data for the checkpoint (DESIGN.md section 4)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "byte", "special": dict(tokenizer.special)}
+    # tiktoken has no public accessor for its ranks and pattern; these attributes are stable
+    ranks = sorted(tokenizer._mergeable_ranks.items(), key=lambda item: item[1])
+    return {"kind": "tiktoken", "name": tokenizer.name, "pat_str": tokenizer._pat_str,
+            "ranks_b64": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
+            "special": dict(tokenizer._special_tokens)}
+
+
+def tokenizer_from_state(state):
+    """Inverse of `tokenizer_state`: no file or network needed to sample from a checkpoint."""
+    if state["kind"] == "byte":
+        return ByteTokenizer(state["special"])
+    ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["ranks_b64"])}
+    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                             mergeable_ranks=ranks, special_tokens=state["special"])
+
+
+def padded_vocab(n_vocab):
+    """NEW vs gpt.py: the vocabulary rounded up to a multiple of 64, for faster matmuls
+    (nanoGPT pads GPT-2's 50257 to 50304); the extra ids never occur in the data."""
+    return 64 * math.ceil(n_vocab / 64)
+
+
+def load_tokens(path, text, tokenizer):
+    """Token ids of `text` (read from `path`), split 90/10 into {"train", "val"} int64 tensors.
+
+    Tokenizing is the slow part for BPE, so the ids are cached as uint16 .bin files next to the
+    text, e.g. data/tinyshakespeare.char-3f2a9c01d4e7.train.bin: the suffix hashes the text and
+    the tokenizer, so an edited file or another tokenizer gets a new cache, never stale ids.
+    """
+    if tokenizer.n_vocab > 2**16:
+        die(f"the tokenizer has {tokenizer.n_vocab} tokens; the uint16 cache holds at most 65536")
+    state = json.dumps(tokenizer_state(tokenizer), sort_keys=True)
+    key = hashlib.sha256(text.encode() + state.encode()).hexdigest()[:12]
+    label = tokenizer.name  # NEW vs gpt.py: "byte" has a name like tiktoken's encodings
+    path = Path(path)
+    files = {split: path.with_name(f"{path.stem}.{label}-{key}.{split}.bin")
+             for split in ("train", "val")}
+    if not all(f.is_file() for f in files.values()):
+        ids = np.array(tokenizer.encode_ordinary(text), dtype=np.uint16)
+        n_train = int(0.9 * len(ids))
+        for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
+            # one temp file per DDP rank
+            tmp = files[split].with_name(f"{files[split].name}.{os.getpid()}.tmp")
+            part.tofile(tmp)
+            os.replace(tmp, files[split])
+    return {split: torch.from_numpy(np.fromfile(f, dtype=np.uint16).astype(np.int64))
+            for split, f in files.items()}
+
+
+def get_batch(data, block_size, batch_size, generator, device, rank=0, world_size=1):
+    """`batch_size` random windows of `data` -> inputs x and targets y, both (B, T).
+
+    y is x shifted one token left: position t is trained to predict token t+1. Offsets for
+    all `world_size` processes are drawn and rank `rank` keeps its slice (see TrainBatches).
+    """
+    ix = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
+    ix = ix[rank * batch_size:(rank + 1) * batch_size]  # (B,)
+    window = data[ix[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
+    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) each
+    if device.startswith("cuda"):  # pinned memory makes the copy asynchronous
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+
+class TrainBatches:
+    """Training batches from one seeded generator that every DDP process shares.
+
+    Each draw takes world_size * batch_size offsets and a process keeps its own slice, so rank
+    r trains on micro-batches r, r+W, r+2W, ... of the stream one process would see: W
+    processes accumulating k/W micro-batches reproduce one process accumulating k.
+    `state` is the generator state before the batch handed out last. The loop always holds
+    that batch unused (it fetches one ahead), so a checkpoint saves `state` and the resumed
+    run draws that same batch again: resume is bit-exact.
+    """
+
+    def __init__(self, data, block_size, batch_size, seed, device, rank=0, world_size=1):
+        self.data, self.block_size = data, block_size
+        self.batch_size, self.device = batch_size, device
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.state = self.generator.get_state()
+
+    def next(self):
+        self.state = self.generator.get_state()
+        return get_batch(self.data, self.block_size, self.batch_size, self.generator, self.device,
+                         self.rank, self.world_size)
+
+
+# -------------------------------------------------------------------------------
+# Training
+# -------------------------------------------------------------------------------
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def make_optimizer(model, cfg, device_type):
+    """AdamW (Loshchilov & Hutter 2019) with weight decay on the matrices (embeddings, Linear
+    weights) only; biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # the fused kernel updates every tensor in one launch (CUDA; measured no faster on CPU)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+@torch.no_grad()
+def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
+    """Mean loss over `eval_iters` batches of each split, in eval mode (no dropout).
+
+    The batches come from a generator seeded afresh on every call: each evaluation scores the
+    same windows (curves compare like with like) and the training RNG is left untouched.
+    """
+    model.eval()
+    out = {}
+    for split, tokens in data.items():
+        generator = torch.Generator().manual_seed(seed)
+        losses = torch.zeros(eval_iters, device=device)
+        for k in range(eval_iters):
+            x, y = get_batch(tokens, model.config.block_size, batch_size, generator, device)
+            with autocast:
+                losses[k] = model(x, y)[1]
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+# -------------------------------------------------------------------------------
+# Generation & evaluation
 # -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
@@ -1127,10 +1032,11 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     prompt = tokenizer.encode_ordinary(cfg.prompt)
     if not prompt:
         die("--prompt is empty; give at least one character to continue")
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T0)
+    # (num_samples, T0)
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p, generator,
-                   cfg.kv_cache)
+    ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                   generator, cfg.kv_cache)
     # NEW vs gpt.py: the padded vocabulary has ids no tokenizer knows (rare once trained)
     texts = [tokenizer.decode([i for i in row.tolist() if i < tokenizer.n_vocab]) for row in ids]
     separator = "\n" + "-" * 40 + "\n"
@@ -1140,145 +1046,7 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     return ids, texts
 
 
-def synchronize(device):
-    """Wait for queued GPU work, so that wall-clock timings are honest."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-# -------------------------------------------------------------------------------
-# Training utilities
-# -------------------------------------------------------------------------------
-def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / (warmup_iters + 1)
-    if step >= lr_decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
-    resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
-    if resume and not ckpt.is_file():
-        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
-    if ckpt.is_file() and not (resume or overwrite):
-        choices = "" if resume is None else "--resume to continue that run or "
-        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
-
-
-def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects ...
-        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
-        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
-    if ckpt["script"] not in scripts:
-        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
-            f"{', '.join(scripts)}")
-    return ckpt
-
-
-def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def format_eta(seconds):
-    """Seconds as a short human duration: 95 -> '1m35s'."""
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def make_optimizer(model, cfg, device_type):
-    """AdamW (Loshchilov & Hutter 2019) with weight decay on the matrices (embeddings, Linear
-    weights) only; biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # the fused kernel updates every tensor in one launch (CUDA; measured no faster on CPU)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
-
-
-@torch.no_grad()
-def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
-    """Mean loss over `eval_iters` batches of each split, in eval mode (no dropout).
-
-    The batches come from a generator seeded afresh on every call: each evaluation scores the
-    same windows (curves compare like with like) and the training RNG is left untouched.
-    """
-    model.eval()
-    out = {}
-    for split, tokens in data.items():
-        generator = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters, device=device)
-        for k in range(eval_iters):
-            x, y = get_batch(tokens, model.config.block_size, batch_size, generator, device)
-            with autocast:
-                losses[k] = model(x, y)[1]
-        out[split] = losses.mean().item()
-    model.train()
-    return out
-
-
-# dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched against the device name
-# in this order ("A100" before "A10", "L40S" before "L4")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12,
-                   "L40S": 362e12, "L4": 121e12}
-
-
-def peak_flops(device):
-    """The GPU's peak bf16 FLOP/s for MFU, or None (CPU, MPS, a GPU not in the table)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-class RunLog:
-    """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
-
-    def __init__(self, out_dir, fresh, tensorboard):
-        self.path = Path(out_dir) / "log.jsonl"
-        if fresh:
-            self.path.write_text("")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("--tensorboard: the tensorboard package is not installed; logging to log.jsonl only")
-            else:
-                self.writer = SummaryWriter(Path(out_dir) / "tensorboard")
-
-    def write(self, record):
-        append_jsonl(self.path, record)
-        if self.writer is not None:
-            for name, value in record.items():
-                if name != "iter" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, record["iter"])
-
-
-# NEW vs llama.py: routing statistics, the expert-load figure, the layer benchmark, KV bytes
+# NEW vs llama.py: routing statistics, expert preferences, the layer benchmark, KV bytes
 def routing_stats(model):
     """The routing fields of an eval record: per MoE layer each expert's fraction of the
     routed pairs and the mean routing entropy since the last eval, the dropped pairs of all
@@ -1301,7 +1069,8 @@ def expert_preferences(model, idx, tokenizer, top=8, min_count=20):
     (B, T) (each seen at least min_count times) that pick that expert first most often,
     relative to how often the token occurs. Returns [layer][expert] -> list of strings."""
     first_choice = {}
-    hooks = [moe.register_forward_pre_hook(  # route the layer's input again, only to read the choice
+    # route each MoE layer's input again, only to read the choice
+    hooks = [moe.register_forward_pre_hook(
         lambda m, args, i=i: first_choice.__setitem__(i, m.route(args[0].flatten(0, 1))[0][:, 0]))
         for i, moe in enumerate(model.moe_layers())]
     model.eval()
@@ -1314,51 +1083,14 @@ def expert_preferences(model, idx, tokenizer, top=8, min_count=20):
     for i, moe in enumerate(model.moe_layers()):
         counts = torch.zeros(moe.n_experts, V, device=idx.device)
         ones = torch.ones(len(tokens), device=idx.device)
-        counts.index_put_((first_choice[i], tokens), ones, accumulate=True)  # (E, V) first choices per token
-        share = (counts / token_count.clamp_min(1)).masked_fill(token_count < min_count, -1)  # (E, V)
+        # (E, V) first choices per token
+        counts.index_put_((first_choice[i], tokens), ones, accumulate=True)
+        share = (counts / token_count.clamp_min(1)).masked_fill(token_count < min_count,
+                                                                -1)  # (E, V)
         prefs.append([[tokenizer.decode([t]).replace("\n", "\\n").replace(" ", "_")
                        for t in share[e].topk(top).indices.tolist() if share[e, t] > 0]
                       for e in range(moe.n_experts)])
     return prefs
-
-
-def write_figures(out_dir, prefs=None):
-    """--plot: loss.png (from log.jsonl) and, for an MoE model (NEW vs llama.py),
-    expert_load.png: a heatmap per MoE layer of each expert's share of the routed tokens at
-    every eval, each row labelled with the tokens the expert prefers (expert_preferences)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot: matplotlib is not installed; no figures written (pip install matplotlib)")
-        return
-    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["iter"] for r in records if "loss" in r], [r["loss"] for r in records if "loss" in r],
-            lw=0.5, alpha=0.5, label="train (batch)")
-    evals = [r for r in records if "val_loss" in r]
-    for split in ("train", "val"):
-        ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], "o-", ms=3,
-                label=f"{split} (eval)")
-    ax.set(xlabel="iteration", ylabel="cross-entropy (nats/token)", title="loss")
-    ax.legend()
-    fig.savefig(out_dir / "loss.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    loads = [r for r in records if "expert_load" in r]
-    if loads and prefs:
-        fig, axes = plt.subplots(1, len(prefs), figsize=(4.5 * len(prefs), 4), squeeze=False)
-        for layer, ax in enumerate(axes[0]):
-            heat = np.array([r["expert_load"][layer] for r in loads]).T  # (E, evals)
-            im = ax.imshow(heat, aspect="auto", cmap="viridis", vmin=0)
-            ax.set_xticks(range(len(loads)), [r["iter"] for r in loads], rotation=90, fontsize=6)
-            ax.set_yticks(range(len(heat)), [f"{e}: {' '.join(p[:5])}" for e, p in enumerate(prefs[layer])],
-                          fontsize=7)
-            ax.set(xlabel="iteration", title=f"MoE layer {layer}: share of routed tokens")
-            fig.colorbar(im, ax=ax)
-        fig.savefig(out_dir / "expert_load.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    print(f"wrote loss.png{' and expert_load.png' if loads and prefs else ''} to {out_dir}")
 
 
 def bench_layer(mcfg, n_tokens, device, autocast, rounds=5, iters=5):
@@ -1367,7 +1099,8 @@ def bench_layer(mcfg, n_tokens, device, autocast, rounds=5, iters=5):
     (k + shared) * expert_hidden, on n_tokens random tokens. Rounds alternate the two, so both
     see the same machine load; the median round counts."""
     moe = MoE(mcfg).to(device)
-    dense = MLP(mcfg, (mcfg.experts_per_token + mcfg.n_shared_experts) * mcfg.expert_hidden).to(device)
+    dense = MLP(mcfg, (mcfg.experts_per_token + mcfg.n_shared_experts)
+                * mcfg.expert_hidden).to(device)
     x = torch.randn(1, n_tokens, mcfg.n_embd, device=device)
 
     def seconds(layer):
@@ -1392,9 +1125,10 @@ def bench_layer(mcfg, n_tokens, device, autocast, rounds=5, iters=5):
               "moe_tokens_per_s": round(1000 * n_tokens / ms["moe"], 1),
               "dense_tokens_per_s": round(1000 * n_tokens / ms["dense"], 1),
               "throughput_ratio": round(ms["dense"] / ms["moe"], 3)}
-    print(f"forward+backward of {n_tokens} tokens: MoE layer (E={mcfg.n_experts}, k={mcfg.experts_per_token}, "
-          f"shared={mcfg.n_shared_experts}, expert hidden {mcfg.expert_hidden}) {ms['moe']:.2f} ms | dense MLP "
-          f"(hidden {dense.c_proj.in_features}, same active parameters) {ms['dense']:.2f} ms | MoE/dense "
+    print(f"forward+backward of {n_tokens} tokens: MoE layer (E={mcfg.n_experts}, "
+          f"k={mcfg.experts_per_token}, shared={mcfg.n_shared_experts}, expert hidden "
+          f"{mcfg.expert_hidden}) {ms['moe']:.2f} ms | dense MLP (hidden "
+          f"{dense.c_proj.in_features}, same active parameters) {ms['dense']:.2f} ms | MoE/dense "
           f"throughput {result['throughput_ratio']:.2f}x")
     print(json.dumps(result))
     return result
@@ -1414,6 +1148,35 @@ def kv_cache_report(mcfg, dtype):
 # -------------------------------------------------------------------------------
 # Main
 # -------------------------------------------------------------------------------
+def check_config(cfg):
+    """Values argparse cannot check by type alone, and flag combinations the model cannot honour."""
+    for name, allowed in (("balance", ("aux", "aux-free", "none")), ("attn", ("gqa", "mla"))):
+        if getattr(cfg, name) not in allowed:
+            die(f"--{name} {getattr(cfg, name)}: expected {' or '.join(allowed)}")
+    if cfg.n_embd % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
+        die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}, and --n-head "
+            f"a multiple of --n-kv-head {cfg.n_kv_head}")
+    if cfg.n_kv_head < 0:
+        die(f"--n-kv-head {cfg.n_kv_head}: must be >= 0 (0 = --n-head)")
+    if (cfg.n_embd // cfg.n_head) % 2 or cfg.rope_head_dim % 2:
+        die(f"RoPE turns pairs of dimensions: the head size {cfg.n_embd // cfg.n_head} and "
+            f"--rope-head-dim {cfg.rope_head_dim} must be even")
+    for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
+                 "eval_iters", "log_interval", "num_samples", "expert_hidden", "kv_lora_rank"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.temperature < 0:
+        die(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
+    # NEW vs llama.py
+    if cfg.n_experts < 0 or cfg.moe_every < 0 or cfg.dense_layers < 0 or cfg.n_shared_experts < 0:
+        die("--n-experts, --moe-every, --dense-layers and --n-shared-experts must be >= 0")
+    if cfg.n_experts and not 1 <= cfg.experts_per_token <= cfg.n_experts:
+        die(f"--experts-per-token {cfg.experts_per_token} must lie in 1..--n-experts "
+            f"{cfg.n_experts}")
+    if cfg.bench_layer and not cfg.n_experts:
+        die("--bench-layer times an MoE layer: give --n-experts > 0")
+
+
 def model_config(cfg, vocab_size):
     """The ModelConfig of the flags (the vocabulary padded as in build_model)."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
@@ -1425,7 +1188,8 @@ def build_model(cfg, ckpt, vocab_size):
     """The raw model: from a checkpoint or freshly initialised."""
     if ckpt is not None:
         try:
-            model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]), dropout=cfg.dropout))
+            model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]),
+                                              dropout=cfg.dropout))
             model.load_state_dict(ckpt["model"])
         except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
             die(f"the checkpoint in {cfg.out_dir} does not fit this moe.py ({type(e).__name__}: "
@@ -1440,7 +1204,8 @@ def sample_only(cfg, device, dtype):
     ckpt = load_checkpoint(out_dir / "ckpt.pt", ["moe.py"])
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device).eval()
-    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
     with autocast:
         _, texts = write_samples(model, tokenizer, cfg, device, out_dir)
     return {"samples": texts}
@@ -1466,30 +1231,35 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
     # data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
     path = resolve_data(cfg.data)
     text = path.read_text(encoding="utf-8")
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None else load_tokenizer(cfg.tokenizer)
+    tokenizer = (tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None
+                 else load_tokenizer(cfg.tokenizer))
     data = load_tokens(path, text, tokenizer)
     raw_model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device)
     block_size = raw_model.config.block_size
     if len(data["val"]) <= block_size:
-        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than --block-size "
-            f"{block_size} + 1; use more text or a smaller --block-size")
+        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
+            f"--block-size {block_size} + 1; use more text or a smaller --block-size")
     n_params, n_active = raw_model.num_params(), raw_model.num_params(active=True)
     if master:
         print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
-              f"{tokenizer.n_vocab}; model: {n_params / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M "
-              f"active per token, {len(raw_model.moe_layers())} MoE layers "
+              f"{tokenizer.n_vocab}; model: {n_params / 1e6:.2f}M parameters, "
+              f"{n_active / 1e6:.2f}M active per token, {len(raw_model.moe_layers())} MoE layers "
               f"({dataclasses.asdict(raw_model.config)})")
 
     # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if ddp:
         # the RoPE tables are constants, and the expert biases are kept equal by end_step
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
+        model = DDP(model,
+                    device_ids=[torch.device(device).index] if device_type == "cuda" else None,
                     broadcast_buffers=False)
     optimizer = make_optimizer(raw_model, cfg, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling
-    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank, world_size)
+    # fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank,
+                           world_size)
     start_iter, best_val_loss = 0, float("inf")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1527,8 +1297,8 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         resumed_here = ckpt is not None and step == start_iter
         if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
             t_eval = time.perf_counter()
-            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device,
-                                   autocast)
+            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
+                                   device, autocast)
             if not all(math.isfinite(v) for v in losses.values()):
                 die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
                     f"{out_dir} is kept (try a lower --learning-rate)")
@@ -1539,7 +1309,8 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
                   + (f", max/mean expert load {routing['max_load_ratio']:.2f}, dropped "
                      f"{routing['dropped_tokens']}" if routing else ""))
             metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(elapsed, 3), "tokens_seen": step * tokens_per_iter, **routing}
+                       "elapsed_s": round(elapsed, 3), "tokens_seen": step * tokens_per_iter,
+                       **routing}
             log.write(metrics)
             save_checkpoint({
                 "script": "moe.py",
@@ -1603,7 +1374,8 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
             t_last, last_timed = now, step + 1
             if master:
                 record = {"iter": step, "loss": loss_value, "lr": lr,
-                          "ms_per_iter": round(1000 * dt, 3), "tokens_per_s": round(tokens_per_iter / dt, 1),
+                          "ms_per_iter": round(1000 * dt, 3),
+                          "tokens_per_s": round(tokens_per_iter / dt, 1),
                           "elapsed_s": round(now - t_start, 3)}
                 line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
                         f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
@@ -1623,14 +1395,17 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
             prefs = None
             if raw_model.moe_layers():  # NEW vs llama.py: the tokens each expert prefers
                 generator = torch.Generator().manual_seed(cfg.seed)
-                idx = get_batch(data["val"], block_size, 4 * cfg.batch_size, generator, device)[0]  # (4B, T)
+                idx = get_batch(data["val"], block_size, 4 * cfg.batch_size, generator,
+                                device)[0]  # (4B, T)
                 prefs = expert_preferences(raw_model, idx, tokenizer)
                 for layer, experts in enumerate(prefs):
                     print(f"MoE layer {layer}, tokens each expert prefers: "
                           + " | ".join(f"{e}: {' '.join(p)}" for e, p in enumerate(experts)))
             write_figures(out_dir, prefs)
-        train_seconds = max(elapsed - eval_seconds, 1e-9)  # NEW vs llama.py: throughput without the evals
-        metrics = dict(metrics, best_val_loss=best_val_loss, params=n_params, active_params=n_active,
+        # NEW vs llama.py: throughput without the evals
+        train_seconds = max(elapsed - eval_seconds, 1e-9)
+        metrics = dict(metrics, best_val_loss=best_val_loss, params=n_params,
+                       active_params=n_active,
                        tokens_per_s=round((step - start_iter) * tokens_per_iter / train_seconds, 1),
                        elapsed_s=round(elapsed, 3))
         log.write({"event": "done", **metrics})
@@ -1667,8 +1442,8 @@ def main(argv=None):
     if cfg.bench_layer:
         autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
                                       enabled=dtype != "float32")
-        return bench_layer(model_config(cfg, ByteTokenizer().n_vocab), cfg.batch_size * cfg.block_size,
-                           device, autocast)
+        return bench_layer(model_config(cfg, ByteTokenizer().n_vocab),
+                           cfg.batch_size * cfg.block_size, device, autocast)
     if ckpt is None:
         check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     try:
@@ -1676,6 +1451,282 @@ def main(argv=None):
     except torch.OutOfMemoryError:
         die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
             f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
+# -------------------------------------------------------------------------------
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
+
+
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
+
+
+def sha256_of(path):
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None, way_out="--data PATH"):
+    """Fetch `url` to `path` once: into a temp file, check the SHA-256, then rename.
+
+    An existing `path` is trusted as is. Offline or on a mismatch nothing is left behind and
+    the one-line error names the URL, the file expected and the flag that avoids the download.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); "
+            f"put the file at {path} or pass {way_out}")
+    digest = sha256_of(tmp)
+    if sha256 is not None and digest != sha256:
+        tmp.unlink()
+        die(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; "
+            f"nothing was saved (retry, or pass {way_out})")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_data(name):
+    """`--data NAME|PATH`: a dataset of DATASETS (downloaded once into data/) or a local file."""
+    if name in DATASETS:
+        url, filename, sha256 = DATASETS[name]
+        return download(url, DATA_DIR / filename, sha256)
+    path = Path(name)
+    if not path.is_file():
+        die(f"--data {name}: no such file, and not a known dataset ({', '.join(DATASETS)})")
+    return path
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    resume=None: the script has no --resume, so the message offers only --overwrite."""
+    ckpt = Path(out_dir) / "ckpt.pt"
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        choices = "" if resume is None else "--resume to continue that run or "
+        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
+    if ckpt["script"] not in scripts:
+        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
+            f"{', '.join(scripts)}")
+    return ckpt
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds):
+    """Seconds as a short human duration: 95 -> '1m35s'."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so that wall-clock timings are honest."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched against the device name
+# in this order ("A100" before "A10", "L40S" before "L4")
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12,
+                   "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device):
+    """The GPU's peak bf16 FLOP/s for MFU, or None (CPU, MPS, a GPU not in the table)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+class RunLog:
+    """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
+
+    def __init__(self, out_dir, fresh, tensorboard):
+        self.path = Path(out_dir) / "log.jsonl"
+        if fresh:
+            self.path.write_text("")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("--tensorboard: the tensorboard package is not installed; "
+                      "logging to log.jsonl only")
+            else:
+                self.writer = SummaryWriter(Path(out_dir) / "tensorboard")
+
+    def write(self, record):
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for name, value in record.items():
+                if name != "iter" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, record["iter"])
+
+
+def write_figures(out_dir, prefs=None):
+    """--plot: loss.png (from log.jsonl) and, for an MoE model (NEW vs llama.py),
+    expert_load.png: a heatmap per MoE layer of each expert's share of the routed tokens at
+    every eval, each row labelled with the tokens the expert prefers (expert_preferences)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed; no figures written (pip install matplotlib)")
+        return
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()
+               if line]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["iter"] for r in records if "loss" in r],
+            [r["loss"] for r in records if "loss" in r], lw=0.5, alpha=0.5, label="train (batch)")
+    evals = [r for r in records if "val_loss" in r]
+    for split in ("train", "val"):
+        ax.plot([r["iter"] for r in evals], [r[f"{split}_loss"] for r in evals], "o-", ms=3,
+                label=f"{split} (eval)")
+    ax.set(xlabel="iteration", ylabel="cross-entropy (nats/token)", title="loss")
+    ax.legend()
+    fig.savefig(out_dir / "loss.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    loads = [r for r in records if "expert_load" in r]
+    if loads and prefs:
+        fig, axes = plt.subplots(1, len(prefs), figsize=(4.5 * len(prefs), 4), squeeze=False)
+        for layer, ax in enumerate(axes[0]):
+            heat = np.array([r["expert_load"][layer] for r in loads]).T  # (E, evals)
+            im = ax.imshow(heat, aspect="auto", cmap="viridis", vmin=0)
+            ax.set_xticks(range(len(loads)), [r["iter"] for r in loads], rotation=90, fontsize=6)
+            ax.set_yticks(range(len(heat)),
+                          [f"{e}: {' '.join(p[:5])}" for e, p in enumerate(prefs[layer])],
+                          fontsize=7)
+            ax.set(xlabel="iteration", title=f"MoE layer {layer}: share of routed tokens")
+            fig.colorbar(im, ax=ax)
+        fig.savefig(out_dir / "expert_load.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    print(f"wrote loss.png{' and expert_load.png' if loads and prefs else ''} to {out_dir}")
 
 
 if __name__ == "__main__":

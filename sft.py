@@ -153,89 +153,14 @@ class ModelConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
 
 
-def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def field_help(cls):
-    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
-    helps = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source file (e.g. a class defined in an interactive session)
-        return helps
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def parse_config(cls, argv=None, description=None):
-    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
-
-    Returns (config, given): `given` is the set of field names set on the command line, so
-    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
-    hints, helps = typing.get_type_hints(cls), field_help(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
-
-
-def apply_preset(cfg, preset, given):
-    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
-    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
-
-
-def resolve_device(name):
-    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device mps: MPS is not available on this machine; use --device cpu")
-    return name
-
-
-def resolve_dtype(name, device):
-    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
-    if name == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
-    if name == "float16" and not device.startswith("cuda"):
-        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
-    return name
-
-
 # -------------------------------------------------------------------------------
-# Data
+# Task world
 # -------------------------------------------------------------------------------
 # NEW vs gpt.py: the byte tokenizer's special tokens. <|endoftext|> separates documents and
 # <|pad|> fills ragged batches (sft.py); the reserved ids let later stages add tokens (chat
 # roles, tool calls) without resizing the embedding of a trained model.
-BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257, **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
+BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
+                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
 
 
 class ByteTokenizer:
@@ -291,7 +216,8 @@ def padded_vocab(n_vocab):
 # stage of the alignment chain copies this section verbatim, so "accuracy" means the same
 # thing in sft.py, reward.py, dpo.py, ppo.py and grpo.py.
 TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
-PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"  # Alpaca-style (Taori et al. 2023)
+# Alpaca-style (Taori et al. 2023)
+PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 EOT = "<|endoftext|>"  # ends every response; generation stops there
 PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
 # NEW vs llama.py: the template's two markers as single tokens, in the ids of <|reserved_2|>
@@ -336,10 +262,12 @@ def make_task(family, rng, difficulty):
     if family == "reverse":
         return {"task": family, "prompt": f"Reverse the word: {word}", "answer": word[::-1]}
     if family == "sort":
-        return {"task": family, "prompt": f"Sort the letters: {word}", "answer": "".join(sorted(word))}
+        return {"task": family, "prompt": f"Sort the letters: {word}",
+                "answer": "".join(sorted(word))}
     if family == "count":
         # half the time a letter of the word, so answers are not almost always 0
-        letter = rng.choice(word) if rng.random() < 0.5 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        letter = (rng.choice(word) if rng.random() < 0.5
+                  else rng.choice("abcdefghijklmnopqrstuvwxyz"))
         return {"task": family, "prompt": f"Count the letter {letter} in: {word}",
                 "answer": str(word.count(letter))}
     raise ValueError(f"unknown task family {family!r}; expected one of {TASK_FAMILIES}")
@@ -408,21 +336,8 @@ ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+
 
 def follows_format(completion, family):
     """Format adherence: the answer has the family's shape and <|endoftext|> ends it."""
-    return EOT in completion and re.fullmatch(ANSWER_SHAPES[family], completion.split(EOT)[0]) is not None
-
-
-def mix_families(mix):
-    """--mix 'add=2,sub=2' -> the families tuple whose entries make_tasks shares n out to
-    equally, so a family listed twice gets twice the problems (a weight of 0 drops it)."""
-    weights = dict.fromkeys(TASK_FAMILIES, 1)
-    for item in filter(None, mix.split(",")):
-        name, _, weight = item.partition("=")
-        if name not in weights or not weight.isdigit():
-            die(f"--mix {mix}: expected family=weight pairs, families {', '.join(TASK_FAMILIES)}")
-        weights[name] = int(weight)
-    if not any(weights.values()):
-        die(f"--mix {mix}: every family has weight 0")
-    return tuple(f for f in TASK_FAMILIES for _ in range(weights[f]))
+    return (EOT in completion
+            and re.fullmatch(ANSWER_SHAPES[family], completion.split(EOT)[0]) is not None)
 
 
 def make_classify_examples(n, split, seed, difficulty):
@@ -442,44 +357,6 @@ def make_classify_examples(n, split, seed, difficulty):
             out.append({"task": "classify", "prompt": f"Is this correct? {equation} = {result}",
                         "label": label, "level": ex["level"]})
     return out
-
-
-def encode_example(tok, ex, mask_prompt):
-    """Model input and per-position targets for prompt + answer + <|endoftext|>.
-
-    targets[t] is the token that should follow input[t] (the ids shifted left by one). With
-    mask_prompt the prompt's targets are IGNORE_INDEX: the model is not trained to write the
-    instruction, only the answer and the end-of-text token that teaches it to stop.
-    """
-    prompt_ids = encode_prompt(tok, ex["prompt"])
-    ids = prompt_ids + tok.encode_ordinary(ex["answer"]) + [tok.special[EOT]]
-    targets = ids[1:]
-    if mask_prompt:
-        n = len(prompt_ids) - 1  # targets[n] is the first answer token: keep it and after
-        targets = [IGNORE_INDEX] * n + targets[n:]
-    return ids[:-1], targets
-
-
-def encode_classify(tok, ex):
-    """Classification as the same masked loss: only the last prompt position has a target,
-    the class id (read by the class head that replaces the LM head)."""
-    ids = encode_prompt(tok, ex["prompt"])
-    return ids, [IGNORE_INDEX] * (len(ids) - 1) + [ex["label"]]
-
-
-def collate(batch, pad_id):
-    """Right-pad a list of (ids, targets) to the longest one -> idx, targets (B, T) tensors.
-
-    Padding positions get IGNORE_INDEX targets (no loss); with causal attention a padding
-    token sits *after* every real one, so it changes no real position's output.
-    """
-    T = max(len(ids) for ids, _ in batch)
-    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    tgt = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, targets) in enumerate(batch):
-        idx[i, :len(ids)] = torch.tensor(ids)
-        tgt[i, :len(targets)] = torch.tensor(targets)
-    return idx, tgt
 
 
 # -------------------------------------------------------------------------------
@@ -520,7 +397,8 @@ def rope_cos_sin(pos, hs, theta):
     a full turn every ~60k tokens (theta = 10^4), so both near and far offsets stay distinct.
     Computed in float64: 10^4 tokens into a stream float32 angles would be off by ~1e-3 rad.
     """
-    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64, device=pos.device) / hs)  # (hs/2,)
+    # (hs/2,)
+    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64, device=pos.device) / hs)
     angles = pos.double()[:, None] * inv_freq[None, :]  # (T, 1) * (1, hs/2) -> (T, hs/2)
     return angles.cos().float(), angles.sin().float()
 
@@ -643,7 +521,8 @@ class CausalSelfAttention(nn.Module):
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
         qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
-        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        # (B, nkv, T, hs)
+        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)
         q_sink = None
         if rope is not None:  # cos, sin: (T, 1, hs/2), broadcast over the heads
             (cos, sin), sink_rope = rope
@@ -667,7 +546,8 @@ class CausalSelfAttention(nn.Module):
             mask = attention_mask(pos, kpos, self.window, self.sinks)  # (T, Tk)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                enable_gqa=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+        # (B, T, nh, hs) -> (B, T, C): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def sink_attention(self, q, k, v, q_sink, pos, kpos):
@@ -686,9 +566,12 @@ class CausalSelfAttention(nn.Module):
         rep = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, Tk, hs)
         S = self.sinks  # positions 0..S-1 are the first S keys, in a full pass and in the cache
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
-        att_sink = (q_sink @ k[:, :, :S].transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))  # (B, nh, T, S)
-        outside = kpos[None, :S] <= pos[:, None] - self.window  # (T, S): seen as a sink, not in the window
+        # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))
+        # (B, nh, T, S)
+        att_sink = (q_sink @ k[:, :, :S].transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))
+        # (T, S): seen as a sink, not in the window
+        outside = kpos[None, :S] <= pos[:, None] - self.window
         att = torch.cat((torch.where(outside, att_sink, att[..., :S]), att[..., S:]), dim=-1)
         mask = attention_mask(pos, kpos, self.window, S)  # (T, Tk)
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # rows sum to 1
@@ -825,7 +708,8 @@ class Llama(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) @ (C, V) -> (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T),
+                               ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
@@ -839,7 +723,170 @@ class Llama(nn.Module):
 
 
 # -------------------------------------------------------------------------------
-# Generation
+# LoRA
+# -------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, arXiv:2106.09685).
+
+    h = W x + (alpha / r) B A x  (Eq. 3), with A (r, in) random and B (out, r) zero at the
+    start, so the adapted model first computes exactly what the base model did. Only r*(in+out)
+    numbers per matrix are trained instead of in*out.
+    """
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of the reference loralib
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        # (B, T, in) @ (in, r) @ (r, out): never materialise the (out, in) update
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def merged(self):
+        """An nn.Linear with W + (alpha/r) B A: same outputs, no extra cost at inference."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
+        lin.weight.data.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
+        return lin.to(self.base.weight.device)
+
+
+def apply_lora(model, rank, alpha):
+    """Freeze every weight, then wrap the attention and MLP projections of each block with
+    LoRA adapters (trainable). Embeddings and norms stay frozen; main() unfreezes the head."""
+    model.requires_grad_(False)
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
+    return model
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by its merged nn.Linear, in place: the state_dict then has the
+    base model's keys, so the next stage (or llama.py-format tools) can load it as is."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return model
+
+
+# -------------------------------------------------------------------------------
+# Data
+# -------------------------------------------------------------------------------
+def mix_families(mix):
+    """--mix 'add=2,sub=2' -> the families tuple whose entries make_tasks shares n out to
+    equally, so a family listed twice gets twice the problems (a weight of 0 drops it)."""
+    weights = dict.fromkeys(TASK_FAMILIES, 1)
+    for item in filter(None, mix.split(",")):
+        name, _, weight = item.partition("=")
+        if name not in weights or not weight.isdigit():
+            die(f"--mix {mix}: expected family=weight pairs, families {', '.join(TASK_FAMILIES)}")
+        weights[name] = int(weight)
+    if not any(weights.values()):
+        die(f"--mix {mix}: every family has weight 0")
+    return tuple(f for f in TASK_FAMILIES for _ in range(weights[f]))
+
+
+def encode_example(tok, ex, mask_prompt):
+    """Model input and per-position targets for prompt + answer + <|endoftext|>.
+
+    targets[t] is the token that should follow input[t] (the ids shifted left by one). With
+    mask_prompt the prompt's targets are IGNORE_INDEX: the model is not trained to write the
+    instruction, only the answer and the end-of-text token that teaches it to stop.
+    """
+    prompt_ids = encode_prompt(tok, ex["prompt"])
+    ids = prompt_ids + tok.encode_ordinary(ex["answer"]) + [tok.special[EOT]]
+    targets = ids[1:]
+    if mask_prompt:
+        n = len(prompt_ids) - 1  # targets[n] is the first answer token: keep it and after
+        targets = [IGNORE_INDEX] * n + targets[n:]
+    return ids[:-1], targets
+
+
+def encode_classify(tok, ex):
+    """Classification as the same masked loss: only the last prompt position has a target,
+    the class id (read by the class head that replaces the LM head)."""
+    ids = encode_prompt(tok, ex["prompt"])
+    return ids, [IGNORE_INDEX] * (len(ids) - 1) + [ex["label"]]
+
+
+def collate(batch, pad_id):
+    """Right-pad a list of (ids, targets) to the longest one -> idx, targets (B, T) tensors.
+
+    Padding positions get IGNORE_INDEX targets (no loss); with causal attention a padding
+    token sits *after* every real one, so it changes no real position's output.
+    """
+    T = max(len(ids) for ids, _ in batch)
+    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    tgt = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, targets) in enumerate(batch):
+        idx[i, :len(ids)] = torch.tensor(ids)
+        tgt[i, :len(targets)] = torch.tensor(targets)
+    return idx, tgt
+
+
+def competence(step, total, c0=0.1):
+    """Fraction of the (easy -> hard sorted) training set in play at `step`: the square-root
+    schedule of Platanios et al. 2019 (arXiv:1903.09848), from c0 to 1 at step `total`."""
+    if total <= 0:
+        return 1.0
+    return min(1.0, math.sqrt(step * (1 - c0 ** 2) / total + c0 ** 2))
+
+
+def curriculum_order(examples, encoded):
+    """Indices of the examples from easy to hard: by difficulty level, then token length."""
+    return sorted(range(len(examples)), key=lambda i: (examples[i]["level"], len(encoded[i][0])))
+
+
+def get_batch(encoded, batch_size, generator, pool, pad_id, device):
+    """Draw batch_size examples at random from the first `pool` of `encoded` and collate them.
+
+    With the curriculum, `encoded` is sorted easy -> hard and `pool` grows with competence;
+    without it, pool = everything (plain random order).
+    """
+    ix = torch.randint(pool, (batch_size,), generator=generator).tolist()
+    idx, tgt = collate([encoded[i] for i in ix], pad_id)
+    return idx.to(device), tgt.to(device)
+
+
+# -------------------------------------------------------------------------------
+# Training
+# -------------------------------------------------------------------------------
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, eval_iters, batch_size, pad_id, device, ctx):
+    """Mean masked loss over fixed batches of each split (no RNG used: resume stays exact)."""
+    model.eval()
+    out = {}
+    for name, encoded in splits.items():
+        losses = []
+        for k in range(eval_iters):
+            chunk = encoded[k * batch_size:(k + 1) * batch_size]
+            if not chunk:
+                break
+            idx, tgt = collate(chunk, pad_id)
+            with ctx:
+                losses.append(model(idx.to(device), tgt.to(device))[1].item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+# -------------------------------------------------------------------------------
+# Generation & evaluation
 # -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
@@ -940,101 +987,6 @@ def completion_text(tok, ids):
     return tok.decode([i for i in ids if i < tok.n_vocab])
 
 
-# -------------------------------------------------------------------------------
-# Training utilities
-# -------------------------------------------------------------------------------
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, arXiv:2106.09685).
-
-    h = W x + (alpha / r) B A x  (Eq. 3), with A (r, in) random and B (out, r) zero at the
-    start, so the adapted model first computes exactly what the base model did. Only r*(in+out)
-    numbers per matrix are trained instead of in*out.
-    """
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of the reference loralib
-        self.scaling = alpha / rank
-
-    def forward(self, x):
-        # (B, T, in) @ (in, r) @ (r, out): never materialise the (out, in) update
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
-
-    def merged(self):
-        """An nn.Linear with W + (alpha/r) B A: same outputs, no extra cost at inference."""
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
-        lin.weight.data.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
-        return lin.to(self.base.weight.device)
-
-
-def apply_lora(model, rank, alpha):
-    """Freeze every weight, then wrap the attention and MLP projections of each block with
-    LoRA adapters (trainable). Embeddings and norms stay frozen; main() unfreezes the head."""
-    model.requires_grad_(False)
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, LoRALinear(child, rank, alpha))
-    return model
-
-
-def merge_lora(model):
-    """Replace every LoRALinear by its merged nn.Linear, in place: the state_dict then has the
-    base model's keys, so the next stage (or llama.py-format tools) can load it as is."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, name, child.merged())
-    return model
-
-
-def competence(step, total, c0=0.1):
-    """Fraction of the (easy -> hard sorted) training set in play at `step`: the square-root
-    schedule of Platanios et al. 2019 (arXiv:1903.09848), from c0 to 1 at step `total`."""
-    if total <= 0:
-        return 1.0
-    return min(1.0, math.sqrt(step * (1 - c0 ** 2) / total + c0 ** 2))
-
-
-def curriculum_order(examples, encoded):
-    """Indices of the examples from easy to hard: by difficulty level, then token length."""
-    return sorted(range(len(examples)), key=lambda i: (examples[i]["level"], len(encoded[i][0])))
-
-
-def get_batch(encoded, batch_size, generator, pool, pad_id, device):
-    """Draw batch_size examples at random from the first `pool` of `encoded` and collate them.
-
-    With the curriculum, `encoded` is sorted easy -> hard and `pool` grows with competence;
-    without it, pool = everything (plain random order).
-    """
-    ix = torch.randint(pool, (batch_size,), generator=generator).tolist()
-    idx, tgt = collate([encoded[i] for i in ix], pad_id)
-    return idx.to(device), tgt.to(device)
-
-
-@torch.no_grad()
-def estimate_loss(model, splits, eval_iters, batch_size, pad_id, device, ctx):
-    """Mean masked loss over fixed batches of each split (no RNG used: resume stays exact)."""
-    model.eval()
-    out = {}
-    for name, encoded in splits.items():
-        losses = []
-        for k in range(eval_iters):
-            chunk = encoded[k * batch_size:(k + 1) * batch_size]
-            if not chunk:
-                break
-            idx, tgt = collate(chunk, pad_id)
-            with ctx:
-                losses.append(model(idx.to(device), tgt.to(device))[1].item())
-        out[name] = sum(losses) / len(losses)
-    model.train()
-    return out
-
-
 @torch.no_grad()
 def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx):
     """Greedy answers to the test problems -> exact-match accuracy and format adherence.
@@ -1101,65 +1053,6 @@ def show_samples(metrics, k=6):
             lines.append(f"[{mark}] {ex['prompt']!r} -> {completion!r} (gold {ex['answer']!r})")
     print("\n".join(lines))
     return lines
-
-
-def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / (warmup_iters + 1)
-    if step >= lr_decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
-    resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
-    if resume and not ckpt.is_file():
-        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
-    if ckpt.is_file() and not (resume or overwrite):
-        choices = "" if resume is None else "--resume to continue that run or "
-        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
-
-
-def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects ...
-        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
-        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
-    if ckpt["script"] not in scripts:
-        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
-            f"{', '.join(scripts)}")
-    return ckpt
-
-
-def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def format_eta(seconds):
-    """Seconds as a short human duration: 95 -> '1m35s'."""
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 # -------------------------------------------------------------------------------
@@ -1259,7 +1152,8 @@ def main(argv=None):
 
     # ---- tokenizer and model: a resumed run, a llama.py checkpoint, or from scratch ----
     resumed = load_checkpoint(ckpt_path, ("sft.py",)) if cfg.resume else None
-    init = load_checkpoint(cfg.init_from, ("llama.py", "sft.py")) if cfg.init_from and not resumed else None
+    init = (load_checkpoint(cfg.init_from, ("llama.py", "sft.py"))
+            if cfg.init_from and not resumed else None)
     source, source_path = (resumed, ckpt_path) if resumed else (init, cfg.init_from)
     if source is not None:
         tok, model_args = tokenizer_from(source, source_path), source["model_args"]
@@ -1294,7 +1188,8 @@ def main(argv=None):
     try:
         if cfg.task == "generate":
             # the test set keeps equal shares: the accuracy is a plain mean over families
-            train_ex = make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty, mix_families(cfg.mix))
+            train_ex = make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty,
+                                  mix_families(cfg.mix))
             test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
         else:
             train_ex = make_classify_examples(cfg.n_train, "train", cfg.seed, cfg.difficulty)
@@ -1375,7 +1270,8 @@ def main(argv=None):
                         "best_val_loss": best_val,
                         "tokenizer": {"kind": "byte", "special": dict(tok.special)},
                         "rng": {"torch": torch.get_rng_state(),
-                                "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
+                                "cuda": (torch.cuda.get_rng_state_all()
+                                         if device_type == "cuda" else []),
                                 "data": data_state}}
                 if cfg.lora_rank:
                     ckpt["lora"] = raw_model.state_dict()  # frozen base + adapters, to resume
@@ -1451,6 +1347,134 @@ def main(argv=None):
     append_jsonl(log_path, done)
     print(f"done in {format_eta(wall)}: accuracy {done['accuracy']:.3f}")
     return done
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
+# -------------------------------------------------------------------------------
+def die(msg):
+    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def field_help(cls):
+    """Help text of each dataclass field: the trailing `# comment` on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except OSError:  # no source file (e.g. a class defined in an interactive session)
+        return helps
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build the CLI from a dataclass (`max_iters` -> `--max-iters`, bools get `--x/--no-x`).
+
+    Returns (config, given): `given` is the set of field names set on the command line, so
+    a GPU preset can fill in only the fields the user left alone (see `apply_preset`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.error = die  # a bad flag is a user mistake: one line, exit status 2
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
+
+
+def apply_preset(cfg, preset, given):
+    """Overwrite with `preset` (a dict) every field the user did not set on the command line."""
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def resolve_device(name):
+    """auto = cuda, else mps, else cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        die(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """auto = bf16 on CUDA with bf16 support, fp16 (+GradScaler) on older CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype {name}: expected auto, float32, bfloat16 or float16")
+    if name == "float16" and not device.startswith("cuda"):
+        die("--dtype float16 needs CUDA (GradScaler); use bfloat16 or float32 on this device")
+    return name
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    resume=None: the script has no --resume, so the message offers only --overwrite."""
+    ckpt = Path(out_dir) / "ckpt.pt"
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        choices = "" if resume is None else "--resume to continue that run or "
+        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts):
+    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        die(f"cannot read checkpoint {path} (corrupted or truncated?): {type(e).__name__}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a checkpoint of this project (no 'script'/'model' keys)")
+    if ckpt["script"] not in scripts:
+        die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
+            f"{', '.join(scripts)}")
+    return ckpt
+
+
+def append_jsonl(path, record):
+    """Append one JSON record as a line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds):
+    """Seconds as a short human duration: 95 -> '1m35s'."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def plot_accuracy(metrics, path):

@@ -196,6 +196,28 @@ def test_help_and_smoke(tmp_path, names_file, capsys):
     assert e.value.code == 2 and "--overwrite" in one_line_error(capsys)
 
 
+def test_smoothing_zero_logs_null_not_infinity(tmp_path, names_file, capsys):
+    """Raw counts give an unseen val/test bigram probability 0: an infinite loss, printed as
+    inf but logged as null, so that log.jsonl stays strict JSON."""
+    def reject(constant):
+        raise ValueError(f"log.jsonl holds {constant}, which strict JSON parsers reject")
+
+    out = tmp_path / "out"
+    m = run(["--smoothing", "0", "--max-iters", "2", "--eval-interval", "1",
+             "--num-samples", "2"], out, names_file)
+    # val has a bigram unseen in train: log(0). test has a character that never comes first in
+    # a train bigram: its row of counts is all zeros, 0/0 = nan. Neither is a number in JSON
+    assert math.isinf(m["counts"]["val_loss"]) and math.isnan(m["counts"]["test_loss"])
+    assert " inf " in capsys.readouterr().out
+    log = [json.loads(line, parse_constant=reject)
+           for line in (out / "log.jsonl").read_text().splitlines()]
+    done = {r["model"]: r for r in log if r.get("event") == "done"}
+    assert done["counts"]["val_loss"] is None and done["counts"]["test_loss"] is None
+    assert done["counts"]["perplexity"] is None
+    assert done["counts"]["train_loss"] == m["counts"]["train_loss"]  # finite values stay
+    assert done["neural"]["test_loss"] == m["neural"]["test_loss"]
+
+
 def test_corrupted_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(SystemExit) as e:

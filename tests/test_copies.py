@@ -77,3 +77,35 @@ def test_scripts_import_no_other_script(script):
         else:
             continue
         assert not modules.intersection(names), f"{script} imports another root script: {names}"
+
+
+# the machinery a reader who came for the idea can skip: it lives below the Plumbing banner
+PLUMBING_BANNER = ("# Plumbing (the same in every script; tests/test_copies.py keeps the copies "
+                   "identical)")
+PLUMBING_FUNCTIONS = ["die", "field_help", "parse_config", "apply_preset", "resolve_device",
+                      "resolve_dtype", "sha256_of", "download", "resolve_data", "check_out_dir",
+                      "save_checkpoint", "load_checkpoint", "append_jsonl", "format_eta"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_concept_first_and_plumbing_last(script):
+    """Issue 17: the concept starts within 300 lines, the shared machinery sits below one final
+    Plumbing banner, and the file ends with the `__main__` guard."""
+    path = ROOT / script
+    if not path.is_file():
+        pytest.skip(f"{script} not written yet")
+    source = path.read_text()
+    lines = source.splitlines()
+    assert lines.count(PLUMBING_BANNER) == 1, f"{script}: no (or more than one) Plumbing banner"
+    banner = lines.index(PLUMBING_BANNER) + 1  # 1-based line number
+    tree = ast.parse(source)
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    for node in defs:
+        if node.name in PLUMBING_FUNCTIONS:
+            assert node.lineno > banner, f"{script}: {node.name} is defined above the Plumbing banner"
+    concept = next(n for n in defs if n.name not in ("Config", "ModelConfig"))
+    assert concept.lineno <= 300, f"{script}: the concept starts at line {concept.lineno}"
+    assert concept.name not in PLUMBING_FUNCTIONS
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and "__main__" in ast.get_source_segment(source, last.test)
+    assert max(len(line) for line in lines) <= 100, f"{script}: a line over 100 characters"
