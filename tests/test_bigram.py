@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bigram
+from conftest import assert_png
 
 NAMES = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn",
          "abigail", "emily", "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila",
@@ -266,7 +267,7 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "c.png").exists()
 
 
-def test_plot_writes_png(tmp_path):
+def test_plot_writes_png(tmp_path, names_file):
     pytest.importorskip("matplotlib")
-    bigram.plot_counts(torch.ones(3, 3), ".ab", tmp_path / "c.png")
-    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    run(["--max-iters", "2", "--plot"], tmp_path / "out", names_file)
+    assert_png(tmp_path / "out" / "bigram_counts.png")

@@ -17,6 +17,7 @@ import tiktoken
 
 import bpe
 from bpe import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer
+from conftest import assert_png
 
 ROOT = Path(__file__).resolve().parent.parent
 EOT = "<|endoftext|>"
@@ -251,7 +252,7 @@ def test_plot_writes_a_figure(tmp_path):
     data.write_text(SAMPLE)
     bpe.main(["--data", str(data), "--vocab-size", "300", "--out-dir", str(tmp_path),
               "--no-compare", "--plot"])
-    assert (tmp_path / "compression.png").stat().st_size > 0
+    assert_png(tmp_path / "compression.png")
 
 
 def test_gpt2_reproduced_from_tiktoken_ranks():

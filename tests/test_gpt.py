@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import gpt
+from conftest import assert_png
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = gpt.ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -359,6 +360,9 @@ def test_plot_writes_the_three_figures(text_file, tmp_path, monkeypatch):
     assert all((tmp_path / f).is_file() for f in ("loss.png", "attention.png", "positions.png"))
     if shown is not None:  # 2 layers x 2 heads of (T, T) attention; (C, T) and (T, T) positions
         assert shown == [(16, 16)] * 4 + [(32, 16), (16, 16)]  # the sample cropped to T
+    else:  # real matplotlib (CI installs it): real PNGs of sane size
+        for f in ("loss.png", "attention.png", "positions.png"):
+            assert_png(tmp_path / f)
 
 
 def test_tensorboard_mirrors_the_log(text_file, tmp_path, monkeypatch):

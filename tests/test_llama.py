@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
+from conftest import assert_png
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -329,7 +330,8 @@ def test_bad_flag_combination_exits_2(tmp_path):
 def test_plot_writes_figures(tmp_path):
     pytest.importorskip("matplotlib")
     llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "1", "--log-grad-norms", "--plot"))
-    assert (tmp_path / "out" / "loss.png").is_file() and (tmp_path / "out" / "grad_norms.png").is_file()
+    for name in ("loss.png", "grad_norms.png"):
+        assert_png(tmp_path / "out" / name)
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import mlp
+from conftest import assert_png
 
 TINY = ["--block-size", "4", "--n-embd", "8", "--n-hidden", "32", "--batch-size", "16",
         "--eval-iters", "2", "--log-interval", "1", "--device", "cpu"]
@@ -310,8 +311,8 @@ def test_plot_writes_pngs_or_says_matplotlib_is_missing(tmp_path, names_file, ca
         assert not (tmp_path / "out").exists()  # refused before any work
     else:
         run(tmp_path, names_file, "--max-iters", "2", "--plot")
-        assert (tmp_path / "out" / "embeddings.png").is_file()
-        assert (tmp_path / "out" / "loss.png").is_file()
+        assert_png(tmp_path / "out" / "embeddings.png")
+        assert_png(tmp_path / "out" / "loss.png")
 
 
 def test_max_time_stops_early_and_decays_the_lr_by_the_clock(tmp_path, names_file, monkeypatch,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moe
+from conftest import assert_png
 
 TINY = dict(vocab_size=320, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
             n_experts=4, experts_per_token=2, expert_hidden=16, balance="aux", z_loss_coef=0.0,
@@ -235,7 +236,7 @@ def test_dense_path_is_llama_py(text_file, tmp_path):
 def test_main_smoke_writes_routing_stats_and_samples(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = moe.main(TINY_FLAGS + ["--data", str(text_file), "--max-iters", "2", "--out-dir", str(out),
-                                     "--dense-layers", "1", "--capacity-factor", "1.0", "--plot"])
+                                     "--dense-layers", "1", "--capacity-factor", "1.0"])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r and "event" not in r]
     assert len(evals[-1]["expert_load"]) == 1 and len(evals[-1]["expert_load"][0]) == 4
@@ -243,10 +244,32 @@ def test_main_smoke_writes_routing_stats_and_samples(text_file, tmp_path, capsys
     assert {"routing_entropy", "dropped_tokens", "max_load_ratio"} <= evals[-1].keys()
     assert records[-1]["event"] == "done" and math.isfinite(metrics["val_loss"])
     assert metrics["params"] > metrics["active_params"]  # 2 of 4 experts run per token
-    assert "MoE layer 0, tokens each expert prefers: 0:" in capsys.readouterr().out  # --plot
     samples = moe.main(["--sample-only", "--out-dir", str(out), "--max-new-tokens", "20",
                         "--prompt", "First", "--num-samples", "1", "--device", "cpu"])["samples"]
     assert len(samples) == 1 and samples[0].startswith("First")
+
+
+def test_plot_writes_loss_and_expert_load_pngs(text_file, tmp_path, capsys):
+    """--plot prints each expert's preferred tokens, then draws loss.png and expert_load.png
+    (one heatmap per MoE layer: 2 here); without matplotlib it says so and draws nothing."""
+    try:
+        import matplotlib  # noqa: F401
+        have_matplotlib = True
+    except ImportError:
+        have_matplotlib = False
+    out = tmp_path / "run"
+    moe.main(TINY_FLAGS + ["--data", str(text_file), "--max-iters", "2", "--eval-interval", "1",
+                           "--out-dir", str(out), "--plot"])
+    printed = capsys.readouterr().out
+    assert "MoE layer 0, tokens each expert prefers: 0:" in printed
+    assert "MoE layer 1, tokens each expert prefers: 0:" in printed
+    if have_matplotlib:
+        assert_png(out / "loss.png")
+        width, height = assert_png(out / "expert_load.png")
+        assert width > height  # two heatmaps side by side
+    else:
+        assert "matplotlib is not installed" in printed
+        assert not (out / "loss.png").exists() and not (out / "expert_load.png").exists()
 
 
 def test_help_and_bad_flag(capsys):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
+from conftest import assert_png
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=320, block_size=96, n_layer=2, n_head=2, n_embd=32, n_kv_head=1)
@@ -312,6 +313,12 @@ def test_lora_run_saves_merged_llama_keys_and_resumes(tmp_path):
     model = sft.apply_lora(tiny_model(), 2, 16.0)
     adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert adapters > 0 and done["trainable_params"] == adapters + model.lm_head.weight.numel()
+
+
+def test_plot_writes_accuracy_by_task_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    sft.main(TINY_FLAGS + ["--max-iters", "1", "--out-dir", str(tmp_path), "--plot"])
+    assert_png(tmp_path / "accuracy_by_task.png")
 
 
 def test_classify_main(tmp_path):
