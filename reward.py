@@ -63,7 +63,8 @@ class Config:
     out_dir: str = "out/reward"  # ckpt.pt, log.jsonl and the figures go here
     init_from: str = "out/sft/ckpt.pt"  # the sft.py checkpoint: RM backbone and policy to sample
     pairs: str = "both"  # synthetic (hand-made mistakes) | policy (the SFT policy's) | both
-    n_train: int = 3000  # training problems to build pairs from (train split of the task world)
+    n_train: int = 3000  # training problems for synthetic pairs (train split of the task world)
+    n_policy: int = 3000  # of those, the first n_policy also get on-policy pairs (sampling costs)
     policy_samples: int = 4  # answers sampled per training problem for on-policy pairs
     policy_temperature: float = 1.0  # temperature of those samples (and of best-of-n)
     policy_pairs_per_prompt: int = 2  # at most this many on-policy pairs per problem
@@ -72,6 +73,7 @@ class Config:
     margin_weight: float = 0.0  # bt: m = weight * pair margin (how wrong the rejected is); 0 = off
     hinge_margin: float = 1.0  # hinge: the reward gap asked of every pair
     center: float = 0.01  # reward centering: + center * mean((r_c + r_r)^2)
+    extra_layers: int = 2  # new blocks on top of the SFT trunk, identity at the start
     lora_rank: int = 0  # LoRA rank on attention and MLP projections; 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA scaling is alpha / r
     max_iters: int = 600  # optimizer steps
@@ -101,6 +103,7 @@ GPU_PRESET = dict(n_train=20000, policy_samples=8, max_iters=3000, batch_size=64
 # choices and cross-field rules are in check_config
 RULES = {
     "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
+    "n_policy": (lambda v: v >= 0, "an integer >= 0"),
     "policy_samples": (lambda v: v >= 1, "an integer >= 1"),
     "policy_temperature": (lambda v: v > 0, "a number > 0"),
     "policy_pairs_per_prompt": (lambda v: v >= 1, "an integer >= 1"),
@@ -108,6 +111,7 @@ RULES = {
     "margin_weight": (lambda v: v >= 0, "a number >= 0"),
     "hinge_margin": (lambda v: v > 0, "a number > 0"),
     "center": (lambda v: v >= 0, "a number >= 0"),
+    "extra_layers": (lambda v: 0 <= v <= 16, "an integer in 0..16"),
     "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
     "lora_alpha": (lambda v: v > 0, "a number > 0"),
     "max_iters": (lambda v: v >= 0, "an integer >= 0"),
@@ -189,6 +193,30 @@ def build_reward_model(model_args):
     model = Llama(ModelConfig(**dict(model_args, dropout=0.0)))
     model.lm_head = nn.Linear(model_args["n_embd"], 1, bias=False)  # NEW vs sft.py: (C, 1)
     nn.init.zeros_(model.lm_head.weight)
+    return model
+
+
+def rm_from_sft(model_args, sft_state):
+    """The reward model initialised from an SFT state dict: the trunk's weights, the new
+    scalar head at zero, and the blocks model_args has beyond the SFT model's (if any) with
+    their output projections at zero, so each starts as the identity on the residual stream.
+
+    Why extra blocks: to judge "47 + 38 = 95" the RM must compare each answer token with the
+    token the SFT model would have written there. That prediction is only complete at the top
+    of the SFT trunk, in the position before; comparing it with the token that follows, then
+    gathering the verdicts at the last token, takes two more attention hops than the trunk
+    has. Two new blocks give them (the held-out pair accuracy table in the README measures it).
+    """
+    model = build_reward_model(model_args)
+    missing, _ = model.load_state_dict({k: v for k, v in sft_state.items()
+                                        if not k.startswith("lm_head.")}, strict=False)
+    n_sft = 1 + max(int(k.split(".")[2]) for k in sft_state if k.startswith("transformer.h."))
+    for block in model.transformer.h[n_sft:]:
+        nn.init.zeros_(block.attn.c_proj.weight)
+        nn.init.zeros_(block.mlp.c_proj.weight)
+    new = {k for k in missing if not any(k.startswith(f"transformer.h.{i}.")
+                                         for i in range(n_sft, model_args["n_layer"]))}
+    assert new == {"lm_head.weight"}, new  # all else comes from SFT
     return model
 
 
@@ -1078,13 +1106,13 @@ def evaluate_rm(model, tok, pairs, examples, samples, best_of, device, ctx, batc
     rewards = score(model, tok, [ex["prompt"] for ex, _ in flat], [x for _, x in flat],
                     device, batch_size, ctx)
     labels = torch.tensor([acceptable(x, ex["answer"]) for ex, x in flat])
-    lengths = [len(tok.encode(x, [EOT])) for _, x in flat]
+    n_tokens = [len(tok.encode(x, [EOT])) for _, x in flat]  # response lengths
     by_task = defaultdict(list)
     for i, (ex, _) in enumerate(flat):
         by_task[ex["task"]].append(i)
     m["auc"] = auc(rewards, labels)
     m["auc_by_task"] = {t: auc(rewards[ix], labels[ix]) for t, ix in by_task.items()}
-    m["length_corr_by_task"] = {t: pearson(rewards[ix], [lengths[i] for i in ix])
+    m["length_corr_by_task"] = {t: pearson(rewards[ix], [n_tokens[i] for i in ix])
                                 for t, ix in by_task.items()}
     m["length_corr"] = max(abs(c) for c in m["length_corr_by_task"].values())
     m["sample_acceptable_rate"] = labels.float().mean().item()
@@ -1336,21 +1364,22 @@ def score_only(cfg, device, ctx):
     return {"reward": r, "normalised": z}
 
 
-def build_pairs(cfg, policy, tok, examples, k, device, ctx, seed):
-    """Pairs of the sources --pairs asks for, from `examples`; the on-policy samples are
+def build_pairs(cfg, policy, tok, examples, n_policy, k, device, ctx, seed):
+    """Pairs of the sources --pairs asks for: synthetic ones from every problem of
+    `examples`, on-policy ones from the first n_policy, k samples each (k >= policy_samples:
+    the first policy_samples make the pairs; n_policy = 0: no sampling). The samples are
     drawn with their own generator (seed), so train and test pairs do not share a stream.
-    Returns (pairs, samples) with samples[i] the k policy answers to examples[i] (or None)."""
-    rng, samples = random.Random(seed), None
+    Returns (pairs, samples), samples[i] the k policy answers to examples[i], i < n_policy."""
+    rng, samples = random.Random(seed), []
     pairs = []
     if cfg.pairs in ("synthetic", "both"):
         pairs += synthetic_pairs(examples, cfg.synthetic_per_prompt, rng)
-    if cfg.pairs in ("policy", "both") or k:
+    if n_policy:
         gen = torch.Generator(device=device).manual_seed(seed)
-        samples = sample_answers(policy, tok, examples, k or cfg.policy_samples,
-                                 cfg.policy_temperature, cfg.eval_max_new_tokens,
-                                 cfg.eval_batch_size, device, ctx, gen)
+        samples = sample_answers(policy, tok, examples[:n_policy], k, cfg.policy_temperature,
+                                 cfg.eval_max_new_tokens, cfg.eval_batch_size, device, ctx, gen)
     if cfg.pairs in ("policy", "both"):
-        pairs += policy_pairs(examples, [s[:cfg.policy_samples] for s in samples],
+        pairs += policy_pairs(examples[:n_policy], [s[:cfg.policy_samples] for s in samples],
                               cfg.policy_pairs_per_prompt, rng)
     return pairs, samples
 
@@ -1396,11 +1425,10 @@ def main(argv=None):
     # ---- the SFT policy (samples answers, frozen) and the RM (its copy with a scalar head) ----
     policy, tok, sft_ckpt = load_sft(cfg.init_from, device)
     sft_cfg = sft_ckpt["config"]
-    model_args = dict(sft_ckpt["model_args"], dropout=0.0)
-    model = build_reward_model(model_args)
-    missing, _ = model.load_state_dict({k: v for k, v in sft_ckpt["model"].items()
-                                        if not k.startswith("lm_head.")}, strict=False)
-    assert missing == ["lm_head.weight"], missing  # everything but the new head comes from SFT
+    # NEW vs sft.py: --extra-layers blocks on top of the SFT trunk (see rm_from_sft)
+    model_args = dict(sft_ckpt["model_args"], dropout=0.0,
+                      n_layer=sft_ckpt["model_args"]["n_layer"] + cfg.extra_layers)
+    model = rm_from_sft(model_args, sft_ckpt["model"])
     n_total = sum(p.numel() for p in model.parameters())
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
@@ -1420,13 +1448,18 @@ def main(argv=None):
         test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
     except (ValueError, KeyError) as e:
         die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
+    random.Random(cfg.seed).shuffle(train_ex)  # make_tasks lists family by family: mix them,
+    # so that the first n_policy problems (the on-policy ones) cover every family
     longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
     if longest + cfg.eval_max_new_tokens > model_args["block_size"]:
         die(f"prompts of {longest} tokens + --eval-max-new-tokens {cfg.eval_max_new_tokens} "
             f"exceed the context of {cfg.init_from} ({model_args['block_size']} tokens)")
     t0 = time.time()
-    train_pairs, _ = build_pairs(cfg, policy, tok, train_ex, 0, device, ctx, cfg.seed)
-    test_pairs, test_samples = build_pairs(cfg, policy, tok, test_ex, max(best_of), device, ctx,
+    n_policy = 0 if cfg.pairs == "synthetic" else cfg.n_policy
+    train_pairs, _ = build_pairs(cfg, policy, tok, train_ex, n_policy, cfg.policy_samples,
+                                 device, ctx, cfg.seed)
+    test_pairs, test_samples = build_pairs(cfg, policy, tok, test_ex, len(test_ex),
+                                           max(best_of + [cfg.policy_samples]), device, ctx,
                                            cfg.seed + 1)
     if not train_pairs or not test_pairs:
         die("the SFT policy made no mistake to learn from: use --pairs both or synthetic")

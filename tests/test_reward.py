@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import reward
+from conftest import assert_png
 
 TINY = dict(vocab_size=320, block_size=96, n_layer=2, n_head=2, n_embd=32, n_kv_head=1)
 
@@ -129,6 +130,18 @@ def test_zero_init_head_starts_every_pair_at_ln2():
                      ["2<|endoftext|>", "abc<|endoftext|>"], "cpu")
     assert torch.equal(r, torch.zeros(2))
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_rm_from_sft_starts_as_the_sft_trunk_with_a_new_head():
+    torch.manual_seed(0)
+    sft_model = reward.Llama(reward.ModelConfig(**TINY))
+    rm = reward.rm_from_sft(dict(TINY, n_layer=TINY["n_layer"] + 2), sft_model.state_dict())
+    assert torch.equal(rm.lm_head.weight, torch.zeros(1, TINY["n_embd"]))
+    torch.nn.init.normal_(rm.lm_head.weight)
+    sft_model.lm_head = rm.lm_head  # the same scalar head on the SFT trunk alone
+    idx = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():  # the two new blocks are the identity at the start
+        assert torch.allclose(rm(idx)[0], sft_model(idx)[0], atol=1e-5)
 
 
 # ---- the pairs ----
@@ -285,11 +298,17 @@ def test_main_end_to_end_resume_determinism_and_score_only(tmp_path):
 def test_lora_and_hinge_run(tmp_path):
     sft_path = write_sft_checkpoint(tmp_path / "sft.pt")
     done = reward.main(FLAGS + ["--init-from", str(sft_path), "--max-iters", "2", "--lora-rank",
-                                "2", "--loss", "hinge", "--pairs", "synthetic",
+                                "2", "--loss", "hinge", "--pairs", "synthetic", "--plot",
                                 "--out-dir", str(tmp_path / "o")])
     ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
-    assert set(ckpt["model"]) == set(reward.build_reward_model(dict(TINY)).state_dict())
+    # the SFT trunk's 2 blocks + the 2 --extra-layers blocks, adapters merged: plain Llama keys
+    rm_args = dict(TINY, n_layer=TINY["n_layer"] + 2)
+    assert ckpt["model_args"]["n_layer"] == 4
+    assert set(ckpt["model"]) == set(reward.build_reward_model(rm_args).state_dict())
     assert done["n_train_pairs"] == {"synthetic": 60}
+    pytest.importorskip("matplotlib")  # the README's test command installs it
+    for name in ("reward_hist.png", "best_of_n.png"):
+        assert_png(tmp_path / "o" / name)
 
 
 def test_help(capsys):
