@@ -63,8 +63,8 @@ class Config:
     out_dir: str = "out/reward"  # ckpt.pt, log.jsonl and the figures go here
     init_from: str = "out/sft/ckpt.pt"  # the sft.py checkpoint: RM backbone and policy to sample
     pairs: str = "both"  # synthetic (hand-made mistakes) | policy (the SFT policy's) | both
-    n_train: int = 3000  # training problems for synthetic pairs (train split of the task world)
-    n_policy: int = 3000  # of those, the first n_policy also get on-policy pairs (sampling costs)
+    n_train: int = 18000  # training problems for synthetic pairs (train split of the task world)
+    n_policy: int = 4000  # of those, the first n_policy also get on-policy pairs (sampling costs)
     policy_samples: int = 4  # answers sampled per training problem for on-policy pairs
     policy_temperature: float = 1.0  # temperature of those samples (and of best-of-n)
     policy_pairs_per_prompt: int = 2  # at most this many on-policy pairs per problem
@@ -73,15 +73,16 @@ class Config:
     margin_weight: float = 0.0  # bt: m = weight * pair margin (how wrong the rejected is); 0 = off
     hinge_margin: float = 1.0  # hinge: the reward gap asked of every pair
     center: float = 0.01  # reward centering: + center * mean((r_c + r_r)^2)
+    lm_weight: float = 0.3  # + weight * next-token loss on the chosen responses (GRM); 0 = off
     extra_layers: int = 2  # new blocks on top of the SFT trunk, identity at the start
     lora_rank: int = 0  # LoRA rank on attention and MLP projections; 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA scaling is alpha / r
-    max_iters: int = 600  # optimizer steps
-    eval_interval: int = 200  # steps between held-out pair evaluations and checkpoints
-    eval_iters: int = 4  # batches of held-out pairs per evaluation
+    max_iters: int = 1500  # optimizer steps
+    eval_interval: int = 500  # steps between held-out pair evaluations and checkpoints
+    eval_iters: int = 16  # batches of held-out pairs per evaluation
     batch_size: int = 32  # pairs per step (64 sequences in one forward pass)
-    learning_rate: float = 3e-4  # peak learning rate (AdamW)
-    min_lr: float = 3e-5  # floor of the cosine decay
+    learning_rate: float = 5e-4  # peak learning rate (AdamW)
+    min_lr: float = 5e-5  # floor of the cosine decay
     warmup_iters: int = 30  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
@@ -97,8 +98,8 @@ class Config:
 
 
 # on CUDA, for every field not given: more problems and steps (the model is the SFT one)
-GPU_PRESET = dict(n_train=20000, policy_samples=8, max_iters=3000, batch_size=64,
-                  eval_interval=500, eval_iters=10, compile=True)
+GPU_PRESET = dict(n_policy=18000, policy_samples=8, max_iters=6000, batch_size=64,
+                  eval_interval=1000, compile=True)
 # what each numeric flag may be, checked before anything is written (DESIGN.md section 6);
 # choices and cross-field rules are in check_config
 RULES = {
@@ -111,6 +112,7 @@ RULES = {
     "margin_weight": (lambda v: v >= 0, "a number >= 0"),
     "hinge_margin": (lambda v: v > 0, "a number > 0"),
     "center": (lambda v: v >= 0, "a number >= 0"),
+    "lm_weight": (lambda v: v >= 0, "a number >= 0"),
     "extra_layers": (lambda v: 0 <= v <= 16, "an integer in 0..16"),
     "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
     "lora_alpha": (lambda v: v > 0, "a number > 0"),
@@ -964,23 +966,44 @@ def merge_lora(model):
 # Data
 # -------------------------------------------------------------------------------
 def encode_pairs(tok, pairs):
-    """Pairs -> (chosen ids, rejected ids, margin) triples, tokenized once."""
+    """Pairs -> (chosen ids, rejected ids, margin, prompt length) tuples, tokenized once."""
     return [(encode_scored(tok, p["prompt"], p["chosen"]),
-             encode_scored(tok, p["prompt"], p["rejected"]), p["margin"]) for p in pairs]
+             encode_scored(tok, p["prompt"], p["rejected"]), p["margin"],
+             len(encode_prompt(tok, p["prompt"]))) for p in pairs]
 
 
 def collate_pairs(batch, pad_id):
     """B encoded pairs -> idx (2B, T) (the B chosen rows, then the B rejected rows), lengths
-    (2B,) and margins (B,): one forward pass scores both sides of every pair."""
-    idx, lengths = collate_scored([c for c, _, _ in batch] + [r for _, r, _ in batch], pad_id)
-    return idx, lengths, torch.tensor([m for _, _, m in batch], dtype=torch.float32)
+    (2B,), margins (B,) and the chosen rows' next-token targets (B, T) for --lm-weight: one
+    forward pass scores both sides of every pair.
+
+    targets[i, t] is the token after position t of chosen response i, IGNORE_INDEX on the
+    prompt (as sft.py masks it), at the last real token and on the padding.
+    """
+    idx, lengths = collate_scored([c for c, _, _, _ in batch] + [r for _, r, _, _ in batch],
+                                  pad_id)
+    targets = torch.full((len(batch), idx.size(1)), IGNORE_INDEX, dtype=torch.long)
+    for i, (chosen, _, _, n_prompt) in enumerate(batch):
+        targets[i, n_prompt - 1:len(chosen) - 1] = torch.tensor(chosen[n_prompt:])
+    margins = torch.tensor([m for _, _, m, _ in batch], dtype=torch.float32)
+    return idx, lengths, margins, targets
 
 
 def get_batch(encoded, batch_size, generator, pad_id, device):
     """batch_size pairs drawn at random (with replacement) -> collate_pairs on `device`."""
     ix = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
-    idx, lengths, margins = collate_pairs([encoded[i] for i in ix], pad_id)
-    return idx.to(device), lengths.to(device), margins.to(device)
+    return [x.to(device) for x in collate_pairs([encoded[i] for i in ix], pad_id)]
+
+
+def capture_hidden(model):
+    """NEW vs sft.py: a dict that a forward hook on model.lm_head fills with the head's input,
+    the final-norm hidden states (2B, T, C), at every forward pass. --lm-weight reads them with
+    the SFT model's LM head: the reward model keeps predicting the chosen answers, so tuning
+    the trunk for a score does not erase the answer computation that judging one needs (the
+    text-generation regulariser of GRM, Yang et al. 2024, arXiv:2406.10216)."""
+    store = {}
+    model.lm_head.register_forward_hook(lambda module, args, out: store.update(h=args[0]))
+    return store
 
 
 def pair_rewards(model, idx, lengths, ctx):
@@ -1012,7 +1035,7 @@ def estimate_loss(model, encoded, eval_iters, batch_size, pad_id, device, ctx, l
         chunk = encoded[k * batch_size:(k + 1) * batch_size]
         if not chunk:
             break
-        idx, lengths, margins = collate_pairs(chunk, pad_id)
+        idx, lengths, margins, _ = collate_pairs(chunk, pad_id)
         r_c, r_r = pair_rewards(model, idx.to(device), lengths.to(device), ctx)
         losses.append(reward_loss(r_c, r_r, margin=margins.to(device) * loss_kw["margin_weight"],
                                   loss=loss_kw["loss"], hinge_margin=loss_kw["hinge_margin"],
@@ -1473,9 +1496,18 @@ def main(argv=None):
     train_enc, test_enc = encode_pairs(tok, train_pairs), encode_pairs(tok, test_pairs)
     random.Random(cfg.seed).shuffle(test_enc)  # the eval batches mix families and sources
     loss_kw = {k: getattr(cfg, k) for k in ("loss", "margin_weight", "hinge_margin", "center")}
+    lm_head, hidden = None, None
+    if cfg.lm_weight:  # the SFT model's LM head, trained along (see capture_hidden)
+        lm_head = nn.Linear(model_args["n_embd"], model_args["vocab_size"], bias=False)
+        lm_head.weight.data.copy_(sft_ckpt["model"]["lm_head.weight"])
+        if resumed is not None:
+            lm_head.load_state_dict(resumed["lm_head"])
+        lm_head.to(device)
+        hidden = capture_hidden(model)
 
     # ---- optimizer: weight decay on matrices only, as in sft.py ----
     params = [p for p in model.parameters() if p.requires_grad]
+    params += [] if lm_head is None else list(lm_head.parameters())
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -1508,11 +1540,13 @@ def main(argv=None):
                 "rng": {"torch": torch.get_rng_state(), "data": data_state}}
         if cfg.lora_rank:
             ckpt["lora"] = raw_model.state_dict()  # frozen base + adapters, to resume
+        if lm_head is not None:
+            ckpt["lm_head"] = lm_head.state_dict()  # the auxiliary head, to resume
         return ckpt
 
     data_state = data_gen.get_state()
-    X, L, M = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
-    t_last = time.time()
+    X, L, M, Y = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
+    t_train = t_last = time.time()  # the ETA counts training only, not the sampling before
     for step in range(start, cfg.max_iters + 1):
         last_step = step == cfg.max_iters
         if step % cfg.eval_interval == 0 or last_step:
@@ -1534,9 +1568,15 @@ def main(argv=None):
             r_c, r_r = pair_rewards(model, X, L, ctx)
             loss = reward_loss(r_c, r_r, margin=M * cfg.margin_weight, loss=cfg.loss,
                                hinge_margin=cfg.hinge_margin, center=cfg.center)
+            if lm_head is not None:
+                with ctx:
+                    logits = lm_head(hidden["h"][:len(Y)])  # (B, T, C) -> (B, T, V): chosen rows
+                    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(),
+                                              ignore_index=IGNORE_INDEX)
+                loss = loss + cfg.lm_weight * lm_loss
             n_tokens = int(L.sum())
             data_state = data_gen.get_state()  # before the pending batch: resume redraws it
-            X, L, M = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
+            X, L, M, Y = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
             scaler.scale(loss).backward()
         except torch.OutOfMemoryError:
             die(f"CUDA out of memory at batch size {cfg.batch_size}; "
@@ -1560,7 +1600,7 @@ def main(argv=None):
         append_jsonl(log_path, {"iter": step, "loss": loss_value, "lr": lr,
                                 "ms_per_iter": 1000 * dt, "tokens_per_s": n_tokens / dt,
                                 "elapsed_s": now - t_start, "accuracy": batch_acc})
-        eta = (now - t_start) / (step + 1 - start) * (cfg.max_iters - step - 1)
+        eta = (now - t_train) / (step + 1 - start) * (cfg.max_iters - step - 1)
         print(f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | acc {batch_acc:.2f} | "
               f"lr {lr:.1e} | {1000 * dt:.1f} ms | {n_tokens / dt / 1000:.1f}k tok/s | "
               f"eta {format_eta(eta)}")

@@ -200,6 +200,23 @@ def test_pairs_of_train_and_test_problems_are_disjoint():
     assert all(reward.task_split(p["prompt"]) == "test" for p in vp)
 
 
+def test_collate_pairs_targets_are_the_chosen_response_shifted():
+    tok = reward.task_tokenizer(True)
+    pairs = [{"prompt": "What is 12 + 7?", "chosen": "19<|endoftext|>", "rejected": "18",
+              "margin": 0.5},
+             {"prompt": "Sort the letters: cab", "chosen": "abc<|endoftext|>",
+              "rejected": "acb<|endoftext|>", "margin": 0.5}]
+    idx, lengths, margins, targets = reward.collate_pairs(reward.encode_pairs(tok, pairs), 257)
+    assert idx.shape[0] == 4 and targets.shape == (2, idx.size(1))
+    for i, p in enumerate(pairs):
+        n = len(reward.encode_prompt(tok, p["prompt"]))
+        kept = targets[i] != reward.IGNORE_INDEX
+        # the answer and its <|endoftext|>, predicted from the position before each
+        assert tok.decode(targets[i][kept].tolist()) == p["chosen"]
+        assert kept.nonzero().min() == n - 1 and kept.nonzero().max() == lengths[i] - 2
+    assert lengths[3] == lengths[1] and lengths[2] == lengths[0] - 1  # "18": no end token
+
+
 # ---- metrics ----
 def test_auc_and_pearson_against_brute_force():
     rng = np.random.default_rng(0)
@@ -232,7 +249,7 @@ def test_best_of_n_maj_and_pass_by_hand():
 def test_tiny_overfit_ranks_the_training_pairs():
     tok, model = reward.task_tokenizer(True), reward.build_reward_model(dict(TINY))
     pairs = reward.synthetic_pairs(reward.make_tasks(12, "train", 0, 1), 1, random.Random(0))
-    idx, lengths, _ = reward.collate_pairs(reward.encode_pairs(tok, pairs), tok.special[reward.PAD])
+    idx, lengths, _, _ = reward.collate_pairs(reward.encode_pairs(tok, pairs), tok.special[reward.PAD])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(80):
@@ -276,7 +293,6 @@ def test_main_end_to_end_resume_determinism_and_score_only(tmp_path):
     assert done["pad_invariance"] < 1e-5
     records = strict_records(full / "log.jsonl")
     assert records[-1]["event"] == "done" and set(records[-1]["best_of_n"]) == {"1", "2"}
-    assert records[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: a coin flip
     ckpt = torch.load(full / "ckpt.pt", weights_only=True)
     assert ckpt["script"] == "reward.py" and ckpt["model"]["lm_head.weight"].shape == (1, 32)
     assert set(ckpt["reward_stats"]) == {"mean", "std"} and ckpt["task_world"]["n_test"] == 24
@@ -299,6 +315,7 @@ def test_lora_and_hinge_run(tmp_path):
     sft_path = write_sft_checkpoint(tmp_path / "sft.pt")
     done = reward.main(FLAGS + ["--init-from", str(sft_path), "--max-iters", "2", "--lora-rank",
                                 "2", "--loss", "hinge", "--pairs", "synthetic", "--plot",
+                                "--lm-weight", "0.5",
                                 "--out-dir", str(tmp_path / "o")])
     ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
     # the SFT trunk's 2 blocks + the 2 --extra-layers blocks, adapters merged: plain Llama keys
