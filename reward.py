@@ -21,9 +21,15 @@ Run:
     python reward.py --score-only --prompt "What is 12 + 7?" --response "19<|endoftext|>"
     python reward.py --device cuda      # GPU preset: more pairs and steps
 
-Result: RESULT_PLACEHOLDER
+Result (held-out problems of the default `python sft.py` checkpoint, 0.887 greedy accuracy):
+    python reward.py   pair accuracy 0.822 (hand-made mistakes 0.920, the policy's own 0.581),
+                       AUC 0.835 between the SFT policy's right and wrong samples (count 0.50:
+                       the RM cannot count), best-of-16 0.777 < greedy 0.887 < pass@16 0.977
+The gap between verifying and answering is the lesson: a reward model the size of the policy
+judges worse than the policy answers (README, "reward.py", has the ablations).
 
-Simplifications: one scalar head on the full SFT model (no separate value model); pairs come
+Simplifications: the RM is the whole SFT model plus two blocks and a scalar head, trained in
+full (no frozen trunk, no separate value model); pairs come
 from a checker, not from people, so "preference" here means "correct beats incorrect"; the
 on-policy pairs are sampled once, before training (not refreshed as the RM learns).
 """
