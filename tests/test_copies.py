@@ -22,9 +22,14 @@ SHARED_FUNCTIONS = [
     "sha256_of", "download", "resolve_data", "load_bpe", "sample_logits", "get_lr",
     "check_out_dir", "save_checkpoint", "load_checkpoint", "append_jsonl", "format_eta",
     "make_task", "make_tasks", "check_answer", "task_split", "format_prompt", "encode_prompt",
+    # the alignment chain (reward.py, dpo.py, ...): the pair builder, sampling, evaluation
+    # (check_config, stream and prefill have other versions in gpt/llama/mlp/moe.py)
+    "acceptable", "make_mistake", "edit_distance", "pair_margin", "make_pair", "synthetic_pairs",
+    "policy_pairs", "build_pairs", "sample_answers", "evaluate_tasks", "completion_text",
+    "generate_until", "merged_state_dict",
 ]
 SHARED_CONSTANTS = ["DATA_DIR", "DATASETS", "IGNORE_INDEX", "PROMPT_TEMPLATE", "TASK_FAMILIES",
-                    "TEMPLATE_TOKENS"]
+                    "TEMPLATE_TOKENS", "MISTAKES", "EOT", "PAD", "ANSWER_SHAPES"]
 
 
 @functools.lru_cache(maxsize=None)
