@@ -61,6 +61,10 @@ import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
+# before any process group exists: its functions default to `group=WORLD`, and imported
+# later (DDP does, through torch._dynamo) that default would keep the group and gloo's
+# threads alive past destroy_process_group, to abort the exit (see main)
+import torch.distributed.nn  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -797,8 +801,6 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         die(f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple "
             f"of the {world_size} processes")
     accum = cfg.gradient_accumulation_steps // world_size  # micro-steps per process
-    if ddp:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
@@ -965,8 +967,6 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         metrics = dict(metrics, best_val_loss=best_val_loss, params=raw_model.num_params(),
                        elapsed_s=round(time.perf_counter() - t_start, 3))
         log.write({"event": "done", **metrics})
-    if ddp:
-        dist.destroy_process_group()
     return metrics
 
 
@@ -1281,11 +1281,20 @@ def main(argv=None):
         return run_bench(cfg, device, dtype)
     if ckpt is None:
         check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    ddp = world_size > 1  # torchrun started this process as one of world_size ranks
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
-        return train(cfg, ckpt, device, dtype, rank, world_size)
+        metrics = train(cfg, ckpt, device, dtype, rank, world_size)
+        if ddp:  # rank 0 writes samples and figures last; the others wait for it
+            dist.barrier()
+        return metrics
     except torch.OutOfMemoryError:
         die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
             f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
+    finally:
+        if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
+            dist.destroy_process_group()
 
 
 # -------------------------------------------------------------------------------
