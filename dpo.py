@@ -15,13 +15,18 @@ same held-out problems and greedy decoding as sft.py?
 
 Run:
     python sft.py                          # first: writes out/sft/ckpt.pt
-    python dpo.py                          # 2 online rounds: own + hand-made mistakes
+    python dpo.py                          # 2 online rounds, beta 0.5, + chosen NLL (RPO)
     python dpo.py --rounds 1               # offline: pairs sampled once, before training
     python dpo.py --loss-type ipo          # or hinge; --beta 0.05/0.1/0.5; --label-smoothing 0.1
     python dpo.py --sample-only --prompt "What is 12 + 7?"
     python dpo.py --device cuda            # GPU preset: more pairs and steps
 
-Result: RESULT_PLACEHOLDER
+Result (the default `python sft.py` checkpoint, 0.887 greedy on its 600 held-out problems):
+    python dpo.py      beta 0.5 + the chosen answers' NLL (--rpo-alpha 1), 2 online rounds of
+                       200 steps: 0.893 (sort 0.85 -> 0.88, compare 0.86 -> 0.90, count 0.62 ->
+                       0.60), held-out preference accuracy 0.759
+    plain DPO (--beta 0.1 --rpo-alpha 0) separates the pairs better (0.814) and answers worse
+    (0.847): widening the margin is not the same as being right (README, "dpo.py").
 
 Simplifications: pairs come from a checker, not from people; the reference log-probs are
 computed once per set of pairs (the reference is frozen); one learning-rate schedule over all
@@ -63,9 +68,9 @@ class Config:
     out_dir: str = "out/dpo"  # ckpt.pt, log.jsonl, samples.txt and the figure go here
     init_from: str = "out/sft/ckpt.pt"  # the sft.py checkpoint: the policy's start and pi_ref
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (squared, per-token log-probs) | hinge (SLiC)
-    beta: float = 0.1  # strength of the implicit KL to the reference (larger = stay closer)
+    beta: float = 0.5  # strength of the implicit KL to the reference (larger = stay closer)
     label_smoothing: float = 0.0  # sigmoid only: assumed rate of flipped labels (cDPO), < 0.5
-    rpo_alpha: float = 0.0  # + alpha * NLL of the chosen responses (RPO, TRL's name); 0 = off
+    rpo_alpha: float = 1.0  # + alpha * NLL of the chosen responses (RPO, TRL's name); 0 = off
     pairs: str = "both"  # synthetic (hand-made mistakes) | policy (the policy's own) | both
     n_train: int = 2000  # training problems for synthetic pairs (train split of the task world)
     n_policy: int = 2000  # of those, the first n_policy also get on-policy pairs (sampling costs)

@@ -250,8 +250,9 @@ class Interrupted(Exception):
 
 def test_main_rounds_determinism_and_resume_across_a_round(tmp_path, monkeypatch):
     sft_path = write_sft_checkpoint(tmp_path / "sft" / "ckpt.pt")
+    # --rpo-alpha 0: plain DPO, whose first loss is exactly ln 2 (the default adds the NLL)
     flags = FLAGS + ["--init-from", str(sft_path), "--max-iters", "4", "--rounds", "2",
-                     "--ref-update"]
+                     "--ref-update", "--rpo-alpha", "0"]
     full = tmp_path / "full"
     done = dpo.main(flags + ["--out-dir", str(full)])
     for key in ("accuracy", "accuracy_by_task", "format_rate", "wall_s", "pref_accuracy",
