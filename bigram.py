@@ -74,13 +74,30 @@ class Config:
     num_samples: int | None = None  # samples per model (default: 10 for lines, 1 for text)
     max_new_tokens: int = 300  # characters per sample (a name also stops at its closing '.')
     temperature: float = 1.0  # 0 = greedy, <1 sharper, >1 flatter
-    top_k: int | None = None  # sample among the k most likely characters only
+    top_k: int | None = None  # sample among the k most likely characters only (0 = all)
     top_p: float | None = None  # nucleus sampling: the most likely characters up to this mass
     plot: bool = False  # write the count matrix as a heatmap to out_dir (needs matplotlib)
 
 
 # a step costs next to nothing on a GPU: more steps for an even closer match
 GPU_PRESET = {"max_iters": 1000, "eval_interval": 100}
+# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# 6): a predicate and the text the error shows. Free text (--data, --out-dir, --prompt) and
+# --device/--dtype (resolved) aside.
+RULES = {
+    "smoothing": (lambda v: v >= 0, "a number >= 0 (0 = raw counts)"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "num_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or v >= 0, "an integer >= 1, or 0 (all)"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+}
+CHOICES = {"format": ("auto", "lines", "text")}
 
 
 # -------------------------------------------------------------------------------
@@ -188,10 +205,7 @@ def split_corpus(text, fmt):
 def load_corpus(cfg):
     """-> (format, chars, [train, val, test] strings). The vocabulary comes from the whole file,
     so val/test never meet an unknown character; for lines, '.' is token 0."""
-    try:
-        text = resolve_data(cfg.data).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        die(f"--data {cfg.data} is not UTF-8 text ({e.reason} at byte {e.start})")
+    text = read_text(resolve_data(cfg.data))
     if not text.strip():
         die(f"--data {cfg.data} is empty")
     fmt = detect_format(text) if cfg.format == "auto" else cfg.format
@@ -293,8 +307,8 @@ def sample_texts(model, chars, fmt, cfg, device="cpu"):
     n = cfg.num_samples if cfg.num_samples is not None else (10 if fmt == "lines" else 1)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([ids] * n, device=device)  # (B, T)
-    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
-                   stop=0 if fmt == "lines" else None)  # a name ends at its closing '.'
+    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                   generator, stop=0 if fmt == "lines" else None)  # a name ends at its closing '.'
     texts = ["".join(chars[i] for i in row) for row in out.tolist()]
     return [t[1:].split(BOUNDARY)[0] for t in texts] if fmt == "lines" else texts
 
@@ -317,29 +331,28 @@ def main(argv=None):
     if device.startswith("cuda"):
         cfg = apply_preset(cfg, GPU_PRESET, given)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.format not in ("auto", "lines", "text"):
-        die(f"--format {cfg.format}: expected auto, lines or text")
-    if cfg.smoothing < 0 or cfg.eval_interval < 1 or cfg.max_iters < 0:
-        die("--smoothing must be >= 0, --eval-interval >= 1 and --max-iters >= 0")
+    check_config(cfg, RULES, CHOICES)
     print(cfg)
     print(f"device={device} dtype={dtype} compile=off")
     out_dir, t0 = Path(cfg.out_dir), time.time()
 
     if cfg.sample_only:
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", ["bigram.py"])
-        chars, args = ckpt["tokenizer"]["chars"], ckpt["model_args"]
-        models = {"counts": CountsBigram(args["vocab_size"], args["smoothing"]),
-                  "neural": NeuralBigram(args["vocab_size"])}
-        for m in models.values():
-            m.load_state_dict({k: ckpt["model"][k] for k in m.state_dict()})
-            m.to(device)
+        path = out_dir / "ckpt.pt"
+        ckpt = load_checkpoint(path, ["bigram.py"], ("config", "model_args", "tokenizer"))
+        try:
+            chars, args = ckpt["tokenizer"]["chars"], ckpt["model_args"]
+            models = {"counts": CountsBigram(args["vocab_size"], args["smoothing"]),
+                      "neural": NeuralBigram(args["vocab_size"])}
+            for m in models.values():
+                m.load_state_dict({k: ckpt["model"][k] for k in m.state_dict()})
+                m.to(device)
+        except (KeyError, TypeError, RuntimeError) as e:  # another version's checkpoint
+            die(f"{path} does not fit this bigram.py ({type(e).__name__}: {str(e)[:200]})")
         return {"samples": print_samples(models, chars, ckpt["config"]["format"], cfg, device)}
 
     check_out_dir(out_dir, None, cfg.overwrite)  # bigram.py has no --resume
     fmt, chars, parts = load_corpus(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "log.jsonl"
-    log_path.write_text("")  # a fresh run starts a fresh log
+    log_path = open_log(out_dir)  # the first write to --out-dir: every check has passed
     cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
     stoi = {c: i for i, c in enumerate(chars)}
     splits = [bigrams(p, stoi, device) for p in parts]  # train, val, test
@@ -401,14 +414,15 @@ def main(argv=None):
     metrics = {}
     for name, m in models.items():
         train_loss, val_loss, test_loss = (evaluate(m, *s) for s in splits)
+        # exp of a diverged loss (a huge --learning-rate) would overflow a float: inf instead
+        perplexity = math.exp(test_loss) if test_loss < 700 else math.inf
         metrics[name] = dict(test_loss=test_loss, val_loss=val_loss, train_loss=train_loss,
-                             perplexity=math.exp(test_loss))
+                             perplexity=perplexity)
         print(f"{name:<8} {train_loss:<7.4f} {val_loss:<7.4f} {test_loss:<7.4f} "
               f"{metrics[name]['perplexity']:.2f}")
         # --smoothing 0: an unseen val/test bigram costs log(0), an infinite loss. The console
-        # says inf; log.jsonl writes null, as strict JSON has no Infinity or NaN
-        finite = {k: v if math.isfinite(v) else None for k, v in metrics[name].items()}
-        append_jsonl(log_path, {"event": "done", "model": name, **finite})
+        # says inf; log.jsonl writes null (append_jsonl), as strict JSON has no Infinity or NaN
+        append_jsonl(log_path, {"event": "done", "model": name, **metrics[name]})
     # no optimizer or RNG state: nothing resumes from this checkpoint (see --overwrite)
     save_checkpoint({"script": "bigram.py", "version": 1, "config": dataclasses.asdict(cfg),
                      "model_args": {"vocab_size": len(chars), "smoothing": cfg.smoothing},
@@ -501,6 +515,26 @@ def resolve_dtype(name, device):
     return name
 
 
+def check_config(cfg, rules, choices):
+    """Every flag value within its declared range (rules: name -> (predicate, allowed)) or
+    among its choices, every float finite, and the cross-field rules; else one error line
+    naming the flag, the value and what is allowed. Runs before anything is written.
+    A predicate of two arguments, `lambda v, c: ...`, also sees the whole config (a rule
+    across fields, e.g. n_embd % n_head), and its text may quote other flags as {c.name}."""
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            die(f"{flag} {v}: expected a finite number")
+        if f.name in rules:
+            ok, allowed = rules[f.name]
+            if not (ok(v, cfg) if ok.__code__.co_argcount == 2 else ok(v)):
+                die(f"{flag} {v}: expected {allowed.format(c=cfg)}")
+        if f.name in choices and v not in choices[f.name]:
+            die(f"{flag} {v}: expected one of {', '.join(choices[f.name])}")
+    if getattr(cfg, "min_lr", 0) > getattr(cfg, "learning_rate", math.inf):
+        die(f"--min-lr {cfg.min_lr}: expected <= --learning-rate {cfg.learning_rate}")
+
+
 def sha256_of(path):
     """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -548,10 +582,35 @@ def resolve_data(name):
     return path
 
 
+def read_text(path, flag="--data"):
+    """A UTF-8 text file as a str (newlines as open() gives them), or one line naming the file
+    and the offset of the first byte that is not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        die(f"{flag} {path}: cannot read it ({e.strerror})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        die(f"{flag} {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
+
+
 def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist; --out-dir
+    must be (or become) a writable folder. Reads only: nothing is written here.
     resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "ckpt.pt"
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        die(f"--out-dir {out_dir}: {existing} is a file, not a folder; choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"--out-dir {out_dir}: {existing} is not writable; choose another --out-dir")
+    for own in (ckpt, out_dir / "log.jsonl"):
+        if own.exists() and not own.is_file():
+            die(f"{own} exists but is not a file; move it away or choose another --out-dir")
     if resume and not ckpt.is_file():
         die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
     if ckpt.is_file() and not (resume or overwrite):
@@ -559,17 +618,69 @@ def check_out_dir(out_dir, resume, overwrite):
         die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
 
 
+def open_log(out_dir, resume_iter=None):
+    """Create --out-dir and start its log.jsonl; call it once the config and the inputs are
+    known to be good (nothing in --out-dir is touched before). The ckpt.pt.tmp of a run killed
+    mid-save goes. A fresh run (resume_iter None) starts an empty log; a resumed one keeps the
+    records up to its checkpoint: those of earlier steps and the evaluation at resume_iter,
+    not the steps after it (the resumed run logs them again) nor a previous run's events."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ckpt.pt.tmp").unlink(missing_ok=True)
+    path, keep = out_dir / "log.jsonl", []
+    if resume_iter is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            it = r.get("iter") if isinstance(r, dict) else None
+            if isinstance(it, int) and "event" not in r and (
+                    it < resume_iter or (it == resume_iter and "loss" not in r)):
+                keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_sha256(obj, h=None):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every
+    other value's repr, walked in order. save_checkpoint stores it, load_checkpoint checks it."""
+    top, h = h is None, h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            checkpoint_sha256(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            checkpoint_sha256(v, h)
+    else:
+        h.update(repr(obj).encode())
+    h.update(b";")
+    return h.hexdigest() if top else None
+
+
 def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written).
+    The SHA-256 of the contents goes in as "sha256", so a file damaged later is refused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
+    torch.save({**ckpt, "sha256": checkpoint_sha256(ckpt)}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+def load_checkpoint(path, scripts, keys=()):
+    """Load a checkpoint safely (weights_only), check it came from one of `scripts`, holds
+    every one of `keys` and still has the SHA-256 it was saved with. (A checkpoint written
+    before the checksum existed has no "sha256" and is loaded unchecked.)"""
     path = Path(path)
     if not path.is_file():
         die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
@@ -582,13 +693,27 @@ def load_checkpoint(path, scripts):
     if ckpt["script"] not in scripts:
         die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
             f"{', '.join(scripts)}")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
+    saved = ckpt.pop("sha256", None)
+    if saved is not None and checkpoint_sha256(ckpt) != saved:
+        die(f"{path} is corrupted: its contents no longer match the SHA-256 saved with them "
+            f"(restore it from a copy, or train again)")
     return ckpt
 
 
 def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
+    """Append one record as a line of log.jsonl, strict JSON: a non-finite number (which
+    json.dumps would write as NaN or Infinity) becomes null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
 
 def format_eta(seconds):

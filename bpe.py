@@ -39,6 +39,7 @@ import heapq
 import inspect
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -69,6 +70,12 @@ class Config:
     example: str = "O Romeo, wherefore art thou?\n  1597: café ☕"  # text shown cut into tokens
     out_dir: str = "out/bpe"  # tokenizer.tiktoken, tokenizer.json, log.jsonl (and the figure)
     plot: bool = False  # write compression.png (tokens per character vs vocab size)
+
+
+# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# 6); --data, --special, --example and --out-dir are free text
+RULES = {"vocab_size": (lambda v: v >= 256, "an integer >= 256 (the 256 byte tokens + merges)")}
+CHOICES = {"pattern": ("gpt4", "gpt2")}
 
 
 # -------------------------------------------------------------------------------
@@ -438,13 +445,10 @@ def show_tokens(tok, text, color):
 def main(argv=None):
     cfg, _ = parse_config(Config, argv, __doc__.splitlines()[0])
     print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    if cfg.pattern not in SPLIT_PATTERNS:
-        die(f"--pattern {cfg.pattern}: expected one of {', '.join(SPLIT_PATTERNS)}")
+    check_config(cfg, RULES, CHOICES)
+    check_out_dir(cfg.out_dir, None, True)  # a folder we can write to (bpe.py has no ckpt.pt)
     path = resolve_data(cfg.data)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        die(f"--data {cfg.data}: not UTF-8 text ({e})")
+    text = read_text(path)
     n = int(0.9 * len(text))  # first 90 percent train, the rest val
     train_text, val_text = text[:n], text[n:]
     print(f"data: {path} | {len(text):,} chars | train {len(train_text):,} | val {len(val_text):,}")
@@ -494,7 +498,7 @@ def main(argv=None):
     if cfg.plot:
         plot_compression(rows, out_dir / "compression.png")
 
-    (out_dir / "log.jsonl").write_text("")  # a fresh run starts a fresh log
+    open_log(out_dir)  # a fresh run starts a fresh log
     append_jsonl(out_dir / "log.jsonl", {"event": "done", **metrics})
     return metrics
 
@@ -545,6 +549,26 @@ def parse_config(cls, argv=None, description=None):
     return cls(**given), set(given)
 
 
+def check_config(cfg, rules, choices):
+    """Every flag value within its declared range (rules: name -> (predicate, allowed)) or
+    among its choices, every float finite, and the cross-field rules; else one error line
+    naming the flag, the value and what is allowed. Runs before anything is written.
+    A predicate of two arguments, `lambda v, c: ...`, also sees the whole config (a rule
+    across fields, e.g. n_embd % n_head), and its text may quote other flags as {c.name}."""
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            die(f"{flag} {v}: expected a finite number")
+        if f.name in rules:
+            ok, allowed = rules[f.name]
+            if not (ok(v, cfg) if ok.__code__.co_argcount == 2 else ok(v)):
+                die(f"{flag} {v}: expected {allowed.format(c=cfg)}")
+        if f.name in choices and v not in choices[f.name]:
+            die(f"{flag} {v}: expected one of {', '.join(choices[f.name])}")
+    if getattr(cfg, "min_lr", 0) > getattr(cfg, "learning_rate", math.inf):
+        die(f"--min-lr {cfg.min_lr}: expected <= --learning-rate {cfg.learning_rate}")
+
+
 def sha256_of(path):
     """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -592,6 +616,68 @@ def resolve_data(name):
     return path
 
 
+def read_text(path, flag="--data"):
+    """A UTF-8 text file as a str (newlines as open() gives them), or one line naming the file
+    and the offset of the first byte that is not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        die(f"{flag} {path}: cannot read it ({e.strerror})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        die(f"{flag} {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist; --out-dir
+    must be (or become) a writable folder. Reads only: nothing is written here.
+    resume=None: the script has no --resume, so the message offers only --overwrite."""
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "ckpt.pt"
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        die(f"--out-dir {out_dir}: {existing} is a file, not a folder; choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"--out-dir {out_dir}: {existing} is not writable; choose another --out-dir")
+    for own in (ckpt, out_dir / "log.jsonl"):
+        if own.exists() and not own.is_file():
+            die(f"{own} exists but is not a file; move it away or choose another --out-dir")
+    if resume and not ckpt.is_file():
+        die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
+    if ckpt.is_file() and not (resume or overwrite):
+        choices = "" if resume is None else "--resume to continue that run or "
+        die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
+
+
+def open_log(out_dir, resume_iter=None):
+    """Create --out-dir and start its log.jsonl; call it once the config and the inputs are
+    known to be good (nothing in --out-dir is touched before). The ckpt.pt.tmp of a run killed
+    mid-save goes. A fresh run (resume_iter None) starts an empty log; a resumed one keeps the
+    records up to its checkpoint: those of earlier steps and the evaluation at resume_iter,
+    not the steps after it (the resumed run logs them again) nor a previous run's events."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ckpt.pt.tmp").unlink(missing_ok=True)
+    path, keep = out_dir / "log.jsonl", []
+    if resume_iter is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            it = r.get("iter") if isinstance(r, dict) else None
+            if isinstance(it, int) and "event" not in r and (
+                    it < resume_iter or (it == resume_iter and "loss" not in r)):
+                keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return path
+
+
 def write_atomic(path, text):
     """Write a text file via a temp file and os.replace, so it is never left half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -601,9 +687,16 @@ def write_atomic(path, text):
 
 
 def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
+    """Append one record as a line of log.jsonl, strict JSON: a non-finite number (which
+    json.dumps would write as NaN or Infinity) becomes null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
 
 def timed(fn, *args):

@@ -121,6 +121,37 @@ GRU_DEFAULTS = dict(block_size=16, n_hidden=128, dropout=0.1, batch_size=32, max
                     out_dir="out/mlp-gru")
 # On CUDA a step costs little more with a bigger batch and hidden layer (not measured yet).
 GPU_PRESET = dict(batch_size=1024, n_hidden=1024, max_iters=30000, eval_interval=5000)
+# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
+# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
+RULES = {
+    "block_size": (lambda v: v >= 1, "an integer >= 1"),
+    "n_embd": (lambda v: v >= 1, "an integer >= 1"),
+    "n_hidden": (lambda v: v >= 1, "an integer >= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
+    "final_eval_max": (lambda v: v >= 1, "an integer >= 1"),
+    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+    "plot": (lambda v: not v or importlib.util.find_spec("matplotlib") is not None,
+             "--no-plot: it needs matplotlib (pip install matplotlib)"),
+}
+CHOICES = {"model": ("mlp", "gru"), "format": ("auto", "lines", "text")}
 
 
 # -------------------------------------------------------------------------------
@@ -350,10 +381,12 @@ class Split(NamedTuple):
 
 
 def make_split(tokens, targets, ends):
-    tokens, targets = torch.as_tensor(tokens), torch.as_tensor(targets)
+    # dtype long: an empty list (a split of too little data) would become a float tensor
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    targets = torch.as_tensor(targets, dtype=torch.long)
     is_target = torch.zeros(len(tokens), dtype=torch.bool)
     is_target[targets] = True
-    return Split(tokens, targets, torch.as_tensor(ends), is_target)
+    return Split(tokens, targets, torch.as_tensor(ends, dtype=torch.long), is_target)
 
 
 def lines_split(items, block_size, boundary):
@@ -386,11 +419,9 @@ def load_data(cfg, tok):
     split by item; text is split into three contiguous pieces and every position of a piece
     past its first `block_size` tokens is a target (sliding windows).
     """
-    path = resolve_data(cfg.data)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        die(f"--data {cfg.data}: not a UTF-8 text file")
+    text = read_text(resolve_data(cfg.data))
+    if not text.strip():
+        die(f"--data {cfg.data} is empty")
     fmt = guess_format(text) if cfg.format == "auto" else cfg.format
     items = [ln.strip() for ln in text.splitlines() if ln.strip()] if fmt == "lines" else None
     if tok is None:  # characters: the vocabulary is every character the data uses
@@ -494,7 +525,10 @@ def train(cfg, out_dir, device, dtype, use_compile):
     ctx = torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     torch.manual_seed(cfg.seed)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    ckpt = load_checkpoint(ckpt_path, ["mlp.py"]) if cfg.resume else None
+    ckpt = load_checkpoint(ckpt_path, ["mlp.py"], RESUME_KEYS) if cfg.resume else None
+    if ckpt is not None and cfg.max_iters < ckpt["iter"]:
+        die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {ckpt['iter']}; pass "
+            f"--max-iters {ckpt['iter']} or more to continue it")
     tok = Tokenizer.from_bpe(load_bpe(cfg.tokenizer)) if cfg.tokenizer else None
     fmt, tok, splits = load_data(cfg, tok)
     cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
@@ -514,19 +548,21 @@ def train(cfg, out_dir, device, dtype, use_compile):
         if ckpt["model_args"] != dataclasses.asdict(mc) or ckpt["tokenizer"] != tok.state:
             die(f"{ckpt_path} was trained with another model or data ({ckpt['model_args']}); "
                 "resume with the flags of that run")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
-        elapsed_before = ckpt["elapsed_s"]
-        # the RNG states go last: building the model above drew from the global generator
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        data_gen.set_state(ckpt["rng"]["data"])
+        load_weights(model, ckpt["model"], ckpt_path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
+            elapsed_before = ckpt["elapsed_s"]
+            # the RNG states go last: building the model above drew from the global generator
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            data_gen.set_state(ckpt["rng"]["data"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            die(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {str(e)[:200]})")
         print(f"resumed from {ckpt_path} at iter {start_iter}")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")  # a fresh run starts a fresh log
+    # the first write to --out-dir, every check passed: a fresh log, or the resumed run's so far
+    open_log(out_dir, start_iter if ckpt is not None else None)
     model_ = torch.compile(model) if use_compile else model  # `model` stays raw for saving
 
     def elapsed():
@@ -540,7 +576,9 @@ def train(cfg, out_dir, device, dtype, use_compile):
     for step in range(start_iter, cfg.max_iters + 1):
         out_of_time = cfg.max_time > 0 and elapsed() >= cfg.max_time
         last_step = step == cfg.max_iters or out_of_time
-        if step % cfg.eval_interval == 0 or last_step:
+        # a resumed run has just loaded the checkpoint of start_iter: no second eval there
+        resumed_here = ckpt is not None and step == start_iter
+        if (step % cfg.eval_interval == 0 and not resumed_here) or last_step:
             losses = estimate_losses(model_, splits, cfg, device, ctx)
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             append_jsonl(log_path, {"iter": step, "train_loss": losses["train"],
@@ -683,35 +721,21 @@ def join_samples(samples, fmt):
 # -------------------------------------------------------------------------------
 # Main
 # -------------------------------------------------------------------------------
-MODELS = ("mlp", "gru")
-FORMATS = ("auto", "lines", "text")
-
-
-def check_config(cfg):
-    """Flag values that parse but make no sense end here, before any work is done."""
-    if cfg.model not in MODELS:
-        die(f"--model {cfg.model}: expected one of {', '.join(MODELS)}")
-    if cfg.format not in FORMATS:
-        die(f"--format {cfg.format}: expected one of {', '.join(FORMATS)}")
-    for name in ("block_size", "n_embd", "n_hidden", "batch_size", "eval_interval",
-                 "eval_iters", "log_interval", "final_eval_max"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0.0 <= cfg.dropout < 1.0:
-        die(f"--dropout {cfg.dropout}: expected a value in [0, 1)")
-    if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k < 1) or (
-            cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0):
-        die("sampling: expected --temperature >= 0, --top-k >= 1 and 0 < --top-p <= 1")
-    if cfg.plot and importlib.util.find_spec("matplotlib") is None:
-        die("--plot needs matplotlib: pip install matplotlib (or run without --plot)")
+# what --resume needs from the checkpoint (load_checkpoint names the first one missing)
+RESUME_KEYS = ("config", "model_args", "optimizer", "iter", "best_val_loss", "rng", "tokenizer",
+               "elapsed_s")
 
 
 def sample_only(cfg, out_dir, device):
     """--sample-only: rebuild tokenizer and model from the checkpoint and print samples."""
-    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["mlp.py"])
-    tok = Tokenizer(ckpt["tokenizer"])
-    model = build_model(ModelConfig(**ckpt["model_args"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    path = out_dir / "ckpt.pt"
+    ckpt = load_checkpoint(path, ["mlp.py"], ("config", "model_args", "tokenizer"))
+    try:
+        tok, mc = Tokenizer(ckpt["tokenizer"]), ModelConfig(**ckpt["model_args"])
+    except (KeyError, TypeError) as e:  # another version's tokenizer or model_args
+        die(f"{path} does not fit this mlp.py ({type(e).__name__}: {e})")
+    model = build_model(mc).to(device)
+    load_weights(model, ckpt["model"], path)
     samples = make_samples(model, tok, ckpt["config"]["format"], cfg, device)
     print(join_samples(samples, ckpt["config"]["format"]), end="")
     return {"samples": samples}
@@ -725,7 +749,7 @@ def main(argv=None):
     dtype = resolve_dtype(cfg.dtype, device)
     if device.startswith("cuda"):
         cfg = apply_preset(cfg, GPU_PRESET, given)
-    check_config(cfg)
+    check_config(cfg, RULES, CHOICES)
     out_dir = Path(cfg.out_dir)
     if cfg.sample_only:
         return sample_only(cfg, out_dir, device)
@@ -819,6 +843,26 @@ def resolve_dtype(name, device):
     return name
 
 
+def check_config(cfg, rules, choices):
+    """Every flag value within its declared range (rules: name -> (predicate, allowed)) or
+    among its choices, every float finite, and the cross-field rules; else one error line
+    naming the flag, the value and what is allowed. Runs before anything is written.
+    A predicate of two arguments, `lambda v, c: ...`, also sees the whole config (a rule
+    across fields, e.g. n_embd % n_head), and its text may quote other flags as {c.name}."""
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            die(f"{flag} {v}: expected a finite number")
+        if f.name in rules:
+            ok, allowed = rules[f.name]
+            if not (ok(v, cfg) if ok.__code__.co_argcount == 2 else ok(v)):
+                die(f"{flag} {v}: expected {allowed.format(c=cfg)}")
+        if f.name in choices and v not in choices[f.name]:
+            die(f"{flag} {v}: expected one of {', '.join(choices[f.name])}")
+    if getattr(cfg, "min_lr", 0) > getattr(cfg, "learning_rate", math.inf):
+        die(f"--min-lr {cfg.min_lr}: expected <= --learning-rate {cfg.learning_rate}")
+
+
 def sha256_of(path):
     """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -866,10 +910,35 @@ def resolve_data(name):
     return path
 
 
+def read_text(path, flag="--data"):
+    """A UTF-8 text file as a str (newlines as open() gives them), or one line naming the file
+    and the offset of the first byte that is not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        die(f"{flag} {path}: cannot read it ({e.strerror})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        die(f"{flag} {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
+
+
 def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist; --out-dir
+    must be (or become) a writable folder. Reads only: nothing is written here.
     resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "ckpt.pt"
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        die(f"--out-dir {out_dir}: {existing} is a file, not a folder; choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"--out-dir {out_dir}: {existing} is not writable; choose another --out-dir")
+    for own in (ckpt, out_dir / "log.jsonl"):
+        if own.exists() and not own.is_file():
+            die(f"{own} exists but is not a file; move it away or choose another --out-dir")
     if resume and not ckpt.is_file():
         die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
     if ckpt.is_file() and not (resume or overwrite):
@@ -877,17 +946,69 @@ def check_out_dir(out_dir, resume, overwrite):
         die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
 
 
+def open_log(out_dir, resume_iter=None):
+    """Create --out-dir and start its log.jsonl; call it once the config and the inputs are
+    known to be good (nothing in --out-dir is touched before). The ckpt.pt.tmp of a run killed
+    mid-save goes. A fresh run (resume_iter None) starts an empty log; a resumed one keeps the
+    records up to its checkpoint: those of earlier steps and the evaluation at resume_iter,
+    not the steps after it (the resumed run logs them again) nor a previous run's events."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ckpt.pt.tmp").unlink(missing_ok=True)
+    path, keep = out_dir / "log.jsonl", []
+    if resume_iter is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            it = r.get("iter") if isinstance(r, dict) else None
+            if isinstance(it, int) and "event" not in r and (
+                    it < resume_iter or (it == resume_iter and "loss" not in r)):
+                keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_sha256(obj, h=None):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every
+    other value's repr, walked in order. save_checkpoint stores it, load_checkpoint checks it."""
+    top, h = h is None, h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            checkpoint_sha256(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            checkpoint_sha256(v, h)
+    else:
+        h.update(repr(obj).encode())
+    h.update(b";")
+    return h.hexdigest() if top else None
+
+
 def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written).
+    The SHA-256 of the contents goes in as "sha256", so a file damaged later is refused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
+    torch.save({**ckpt, "sha256": checkpoint_sha256(ckpt)}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+def load_checkpoint(path, scripts, keys=()):
+    """Load a checkpoint safely (weights_only), check it came from one of `scripts`, holds
+    every one of `keys` and still has the SHA-256 it was saved with. (A checkpoint written
+    before the checksum existed has no "sha256" and is loaded unchecked.)"""
     path = Path(path)
     if not path.is_file():
         die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
@@ -900,13 +1021,36 @@ def load_checkpoint(path, scripts):
     if ckpt["script"] not in scripts:
         die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
             f"{', '.join(scripts)}")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
+    saved = ckpt.pop("sha256", None)
+    if saved is not None and checkpoint_sha256(ckpt) != saved:
+        die(f"{path} is corrupted: its contents no longer match the SHA-256 saved with them "
+            f"(restore it from a copy, or train again)")
     return ckpt
 
 
+def load_weights(model, state, path):
+    """load_state_dict with a one-line error when the checkpoint does not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        detail = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        die(f"{path} does not fit this model ({detail})")
+
+
 def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
+    """Append one record as a line of log.jsonl, strict JSON: a non-finite number (which
+    json.dumps would write as NaN or Infinity) becomes null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
 
 def format_eta(seconds):

@@ -151,6 +151,62 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, 
                   dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
                   eval_interval=250, eval_iters=200, log_interval=10, compile=True,
                   expert_hidden=512)
+# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
+# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
+RULES = {
+    "n_layer": (lambda v: v >= 1, "an integer >= 1"),
+    "n_head": (lambda v: v >= 1, "an integer >= 1"),
+    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
+                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
+    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0 and (v // c.n_head) % 2 == 0,
+               "a positive multiple of --n-head {c.n_head} with an even head size (RoPE turns "
+               "pairs of dimensions)"),
+    "block_size": (lambda v: v >= 1, "an integer >= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "rope_theta": (lambda v: v > 0, "a number > 0"),
+    "n_experts": (lambda v: v >= 0, "an integer >= 0 (0 = dense)"),
+    "experts_per_token": (lambda v, c: c.n_experts == 0 or 1 <= v <= c.n_experts,
+                          "an integer in 1..--n-experts {c.n_experts}"),
+    "n_shared_experts": (lambda v: v >= 0, "an integer >= 0"),
+    "expert_hidden": (lambda v: v >= 1, "an integer >= 1"),
+    "moe_every": (lambda v: v >= 0, "an integer >= 0 (0 = no MoE block)"),
+    "dense_layers": (lambda v: v >= 0, "an integer >= 0"),
+    "router_noise": (lambda v: v >= 0, "a standard deviation >= 0"),
+    "routed_scale": (lambda v: v > 0, "a number > 0"),
+    "capacity_factor": (lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
+    "aux_loss_coef": (lambda v: v >= 0, "a number >= 0"),
+    "z_loss_coef": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "bias_update_rate": (lambda v: v >= 0, "a number >= 0"),
+    "kv_lora_rank": (lambda v: v >= 1, "an integer >= 1"),
+    "rope_head_dim": (lambda v: v >= 0 and v % 2 == 0,
+                      "an even integer >= 0 (RoPE turns pairs of dimensions)"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "lr_decay_iters": (lambda v: v >= 0, "an integer >= 0 (0 = --max-iters)"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
+    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 1, or 0 (off)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "bench_layer": (lambda v, c: not v or c.n_experts > 0,
+                    "off with --n-experts 0 (it times an MoE layer)"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+}
+CHOICES = {"balance": ("aux", "aux-free", "none"), "attn": ("gqa", "mla")}
 
 
 @dataclass
@@ -1152,40 +1208,16 @@ def kv_cache_report(mcfg, dtype):
 # -------------------------------------------------------------------------------
 # Main
 # -------------------------------------------------------------------------------
-def check_config(cfg):
-    """Values argparse cannot check by type alone, and flag combinations the model cannot honour."""
-    for name, allowed in (("balance", ("aux", "aux-free", "none")), ("attn", ("gqa", "mla"))):
-        if getattr(cfg, name) not in allowed:
-            die(f"--{name} {getattr(cfg, name)}: expected {' or '.join(allowed)}")
-    if cfg.n_embd % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
-        die(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head}, and --n-head "
-            f"a multiple of --n-kv-head {cfg.n_kv_head}")
-    if cfg.n_kv_head < 0:
-        die(f"--n-kv-head {cfg.n_kv_head}: must be >= 0 (0 = --n-head)")
-    if (cfg.n_embd // cfg.n_head) % 2 or cfg.rope_head_dim % 2:
-        die(f"RoPE turns pairs of dimensions: the head size {cfg.n_embd // cfg.n_head} and "
-            f"--rope-head-dim {cfg.rope_head_dim} must be even")
-    for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                 "eval_iters", "log_interval", "num_samples", "expert_hidden", "kv_lora_rank"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.temperature < 0:
-        die(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
-    # NEW vs llama.py
-    if cfg.n_experts < 0 or cfg.moe_every < 0 or cfg.dense_layers < 0 or cfg.n_shared_experts < 0:
-        die("--n-experts, --moe-every, --dense-layers and --n-shared-experts must be >= 0")
-    if cfg.n_experts and not 1 <= cfg.experts_per_token <= cfg.n_experts:
-        die(f"--experts-per-token {cfg.experts_per_token} must lie in 1..--n-experts "
-            f"{cfg.n_experts}")
-    if cfg.bench_layer and not cfg.n_experts:
-        die("--bench-layer times an MoE layer: give --n-experts > 0")
-
-
 def model_config(cfg, vocab_size):
     """The ModelConfig of the flags (the vocabulary padded as in build_model)."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
               if f.name not in ("vocab_size", "norm_eps")}
     return ModelConfig(vocab_size=padded_vocab(vocab_size), **fields)
+
+
+# what --resume needs from the checkpoint (load_checkpoint names the first one missing)
+RESUME_KEYS = ("config", "model_args", "optimizer", "scaler", "iter", "best_val_loss", "rng",
+               "tokenizer")
 
 
 def build_model(cfg, ckpt, vocab_size):
@@ -1205,7 +1237,7 @@ def build_model(cfg, ckpt, vocab_size):
 def sample_only(cfg, device, dtype):
     """--sample-only: continue --prompt with the checkpoint in --out-dir."""
     out_dir = Path(cfg.out_dir)
-    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["moe.py"])
+    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["moe.py"], ("model_args", "tokenizer"))
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device).eval()
     autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
@@ -1232,7 +1264,7 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
 
     # data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
     path = resolve_data(cfg.data)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     tokenizer = (tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None
                  else load_tokenizer(cfg.tokenizer))
     data = load_tokens(path, text, tokenizer)
@@ -1264,19 +1296,22 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
                            world_size)
     start_iter, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
-        batches.generator.set_state(ckpt["rng"]["data"])
-        if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device_type == "cuda" and ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
+            batches.generator.set_state(ckpt["rng"]["data"])
+            if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
+                torch.set_rng_state(ckpt["rng"]["torch"])
+                if device_type == "cuda" and ckpt["rng"]["cuda"]:
+                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
+                f"{str(e)[:200]})")
 
     out_dir = Path(cfg.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log = RunLog(out_dir, fresh=ckpt is None, tensorboard=cfg.tensorboard)
+    if master:  # the first write to --out-dir: every check has passed
+        log = RunLog(out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
     lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
     bias_update_rate = cfg.bias_update_rate if cfg.balance == "aux-free" else 0.0  # NEW vs llama.py
@@ -1419,8 +1454,8 @@ def main(argv=None):
     ckpt = None
     if cfg.resume and not cfg.sample_only:
         check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["moe.py"])
-        cfg = apply_preset(cfg, ckpt["config"], given)  # continue with the saved settings
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["moe.py"], RESUME_KEYS)
+        cfg = resume_config(cfg, given, ckpt)  # continue with the saved settings
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(cfg.device)
     if device.startswith("cuda") and world_size > 1:
@@ -1429,7 +1464,7 @@ def main(argv=None):
     if device.startswith("cuda") and ckpt is None:
         cfg = apply_preset(cfg, GPU_PRESET, given)
     dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg)
+    check_config(cfg, RULES, CHOICES)
     if rank == 0:
         print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
         print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
@@ -1541,6 +1576,26 @@ def resolve_dtype(name, device):
     return name
 
 
+def check_config(cfg, rules, choices):
+    """Every flag value within its declared range (rules: name -> (predicate, allowed)) or
+    among its choices, every float finite, and the cross-field rules; else one error line
+    naming the flag, the value and what is allowed. Runs before anything is written.
+    A predicate of two arguments, `lambda v, c: ...`, also sees the whole config (a rule
+    across fields, e.g. n_embd % n_head), and its text may quote other flags as {c.name}."""
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            die(f"{flag} {v}: expected a finite number")
+        if f.name in rules:
+            ok, allowed = rules[f.name]
+            if not (ok(v, cfg) if ok.__code__.co_argcount == 2 else ok(v)):
+                die(f"{flag} {v}: expected {allowed.format(c=cfg)}")
+        if f.name in choices and v not in choices[f.name]:
+            die(f"{flag} {v}: expected one of {', '.join(choices[f.name])}")
+    if getattr(cfg, "min_lr", 0) > getattr(cfg, "learning_rate", math.inf):
+        die(f"--min-lr {cfg.min_lr}: expected <= --learning-rate {cfg.learning_rate}")
+
+
 DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
 DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
     "shakespeare": (
@@ -1603,10 +1658,35 @@ def resolve_data(name):
     return path
 
 
+def read_text(path, flag="--data"):
+    """A UTF-8 text file as a str (newlines as open() gives them), or one line naming the file
+    and the offset of the first byte that is not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        die(f"{flag} {path}: cannot read it ({e.strerror})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        die(f"{flag} {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
+
+
 def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist; --out-dir
+    must be (or become) a writable folder. Reads only: nothing is written here.
     resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "ckpt.pt"
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        die(f"--out-dir {out_dir}: {existing} is a file, not a folder; choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"--out-dir {out_dir}: {existing} is not writable; choose another --out-dir")
+    for own in (ckpt, out_dir / "log.jsonl"):
+        if own.exists() and not own.is_file():
+            die(f"{own} exists but is not a file; move it away or choose another --out-dir")
     if resume and not ckpt.is_file():
         die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
     if ckpt.is_file() and not (resume or overwrite):
@@ -1614,17 +1694,69 @@ def check_out_dir(out_dir, resume, overwrite):
         die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
 
 
+def open_log(out_dir, resume_iter=None):
+    """Create --out-dir and start its log.jsonl; call it once the config and the inputs are
+    known to be good (nothing in --out-dir is touched before). The ckpt.pt.tmp of a run killed
+    mid-save goes. A fresh run (resume_iter None) starts an empty log; a resumed one keeps the
+    records up to its checkpoint: those of earlier steps and the evaluation at resume_iter,
+    not the steps after it (the resumed run logs them again) nor a previous run's events."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ckpt.pt.tmp").unlink(missing_ok=True)
+    path, keep = out_dir / "log.jsonl", []
+    if resume_iter is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            it = r.get("iter") if isinstance(r, dict) else None
+            if isinstance(it, int) and "event" not in r and (
+                    it < resume_iter or (it == resume_iter and "loss" not in r)):
+                keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_sha256(obj, h=None):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every
+    other value's repr, walked in order. save_checkpoint stores it, load_checkpoint checks it."""
+    top, h = h is None, h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            checkpoint_sha256(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            checkpoint_sha256(v, h)
+    else:
+        h.update(repr(obj).encode())
+    h.update(b";")
+    return h.hexdigest() if top else None
+
+
 def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written).
+    The SHA-256 of the contents goes in as "sha256", so a file damaged later is refused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
+    torch.save({**ckpt, "sha256": checkpoint_sha256(ckpt)}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+def load_checkpoint(path, scripts, keys=()):
+    """Load a checkpoint safely (weights_only), check it came from one of `scripts`, holds
+    every one of `keys` and still has the SHA-256 it was saved with. (A checkpoint written
+    before the checksum existed has no "sha256" and is loaded unchecked.)"""
     path = Path(path)
     if not path.is_file():
         die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
@@ -1637,13 +1769,46 @@ def load_checkpoint(path, scripts):
     if ckpt["script"] not in scripts:
         die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
             f"{', '.join(scripts)}")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
+    saved = ckpt.pop("sha256", None)
+    if saved is not None and checkpoint_sha256(ckpt) != saved:
+        die(f"{path} is corrupted: its contents no longer match the SHA-256 saved with them "
+            f"(restore it from a copy, or train again)")
     return ckpt
 
 
+def resume_config(cfg, given, ckpt):
+    """--resume: the checkpoint's settings for every flag not given on the command line. A
+    given flag may change how the run goes on (--max-iters, --learning-rate, ...) but not the
+    model's shape, and --max-iters may not end before the checkpoint's iteration."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    cfg = apply_preset(cfg, {k: v for k, v in ckpt["config"].items() if k in names}, given)
+    for name, saved in ckpt["model_args"].items():
+        value = getattr(cfg, name, saved)
+        if name in given and name not in ("dropout", "sdpa") and value not in (
+                saved, ckpt["config"].get(name)):
+            flag = "--" + name.replace("_", "-")
+            die(f"{flag} {value}: the checkpoint's model has {flag} {saved}, and a resumed run "
+                f"keeps its model (drop the flag, or start a fresh run)")
+    if cfg.max_iters < ckpt["iter"]:
+        die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {ckpt['iter']}; pass "
+            f"--max-iters {ckpt['iter']} or more to continue it")
+    return cfg
+
+
 def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
+    """Append one record as a line of log.jsonl, strict JSON: a non-finite number (which
+    json.dumps would write as NaN or Infinity) becomes null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
 
 def format_eta(seconds):
@@ -1675,10 +1840,8 @@ def peak_flops(device):
 class RunLog:
     """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
 
-    def __init__(self, out_dir, fresh, tensorboard):
-        self.path = Path(out_dir) / "log.jsonl"
-        if fresh:
-            self.path.write_text("")
+    def __init__(self, out_dir, resume_iter, tensorboard):
+        self.path = open_log(out_dir, resume_iter)  # a fresh log, or the resumed run's so far
         self.writer = None
         if tensorboard:
             try:

@@ -109,6 +109,7 @@ GPU_PRESET = dict(n_policy=18000, policy_samples=8, max_iters=6000, batch_size=6
 # what each numeric flag may be, checked before anything is written (DESIGN.md section 6);
 # choices and cross-field rules are in check_config
 RULES = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
     "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
     "n_policy": (lambda v: v >= 0, "an integer >= 0"),
     "policy_samples": (lambda v: v >= 1, "an integer >= 1"),
@@ -456,11 +457,13 @@ def make_number(rng, digits):
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
-def make_task(family, rng, difficulty):
+def make_task(family, rng, difficulty, think=False):
     """One problem of `family` at level `difficulty` (1 = easiest) -> {task, prompt, answer}.
 
     Level L means L-digit numbers (the second operand of + and - has 1..L digits) and words
-    of 2L+1 or 2L+2 letters, so the knob scales every family the same way.
+    of 2L+1 or 2L+2 letters, so the knob scales every family the same way. With `think`, the
+    answer of a family that needs one carries a worked trace first, '<trace> = <answer>' (the
+    random draws are the same, so the problems are too; `final_answer` reads the answer).
     """
     if family in ("add", "sub"):
         a, b = make_number(rng, difficulty), make_number(rng, rng.randint(1, difficulty))
@@ -484,8 +487,12 @@ def make_task(family, rng, difficulty):
         # half the time a letter of the word, so answers are not almost always 0
         letter = (rng.choice(word) if rng.random() < 0.5
                   else rng.choice("abcdefghijklmnopqrstuvwxyz"))
+        answer = str(word.count(letter))
+        if think:  # the letter, then a running tally: banana, a -> a: b0a1n1a2n2a3 = 3
+            tally = "".join(f"{c}{word[:i + 1].count(letter)}" for i, c in enumerate(word))
+            answer = f"{letter}: {tally} = {answer}"
         return {"task": family, "prompt": f"Count the letter {letter} in: {word}",
-                "answer": str(word.count(letter))}
+                "answer": answer}
     raise ValueError(f"unknown task family {family!r}; expected one of {TASK_FAMILIES}")
 
 
@@ -495,7 +502,7 @@ def task_split(prompt):
     return "test" if int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
 
 
-def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES):
+def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
     """`n` distinct problems of `split`, an equal share per family, levels from 1..difficulty.
 
     Rejection sampling: a generated problem is kept only if `task_split` puts it in `split`
@@ -509,7 +516,7 @@ def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES):
             if quota == 0:
                 break
             level = rng.randint(1, difficulty)
-            ex = make_task(family, rng, level)
+            ex = make_task(family, rng, level, think)
             if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
                 seen.add(ex["prompt"])
                 out.append(dict(ex, level=level))
@@ -541,9 +548,16 @@ def task_tokenizer(template_tokens=True):
     return ByteTokenizer(special)
 
 
+def final_answer(text):
+    """The answer a response gives: cut at <|endoftext|>, the text after the last ' = ' (a
+    worked trace ends '... = 3'); a response without a trace is all answer."""
+    return text.split(EOT)[0].rsplit(" = ", 1)[-1]
+
+
 def check_answer(completion, answer):
-    """True when the completion, cut at <|endoftext|> and stripped, is exactly the answer."""
-    return completion.split("<|endoftext|>")[0].strip() == answer.strip()
+    """True when the completion's final answer is exactly the gold one: a different trace that
+    reaches the right answer counts (the trace is the model's working, not the graded part)."""
+    return final_answer(completion).strip() == final_answer(answer).strip()
 
 
 ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+",
@@ -551,9 +565,9 @@ ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+
 
 
 def follows_format(completion, family):
-    """Format adherence: the answer has the family's shape and <|endoftext|> ends it."""
+    """Format adherence: the (final) answer has the family's shape and <|endoftext|> ends it."""
     return (EOT in completion
-            and re.fullmatch(ANSWER_SHAPES[family], completion.split(EOT)[0]) is not None)
+            and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
 
 
 # -------------------------------------------------------------------------------
@@ -1175,12 +1189,16 @@ def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx
     model.train()
     by_task = defaultdict(list)
     for ex, completion in results:
+        response = completion.split(EOT)[0]
         by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
-                                    follows_format(completion, ex["task"])))
-    acc = {t: sum(c for c, _ in v) / len(v) for t, v in by_task.items()}
-    fmt = {t: sum(f for _, f in v) / len(v) for t, v in by_task.items()}
+                                    follows_format(completion, ex["task"]),
+                                    response.strip() == ex["answer"].strip(),  # trace and all
+                                    len(tok.encode_ordinary(response))))
+    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
+    acc, fmt, exact, length = per_task
     return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
             "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
+            "exact_by_task": exact, "length_by_task": length,
             "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
 
 
@@ -1729,13 +1747,17 @@ def resolve_dtype(name, device):
 def check_config(cfg, rules, choices):
     """Every flag value within its declared range (rules: name -> (predicate, allowed)) or
     among its choices, every float finite, and the cross-field rules; else one error line
-    naming the flag, the value and what is allowed. Runs before anything is written."""
+    naming the flag, the value and what is allowed. Runs before anything is written.
+    A predicate of two arguments, `lambda v, c: ...`, also sees the whole config (a rule
+    across fields, e.g. n_embd % n_head), and its text may quote other flags as {c.name}."""
     for f in dataclasses.fields(cfg):
         v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if isinstance(v, float) and not math.isfinite(v):
             die(f"{flag} {v}: expected a finite number")
-        if f.name in rules and not rules[f.name][0](v):
-            die(f"{flag} {v}: expected {rules[f.name][1]}")
+        if f.name in rules:
+            ok, allowed = rules[f.name]
+            if not (ok(v, cfg) if ok.__code__.co_argcount == 2 else ok(v)):
+                die(f"{flag} {v}: expected {allowed.format(c=cfg)}")
         if f.name in choices and v not in choices[f.name]:
             die(f"{flag} {v}: expected one of {', '.join(choices[f.name])}")
     if getattr(cfg, "min_lr", 0) > getattr(cfg, "learning_rate", math.inf):
@@ -1743,9 +1765,19 @@ def check_config(cfg, rules, choices):
 
 
 def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist; --out-dir
+    must be (or become) a writable folder. Reads only: nothing is written here.
     resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "ckpt.pt"
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        die(f"--out-dir {out_dir}: {existing} is a file, not a folder; choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"--out-dir {out_dir}: {existing} is not writable; choose another --out-dir")
+    for own in (ckpt, out_dir / "log.jsonl"):
+        if own.exists() and not own.is_file():
+            die(f"{own} exists but is not a file; move it away or choose another --out-dir")
     if resume and not ckpt.is_file():
         die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
     if ckpt.is_file() and not (resume or overwrite):
@@ -1753,17 +1785,43 @@ def check_out_dir(out_dir, resume, overwrite):
         die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
 
 
+def checkpoint_sha256(obj, h=None):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every
+    other value's repr, walked in order. save_checkpoint stores it, load_checkpoint checks it."""
+    top, h = h is None, h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            checkpoint_sha256(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            checkpoint_sha256(v, h)
+    else:
+        h.update(repr(obj).encode())
+    h.update(b";")
+    return h.hexdigest() if top else None
+
+
 def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written).
+    The SHA-256 of the contents goes in as "sha256", so a file damaged later is refused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
+    torch.save({**ckpt, "sha256": checkpoint_sha256(ckpt)}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+def load_checkpoint(path, scripts, keys=()):
+    """Load a checkpoint safely (weights_only), check it came from one of `scripts`, holds
+    every one of `keys` and still has the SHA-256 it was saved with. (A checkpoint written
+    before the checksum existed has no "sha256" and is loaded unchecked.)"""
     path = Path(path)
     if not path.is_file():
         die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
@@ -1776,13 +1834,27 @@ def load_checkpoint(path, scripts):
     if ckpt["script"] not in scripts:
         die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
             f"{', '.join(scripts)}")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
+    saved = ckpt.pop("sha256", None)
+    if saved is not None and checkpoint_sha256(ckpt) != saved:
+        die(f"{path} is corrupted: its contents no longer match the SHA-256 saved with them "
+            f"(restore it from a copy, or train again)")
     return ckpt
 
 
 def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
+    """Append one record as a line of log.jsonl, strict JSON: a non-finite number (which
+    json.dumps would write as NaN or Infinity) becomes null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
 
 def format_eta(seconds):

@@ -19,6 +19,7 @@ Run:
     python sft.py --no-mask-prompt                  # loss on the prompt tokens too
     python sft.py --mix ""                          # equal shares of the six families
     python sft.py --task classify                   # "is this equation correct?" yes/no
+    python sft.py --think                           # count answered by a worked trace first
     python sft.py --sample-only --prompt "What is 12 + 7?"
     python sft.py --device cuda                     # GPU preset: 6 x 384, difficulty 3
   From a llama.py base model (the "gap": before SFT it continues text instead of answering),
@@ -33,10 +34,15 @@ Result (2-core CPU, 4 x 128 model from scratch, difficulty 2 = numbers of 1-2 di
     python sft.py          3000 steps x 32 examples, add and sub twice the share of the others:
                            0.887 (add 0.99, sub 1.00, reverse 0.93, sort 0.90, compare 0.94,
                            count 0.56), format 1.000; 204-213 s wall on a quiet CPU
-Counting a letter is the hard family for this model (left for the RL scripts). What made the
-five minutes enough: the template markers as single tokens (TEMPLATE_TOKENS; an example falls
-from ~57 ids to ~26, so a CPU second sees twice the problems), and many small steps (batch 32,
-lr 1.5e-3) rather than few large ones (450 x 128 at 4e-3 reached 0.285 in 332 s). The README
+    python sft.py --think  the count answer as a worked trace (the letter, then a running
+                           tally: 'a: b0a1n1a2n2a3 = 3'), 3600 steps: 0.970 (add 0.98, sub
+                           1.00, reverse 0.99, sort 0.91, compare 0.98, count 0.96), maj@8 0.967;
+                           4m45s on a quiet CPU
+Counting a letter is the hard family for a model that answers at once; one that writes the
+tally first counts (README, "Thinking first"). What made the five minutes enough: the template
+markers as single tokens (TEMPLATE_TOKENS; an example falls from ~57 ids to ~26, so a CPU
+second sees twice the problems), and many small steps (batch 32, lr 1.5e-3) rather than few
+large ones (450 x 128 at 4e-3 reached 0.285 in 332 s). The README
 has the ablations (bytes for the markers, curriculum, loss on the prompt, other seeds) and the
 full fine-tuning vs LoRA table from a llama.py base.
 
@@ -60,7 +66,7 @@ import sys
 import time
 import types
 import typing
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +93,8 @@ class Config:
     mix: str = "add=2,sub=2"  # training shares per family (others 1); empty = equal shares
     template_tokens: bool = True  # from scratch: one token per template marker (off: 33 bytes)
     mask_prompt: bool = True  # loss only on response tokens (--no-mask-prompt: on the prompt too)
+    think: bool = False  # count answered by a worked trace first (THINK_PRESET: out/sft_think)
+    loss_weighting: str = "token"  # token | sqrt | example: how a long trace weighs (--think: sqrt)
     curriculum: bool = False  # sample easy -> hard (by level, then length) instead of at random
     curriculum_frac: float = 0.5  # fraction of max_iters until the whole training set is in play
     lora_rank: int = 0  # LoRA rank r on attention and MLP projections; 0 = full fine-tuning
@@ -109,6 +117,8 @@ class Config:
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     eval_max_new_tokens: int = 16  # decoding budget per test problem
     eval_batch_size: int = 128  # prompts decoded together in the evaluation
+    maj_k: int = 8  # at the end, k sampled answers per test problem: maj@k and pass@k (0 = off)
+    maj_temperature: float = 0.7  # sampling temperature of those k answers
     resume: bool = False  # continue the run saved in --out-dir
     overwrite: bool = False  # allow replacing an existing checkpoint in --out-dir
     sample_only: bool = False  # load the checkpoint in --out-dir and only answer --prompt
@@ -125,9 +135,55 @@ class Config:
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, difficulty=3, batch_size=256,
                   n_train=200000, max_iters=3000, learning_rate=1e-3, min_lr=1e-4,
                   warmup_iters=100, eval_interval=250, eval_iters=10, compile=True)
+# --think, for every field not given: its own folder, room to decode a trace, count's traces
+# twice the share, each example's tokens weighted 1/sqrt(n), and 600 more steps (README)
+THINK_PRESET = dict(out_dir="out/sft_think", eval_max_new_tokens=40, loss_weighting="sqrt",
+                    mix="add=2,sub=2,count=2", max_iters=3600)
 # --task classify, for every field not given (after the GPU preset): 4000 add/sub problems
 # (each twice, right and near miss), which difficulty 2 has room for on both splits
 CLASSIFY_PRESET = dict(n_train=8000)
+# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
+# Free text (--init-from, --mix, --out-dir, --prompt) and --device/--dtype (resolved) aside.
+RULES = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "difficulty": (lambda v: 1 <= v <= 3, "1, 2 or 3"),
+    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
+    "n_test": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
+    "curriculum_frac": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
+    "lora_alpha": (lambda v: v > 0, "a number > 0"),
+    "n_layer": (lambda v: v >= 1, "an integer >= 1"),
+    "n_head": (lambda v: v >= 1, "an integer >= 1"),
+    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
+                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
+    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0 and (v // c.n_head) % 2 == 0,
+               "a positive multiple of --n-head {c.n_head} with an even head size (RoPE turns "
+               "pairs of dimensions)"),
+    "block_size": (lambda v: v >= 1, "an integer >= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "eval_max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "maj_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "maj_temperature": (lambda v: v >= 0, "a number >= 0"),
+    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+}
+CHOICES = {"task": ("generate", "classify"), "loss_weighting": ("token", "sqrt", "example")}
 
 
 @dataclass
@@ -240,11 +296,13 @@ def make_number(rng, digits):
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
-def make_task(family, rng, difficulty):
+def make_task(family, rng, difficulty, think=False):
     """One problem of `family` at level `difficulty` (1 = easiest) -> {task, prompt, answer}.
 
     Level L means L-digit numbers (the second operand of + and - has 1..L digits) and words
-    of 2L+1 or 2L+2 letters, so the knob scales every family the same way.
+    of 2L+1 or 2L+2 letters, so the knob scales every family the same way. With `think`, the
+    answer of a family that needs one carries a worked trace first, '<trace> = <answer>' (the
+    random draws are the same, so the problems are too; `final_answer` reads the answer).
     """
     if family in ("add", "sub"):
         a, b = make_number(rng, difficulty), make_number(rng, rng.randint(1, difficulty))
@@ -268,8 +326,12 @@ def make_task(family, rng, difficulty):
         # half the time a letter of the word, so answers are not almost always 0
         letter = (rng.choice(word) if rng.random() < 0.5
                   else rng.choice("abcdefghijklmnopqrstuvwxyz"))
+        answer = str(word.count(letter))
+        if think:  # the letter, then a running tally: banana, a -> a: b0a1n1a2n2a3 = 3
+            tally = "".join(f"{c}{word[:i + 1].count(letter)}" for i, c in enumerate(word))
+            answer = f"{letter}: {tally} = {answer}"
         return {"task": family, "prompt": f"Count the letter {letter} in: {word}",
-                "answer": str(word.count(letter))}
+                "answer": answer}
     raise ValueError(f"unknown task family {family!r}; expected one of {TASK_FAMILIES}")
 
 
@@ -279,7 +341,7 @@ def task_split(prompt):
     return "test" if int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
 
 
-def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES):
+def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
     """`n` distinct problems of `split`, an equal share per family, levels from 1..difficulty.
 
     Rejection sampling: a generated problem is kept only if `task_split` puts it in `split`
@@ -293,7 +355,7 @@ def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES):
             if quota == 0:
                 break
             level = rng.randint(1, difficulty)
-            ex = make_task(family, rng, level)
+            ex = make_task(family, rng, level, think)
             if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
                 seen.add(ex["prompt"])
                 out.append(dict(ex, level=level))
@@ -325,9 +387,16 @@ def task_tokenizer(template_tokens=True):
     return ByteTokenizer(special)
 
 
+def final_answer(text):
+    """The answer a response gives: cut at <|endoftext|>, the text after the last ' = ' (a
+    worked trace ends '... = 3'); a response without a trace is all answer."""
+    return text.split(EOT)[0].rsplit(" = ", 1)[-1]
+
+
 def check_answer(completion, answer):
-    """True when the completion, cut at <|endoftext|> and stripped, is exactly the answer."""
-    return completion.split("<|endoftext|>")[0].strip() == answer.strip()
+    """True when the completion's final answer is exactly the gold one: a different trace that
+    reaches the right answer counts (the trace is the model's working, not the graded part)."""
+    return final_answer(completion).strip() == final_answer(answer).strip()
 
 
 ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+",
@@ -335,9 +404,9 @@ ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+
 
 
 def follows_format(completion, family):
-    """Format adherence: the answer has the family's shape and <|endoftext|> ends it."""
+    """Format adherence: the (final) answer has the family's shape and <|endoftext|> ends it."""
     return (EOT in completion
-            and re.fullmatch(ANSWER_SHAPES[family], completion.split(EOT)[0]) is not None)
+            and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
 
 
 def make_classify_examples(n, split, seed, difficulty):
@@ -856,6 +925,20 @@ def get_batch(encoded, batch_size, generator, pool, pad_id, device):
 # -------------------------------------------------------------------------------
 # Training
 # -------------------------------------------------------------------------------
+LOSS_POWER = {"token": 0.0, "sqrt": 0.5, "example": 1.0}  # --loss-weighting -> p
+
+
+def response_loss(logits, targets, weighting):
+    """Cross-entropy over the response tokens, each token of an example with n of them weighted
+    n**-p: p = 0 is the token mean (a 20-token trace counts 20 times a 1-token answer), p = 1 the
+    per-example mean (every example counts once, so a trace token counts 1/20), sqrt between."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="none").view_as(targets)  # (B, T), 0 where ignored
+    mask = (targets != IGNORE_INDEX).float()
+    w = mask * mask.sum(1, keepdim=True).clamp(min=1) ** -LOSS_POWER[weighting]
+    return (ce * w).sum() / w.sum()
+
+
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
     if step < warmup_iters:
@@ -1010,13 +1093,66 @@ def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx
     model.train()
     by_task = defaultdict(list)
     for ex, completion in results:
+        response = completion.split(EOT)[0]
         by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
-                                    follows_format(completion, ex["task"])))
-    acc = {t: sum(c for c, _ in v) / len(v) for t, v in by_task.items()}
-    fmt = {t: sum(f for _, f in v) / len(v) for t, v in by_task.items()}
+                                    follows_format(completion, ex["task"]),
+                                    response.strip() == ex["answer"].strip(),  # trace and all
+                                    len(tok.encode_ordinary(response))))
+    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
+    acc, fmt, exact, length = per_task
     return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
             "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
+            "exact_by_task": exact, "length_by_task": length,
             "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
+
+
+@torch.no_grad()
+def sample_answers(model, tok, examples, n, temperature, max_new_tokens, batch_size, device,
+                   ctx, generator):
+    """n sampled responses per problem -> a list (per example) of n response texts, each cut
+    after its <|endoftext|> (a response that never stops has none).
+
+    As in sft.py's evaluation, prompts of equal token length are decoded together (no padding,
+    no attention mask in the KV cache): each prompt n times, batch_size rows at a time.
+    """
+    groups = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[len(encode_prompt(tok, ex["prompt"]))].append(i)
+    out = [None] * len(examples)
+    per_batch = max(1, batch_size // n)
+    for T, members in sorted(groups.items()):
+        for j in range(0, len(members), per_batch):
+            chunk = members[j:j + per_batch]
+            ids = [encode_prompt(tok, examples[i]["prompt"]) for i in chunk]
+            idx = torch.tensor(ids, device=device).repeat_interleave(n, dim=0)  # (len * n, T)
+            with ctx:
+                rows = generate_until(model, idx, max_new_tokens, tok.special[EOT], temperature,
+                                      generator=generator)[:, T:].tolist()
+            for k, i in enumerate(chunk):
+                out[i] = [completion_text(tok, r) for r in rows[k * n:(k + 1) * n]]
+    return out
+
+
+@torch.no_grad()
+def evaluate_majority(model, tok, examples, k, temperature, max_new_tokens, batch_size, device,
+                      ctx, generator):
+    """Self-consistency (Wang et al. 2022): k sampled responses per problem; maj@k is right
+    when the most common final answer (over responses that stop) is the gold one, pass@k when
+    any response is right. Ties go to the answer sampled first."""
+    model.eval()
+    responses = sample_answers(model, tok, examples, k, temperature, max_new_tokens, batch_size,
+                               device, ctx, generator)
+    model.train()
+    hits = defaultdict(list)
+    for ex, group in zip(examples, responses):
+        votes = Counter(final_answer(r).strip() for r in group if EOT in r)
+        vote = votes.most_common(1)[0][0] if votes else None
+        hits[ex["task"]].append((vote == final_answer(ex["answer"]).strip(),
+                                 any(check_answer(r, ex["answer"]) for r in group)))
+    maj = {t: sum(m for m, _ in v) / len(v) for t, v in hits.items()}
+    pas = {t: sum(p for _, p in v) / len(v) for t, v in hits.items()}
+    return {"maj_k": k, "maj_at_k": sum(maj.values()) / len(maj), "maj_by_task": maj,
+            "pass_at_k": sum(pas.values()) / len(pas), "pass_by_task": pas}
 
 
 @torch.no_grad()
@@ -1035,11 +1171,18 @@ def evaluate_classify(model, encoded, batch_size, pad_id, device, ctx):
 
 
 def print_table(metrics):
-    """Per-family accuracy and format adherence, then the mean over families."""
-    print(f"{'task':<10}{'n':>6}{'accuracy':>10}{'format':>8}")
-    for t, acc in metrics["accuracy_by_task"].items():
-        print(f"{t:<10}{metrics['counts'][t]:>6}{acc:>10.3f}{metrics['format_by_task'][t]:>8.3f}")
-    print(f"{'mean':<10}{'':>6}{metrics['accuracy']:>10.3f}{metrics['format_rate']:>8.3f}")
+    """Per family: accuracy (final answer), format adherence, exact match of the whole response
+    (trace included), its mean length in tokens, and maj@k / pass@k when sampled; then means."""
+    cols = [("accuracy", "accuracy_by_task"), ("format", "format_by_task"),
+            ("exact", "exact_by_task"), ("tokens", "length_by_task")]
+    if "maj_by_task" in metrics:
+        k = metrics["maj_k"]
+        cols += [(f"maj@{k}", "maj_by_task"), (f"pass@{k}", "pass_by_task")]
+    print(f"{'task':<10}{'n':>6}" + "".join(f"{name:>10}" for name, _ in cols))
+    for t, n in metrics["counts"].items():
+        print(f"{t:<10}{n:>6}" + "".join(f"{metrics[key][t]:>10.3f}" for _, key in cols))
+    means = [sum(metrics[key].values()) / len(metrics[key]) for _, key in cols]
+    print(f"{'mean':<10}{'':>6}" + "".join(f"{m:>10.3f}" for m in means))
 
 
 def show_samples(metrics, k=6):
@@ -1131,13 +1274,10 @@ def main(argv=None):
         cfg = apply_preset(cfg, GPU_PRESET, given)
     if cfg.task == "classify":
         cfg = apply_preset(cfg, CLASSIFY_PRESET, given)
+    if cfg.think:
+        cfg = apply_preset(cfg, THINK_PRESET, given)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.task not in ("generate", "classify"):
-        die(f"--task {cfg.task}: expected generate or classify")
-    if not 1 <= cfg.difficulty <= 3:
-        die(f"--difficulty {cfg.difficulty}: expected 1, 2 or 3")
-    if cfg.lora_rank < 0:
-        die(f"--lora-rank {cfg.lora_rank}: expected 0 (full fine-tuning) or a positive rank")
+    check_config(cfg, RULES, CHOICES)
     print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
     torch.manual_seed(cfg.seed)
@@ -1151,7 +1291,12 @@ def main(argv=None):
     check_out_dir(out_dir, cfg.resume, cfg.overwrite)
 
     # ---- tokenizer and model: a resumed run, a llama.py checkpoint, or from scratch ----
-    resumed = load_checkpoint(ckpt_path, ("sft.py",)) if cfg.resume else None
+    resumed = (load_checkpoint(ckpt_path, ("sft.py",), ("model", "model_args", "optimizer",
+                                                       "iter", "best_val_loss", "rng"))
+               if cfg.resume else None)
+    if resumed is not None and cfg.max_iters < resumed["iter"]:
+        die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {resumed['iter']}; pass "
+            f"--max-iters {resumed['iter']} or more to continue it")
     init = (load_checkpoint(cfg.init_from, ("llama.py", "sft.py"))
             if cfg.init_from and not resumed else None)
     source, source_path = (resumed, ckpt_path) if resumed else (init, cfg.init_from)
@@ -1189,8 +1334,9 @@ def main(argv=None):
         if cfg.task == "generate":
             # the test set keeps equal shares: the accuracy is a plain mean over families
             train_ex = make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty,
-                                  mix_families(cfg.mix))
-            test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
+                                  mix_families(cfg.mix), cfg.think)
+            test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty,
+                                 think=cfg.think)
         else:
             train_ex = make_classify_examples(cfg.n_train, "train", cfg.seed, cfg.difficulty)
             test_ex = make_classify_examples(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
@@ -1242,9 +1388,8 @@ def main(argv=None):
         if resumed["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
         data_gen.set_state(resumed["rng"]["data"])
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
+    # the first write to --out-dir: a fresh log, or the resumed run's up to its checkpoint
+    open_log(out_dir, start if resumed is not None else None)
     raw_model = model  # uncompiled: saved, evaluated and sampled from
     if cfg.compile:
         model = torch.compile(model)
@@ -1256,7 +1401,9 @@ def main(argv=None):
     t_start = t_last = time.time()
     for step in range(start, cfg.max_iters + 1):
         last_step = step == cfg.max_iters
-        if step % cfg.eval_interval == 0 or last_step:
+        # a resumed run's evaluation at its checkpoint is in the log already (open_log)
+        if (step % cfg.eval_interval == 0 or last_step) and (step > start or resumed is None
+                                                            or last_step):
             losses = estimate_loss(raw_model, {"train": train_enc, "val": val_enc},
                                    cfg.eval_iters, cfg.batch_size, pad_id, device, ctx)
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -1286,7 +1433,10 @@ def main(argv=None):
         try:
             for micro in range(cfg.gradient_accumulation_steps):
                 with ctx:
-                    _, loss = model(X, Y)
+                    if cfg.loss_weighting == "token":
+                        _, loss = model(X, Y)
+                    else:
+                        loss = response_loss(model(X)[0], Y, cfg.loss_weighting)
                     # the mean of means: a micro-batch with fewer answer tokens weighs as much as
                     # one with more (exact for equal counts; nanoGPT's simplification)
                     loss = loss / cfg.gradient_accumulation_steps
@@ -1302,8 +1452,10 @@ def main(argv=None):
                 f"try --batch-size {cfg.batch_size // 2}")
         loss_value = loss.item() * cfg.gradient_accumulation_steps
         if not math.isfinite(loss_value):
-            die(f"loss is {loss_value} at iter {step}; stopped, the last good checkpoint "
-                f"{ckpt_path} is kept (try a lower --learning-rate)")
+            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
+                "no checkpoint was written"
+            die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
+                f"--learning-rate)")
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -1334,11 +1486,15 @@ def main(argv=None):
     else:
         metrics = evaluate_tasks(raw_model, tok, test_ex, cfg.eval_max_new_tokens,
                                  cfg.eval_batch_size, device, ctx)
+        if cfg.maj_k:
+            gen = torch.Generator(device).manual_seed(cfg.seed)
+            metrics.update(evaluate_majority(raw_model, tok, test_ex, cfg.maj_k,
+                                             cfg.maj_temperature, cfg.eval_max_new_tokens,
+                                             cfg.eval_batch_size, device, ctx, gen))
         print_table(metrics)
         lines = show_samples(metrics)
         (out_dir / "samples.txt").write_text("\n".join(lines) + "\n")
-        done.update({k: metrics[k] for k in ("accuracy", "accuracy_by_task", "format_rate",
-                                             "format_by_task")})
+        done.update({k: v for k, v in metrics.items() if k not in ("counts", "samples")})
         if metrics_before is not None:
             done["accuracy_before"] = metrics_before["accuracy"]
             done["accuracy_by_task_before"] = metrics_before["accuracy_by_task"]
@@ -1428,10 +1584,40 @@ def resolve_dtype(name, device):
     return name
 
 
+def check_config(cfg, rules, choices):
+    """Every flag value within its declared range (rules: name -> (predicate, allowed)) or
+    among its choices, every float finite, and the cross-field rules; else one error line
+    naming the flag, the value and what is allowed. Runs before anything is written.
+    A predicate of two arguments, `lambda v, c: ...`, also sees the whole config (a rule
+    across fields, e.g. n_embd % n_head), and its text may quote other flags as {c.name}."""
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            die(f"{flag} {v}: expected a finite number")
+        if f.name in rules:
+            ok, allowed = rules[f.name]
+            if not (ok(v, cfg) if ok.__code__.co_argcount == 2 else ok(v)):
+                die(f"{flag} {v}: expected {allowed.format(c=cfg)}")
+        if f.name in choices and v not in choices[f.name]:
+            die(f"{flag} {v}: expected one of {', '.join(choices[f.name])}")
+    if getattr(cfg, "min_lr", 0) > getattr(cfg, "learning_rate", math.inf):
+        die(f"--min-lr {cfg.min_lr}: expected <= --learning-rate {cfg.learning_rate}")
+
+
 def check_out_dir(out_dir, resume, overwrite):
-    """A fresh run never silently replaces a checkpoint; --resume needs one to exist.
+    """A fresh run never silently replaces a checkpoint; --resume needs one to exist; --out-dir
+    must be (or become) a writable folder. Reads only: nothing is written here.
     resume=None: the script has no --resume, so the message offers only --overwrite."""
-    ckpt = Path(out_dir) / "ckpt.pt"
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "ckpt.pt"
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        die(f"--out-dir {out_dir}: {existing} is a file, not a folder; choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"--out-dir {out_dir}: {existing} is not writable; choose another --out-dir")
+    for own in (ckpt, out_dir / "log.jsonl"):
+        if own.exists() and not own.is_file():
+            die(f"{own} exists but is not a file; move it away or choose another --out-dir")
     if resume and not ckpt.is_file():
         die(f"--resume: no checkpoint at {ckpt}; start a fresh run without --resume")
     if ckpt.is_file() and not (resume or overwrite):
@@ -1439,17 +1625,69 @@ def check_out_dir(out_dir, resume, overwrite):
         die(f"{ckpt} exists: pass {choices}--overwrite to replace it")
 
 
+def open_log(out_dir, resume_iter=None):
+    """Create --out-dir and start its log.jsonl; call it once the config and the inputs are
+    known to be good (nothing in --out-dir is touched before). The ckpt.pt.tmp of a run killed
+    mid-save goes. A fresh run (resume_iter None) starts an empty log; a resumed one keeps the
+    records up to its checkpoint: those of earlier steps and the evaluation at resume_iter,
+    not the steps after it (the resumed run logs them again) nor a previous run's events."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ckpt.pt.tmp").unlink(missing_ok=True)
+    path, keep = out_dir / "log.jsonl", []
+    if resume_iter is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            it = r.get("iter") if isinstance(r, dict) else None
+            if isinstance(it, int) and "event" not in r and (
+                    it < resume_iter or (it == resume_iter and "loss" not in r)):
+                keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_sha256(obj, h=None):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every
+    other value's repr, walked in order. save_checkpoint stores it, load_checkpoint checks it."""
+    top, h = h is None, h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            checkpoint_sha256(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            checkpoint_sha256(v, h)
+    else:
+        h.update(repr(obj).encode())
+    h.update(b";")
+    return h.hexdigest() if top else None
+
+
 def save_checkpoint(ckpt, path):
-    """Write atomically: a temp file in the same folder, then os.replace (never half-written)."""
+    """Write atomically: a temp file in the same folder, then os.replace (never half-written).
+    The SHA-256 of the contents goes in as "sha256", so a file damaged later is refused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
+    torch.save({**ckpt, "sha256": checkpoint_sha256(ckpt)}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, scripts):
-    """Load a checkpoint safely (weights_only) and check it came from one of `scripts`."""
+def load_checkpoint(path, scripts, keys=()):
+    """Load a checkpoint safely (weights_only), check it came from one of `scripts`, holds
+    every one of `keys` and still has the SHA-256 it was saved with. (A checkpoint written
+    before the checksum existed has no "sha256" and is loaded unchecked.)"""
     path = Path(path)
     if not path.is_file():
         die(f"no checkpoint at {path}; train one first or point --out-dir/--init-from at it")
@@ -1462,13 +1700,27 @@ def load_checkpoint(path, scripts):
     if ckpt["script"] not in scripts:
         die(f"{path} was written by {ckpt['script']}; this script reads checkpoints of "
             f"{', '.join(scripts)}")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
+    saved = ckpt.pop("sha256", None)
+    if saved is not None and checkpoint_sha256(ckpt) != saved:
+        die(f"{path} is corrupted: its contents no longer match the SHA-256 saved with them "
+            f"(restore it from a copy, or train again)")
     return ckpt
 
 
 def append_jsonl(path, record):
-    """Append one JSON record as a line of log.jsonl."""
+    """Append one record as a line of log.jsonl, strict JSON: a non-finite number (which
+    json.dumps would write as NaN or Infinity) becomes null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
 
 
 def format_eta(seconds):

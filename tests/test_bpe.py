@@ -205,7 +205,8 @@ def test_cli_help(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--vocab-size", "100"], "below 256"), (["--pattern", "gpt3"], "--pattern gpt3"),
+    (["--vocab-size", "100"], "--vocab-size 100: expected an integer >= 256"),
+    (["--pattern", "gpt3"], "--pattern gpt3"),
     (["--data", "no/such/file.txt"], "no such file")])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     data = tmp_path / "t.txt"

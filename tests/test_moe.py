@@ -279,7 +279,7 @@ def test_help_and_bad_flag(capsys):
     with pytest.raises(SystemExit) as e:
         moe.main(["--balance", "sometimes"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: --balance sometimes: expected aux or aux-free or none"
+    assert capsys.readouterr().err.strip() == "error: --balance sometimes: expected one of aux, aux-free, none"
 
 
 def test_kv_cache_report_and_bench_layer_flags(capsys):

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=320, block_size=96, n_layer=2, n_head=2, n_embd=32, n_kv_head=1)
 TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-kv-head", "1", "--n-embd", "32",
               "--batch-size", "8", "--eval-iters", "1", "--n-train", "120", "--n-test", "12",
-              "--eval-max-new-tokens", "4", "--warmup-iters", "1", "--device", "cpu"]
+              "--eval-max-new-tokens", "4", "--warmup-iters", "1", "--device", "cpu",
+              "--maj-k", "0"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -131,6 +132,108 @@ def test_check_answer_and_format():
     assert not sft.follows_format(" 85<|endoftext|>", "add")
     assert sft.follows_format("cba<|endoftext|>", "reverse")
     assert sft.format_prompt("What is 1 + 2?") == "### Instruction:\nWhat is 1 + 2?\n\n### Response:\n"
+
+
+# ---- worked traces (--think) ----
+def worked_trace(prompt):
+    """The response of a thinking model, written independently of make_task: count's letter,
+    then a running tally (each letter of the word and the matches up to it), then the answer;
+    the plain answer elsewhere."""
+    m = re.fullmatch(r"Count the letter ([a-z]) in: ([a-z]+)", prompt)
+    if m is None:
+        return worked_answer(prompt)
+    letter, word, n, steps = m[1], m[2], 0, []
+    for c in word:
+        n += c == letter
+        steps.append(c + str(n))
+    return letter + ": " + "".join(steps) + " = " + str(n)
+
+
+def test_think_traces_are_correct_for_every_family_and_level():
+    for family in sft.TASK_FAMILIES:
+        for level in (1, 2, 3):
+            for seed in range(30):
+                ex = sft.make_task(family, random.Random(seed), level, think=True)
+                plain = sft.make_task(family, random.Random(seed), level)
+                assert ex["prompt"] == plain["prompt"]  # the same draws: the same problem
+                assert ex["answer"] == worked_trace(ex["prompt"])
+                assert sft.final_answer(ex["answer"]) == plain["answer"]
+                assert sft.check_answer(ex["answer"] + sft.EOT, plain["answer"])
+                assert sft.check_answer(plain["answer"] + sft.EOT, ex["answer"])
+    assert sft.make_task("count", random.Random(0), 2, think=True)["answer"].count(" = ") == 1
+    # the same held-out problems with and without traces (the chain compares on them)
+    a = sft.make_tasks(60, "test", 5, 2)
+    b = sft.make_tasks(60, "test", 5, 2, think=True)
+    assert [x["prompt"] for x in a] == [x["prompt"] for x in b]
+
+
+def test_checker_grades_the_final_answer_after_the_last_equals():
+    assert sft.check_answer("x1 y1 = 1<|endoftext|>", "b0 a1 = 1")  # another trace, right answer
+    assert not sft.check_answer("b0 a1 = 2<|endoftext|>", "b0 a1 = 1")
+    assert not sft.check_answer("b0 a1 = 1 = 2<|endoftext|>", "1")  # the last ' = ' counts
+    assert sft.check_answer("b1 = 1 <|endoftext|>= 7", "1")  # nothing after the end token
+    assert sft.final_answer("85<|endoftext|>") == "85"  # no trace: the whole response
+    assert sft.follows_format("b0 a1 = 1<|endoftext|>", "count")
+    assert not sft.follows_format("b0 a1 = x<|endoftext|>", "count")
+    assert not sft.follows_format("b0 a1 = 1", "count")  # never stopped
+
+
+def test_the_trace_is_part_of_the_trained_response():
+    tok = sft.task_tokenizer()
+    ex = sft.make_task("count", random.Random(3), 2, think=True)
+    ids, targets = sft.encode_example(tok, ex, mask_prompt=True)
+    kept = [t for t in targets if t != sft.IGNORE_INDEX]
+    assert kept == tok.encode_ordinary(ex["answer"]) + [tok.special[sft.EOT]]
+    assert " = " in ex["answer"] and len(kept) > 10
+
+
+def test_loss_weighting_by_hand():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    ign = sft.IGNORE_INDEX
+    targets = torch.tensor([[ign, 3, ign, ign], [ign, 1, 2, 5]])  # 1 and 3 response tokens
+    ce = -F.log_softmax(logits, dim=-1)
+    a = ce[0, 1, 3]
+    b = [ce[1, 1, 1], ce[1, 2, 2], ce[1, 3, 5]]
+    token = (a + sum(b)) / 4
+    example = (a + sum(b) / 3) / 2
+    sqrt = (a + sum(b) / 3 ** 0.5) / (1 + 3 / 3 ** 0.5)  # weights 1 and 1/sqrt(3) per token
+    torch.testing.assert_close(sft.response_loss(logits, targets, "token"), token)
+    torch.testing.assert_close(sft.response_loss(logits, targets, "example"), example)
+    torch.testing.assert_close(sft.response_loss(logits, targets, "sqrt"), sqrt)
+    # the token mean is the model's own loss
+    model_loss = F.cross_entropy(logits.view(8, 7), targets.view(8), ignore_index=ign)
+    torch.testing.assert_close(sft.response_loss(logits, targets, "token"), model_loss)
+
+
+def test_think_run_reports_traces_and_majority(tmp_path):
+    flags = [f for f in TINY_FLAGS] + ["--think", "--max-iters", "3", "--eval-interval", "3",
+                                       "--maj-k", "2", "--loss-weighting", "sqrt"]
+    flags[flags.index("--eval-max-new-tokens") + 1] = "8"
+    one = sft.main(flags + ["--out-dir", str(tmp_path / "a")])
+    two = sft.main(flags + ["--out-dir", str(tmp_path / "b")])
+    assert losses_of(tmp_path / "a") == losses_of(tmp_path / "b")  # deterministic
+    for key in ("exact_by_task", "length_by_task", "maj_by_task", "pass_by_task"):
+        assert set(one[key]) == set(sft.TASK_FAMILIES)
+    assert one["maj_k"] == 2 and 0 <= one["maj_at_k"] <= one["pass_at_k"] <= 1
+    assert one["accuracy"] == two["accuracy"]
+    cfg = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["config"]
+    assert cfg["think"] and cfg["loss_weighting"] == "sqrt"
+    # the evaluation budget of the think preset (40) applies only where not given
+    assert cfg["eval_max_new_tokens"] == 8
+
+
+def test_majority_vote_by_hand(monkeypatch):
+    exs = [{"task": "count", "prompt": "p1", "answer": "a1 = 1"},
+           {"task": "add", "prompt": "p2", "answer": "5"}]
+    eot = sft.EOT
+    samples = [["x1 = 1" + eot, "y = 2" + eot, "z = 1" + eot, "2"],  # 1 wins 2-1 (unstopped "2"
+               ["4" + eot, "6" + eot, "5", "6" + eot]]  # is not a vote); 6 wins, 5 never stops
+    monkeypatch.setattr(sft, "sample_answers", lambda *a, **k: samples)
+    out = sft.evaluate_majority(tiny_model(), None, exs, 4, 1.0, 4, 8, "cpu", None, None)
+    assert out["maj_by_task"] == {"count": 1.0, "add": 0.0}
+    assert out["pass_by_task"] == {"count": 1.0, "add": 1.0}  # "5" is right, though unstopped
+    assert out["maj_at_k"] == 0.5 and out["pass_at_k"] == 1.0
 
 
 # ---- label masking and collate ----
@@ -297,6 +400,10 @@ def test_main_smoke_resume_and_sample_only(tmp_path):
     sft.main(flags + ["--max-iters", "2", "--out-dir", str(part)])
     sft.main(flags + ["--max-iters", "4", "--out-dir", str(part), "--resume"])
     assert losses_of(part) == losses_of(full)
+    records = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
+    evals = [r["iter"] for r in records if "val_loss" in r and "event" not in r]
+    assert evals == [0, 2, 4]  # the evaluation at the checkpoint once, not redone on resume
+    assert [r["iter"] for r in records if "loss" in r] == [0, 1, 2, 3]
     out = sft.main(["--sample-only", "--out-dir", str(full), "--prompt", "What is 1 + 1?",
                     "--num-samples", "2", "--max-new-tokens", "3"])
     assert len(out["samples"]) == 2
