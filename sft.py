@@ -86,6 +86,8 @@ class Config:
     seed: int = 1337  # every random choice (tasks, init, batches) follows it
     out_dir: str = "out/sft"  # ckpt.pt, log.jsonl and samples.txt go here
     task: str = "generate"  # generate (SFT on the task world) | classify (class head)
+    classify_task: str = "equation"  # classify: equation ("is 4 + 5 = 9 correct?") | contains
+    head_only: bool = False  # classify: train the class head only (a linear probe), trunk frozen
     init_from: str = ""  # start from a llama.py (or sft.py) checkpoint; empty = from scratch
     difficulty: int = 2  # hardest task level (1-3): L-digit numbers, words of 2L+1 or 2L+2 letters
     n_train: int = 14000  # training problems generated from the task world
@@ -183,7 +185,9 @@ RULES = {
     "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
     "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
 }
-CHOICES = {"task": ("generate", "classify"), "loss_weighting": ("token", "sqrt", "example")}
+RULES["head_only"] = (lambda v, c: not v or c.task == "classify", "only with --task classify")
+CHOICES = {"task": ("generate", "classify"), "loss_weighting": ("token", "sqrt", "example"),
+           "classify_task": ("equation", "contains")}
 
 
 @dataclass
@@ -426,6 +430,27 @@ def make_classify_examples(n, split, seed, difficulty):
             out.append({"task": "classify", "prompt": f"Is this correct? {equation} = {result}",
                         "label": label, "level": ex["level"]})
     return out
+
+
+def make_contains_examples(n, split, seed, difficulty):
+    """Balanced yes/no set "does this word contain the letter x?": n distinct prompts of
+    `split`, half with a letter of the word (yes), half with a letter it lacks (no)."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            return out
+        level = rng.randint(1, difficulty)
+        word = make_word(rng, 2 * level + rng.randint(1, 2))
+        label = len(out) % 2
+        letters = sorted(set(word)) if label else [c for c in "abcdefghijklmnopqrstuvwxyz"
+                                                    if c not in word]
+        prompt = f"Does {word} contain the letter {rng.choice(letters)}?"
+        if task_split(prompt) == split and prompt not in seen:
+            seen.add(prompt)
+            out.append({"task": "classify", "prompt": prompt, "label": label, "level": level})
+    raise ValueError(f"too few distinct {split} problems of contains at difficulty "
+                     f"{difficulty} for n={n}")
 
 
 # -------------------------------------------------------------------------------
@@ -1315,6 +1340,9 @@ def main(argv=None):
         load_weights(model, init["model"], cfg.init_from)
     if cfg.task == "classify":
         model.lm_head = build_model(model_args, "classify").lm_head
+        if cfg.head_only:  # a linear probe: what the trunk already knows, read by one layer
+            model.requires_grad_(False)
+            model.lm_head.requires_grad_(True)
     n_total = sum(p.numel() for p in model.parameters())
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
@@ -1338,8 +1366,10 @@ def main(argv=None):
             test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty,
                                  think=cfg.think)
         else:
-            train_ex = make_classify_examples(cfg.n_train, "train", cfg.seed, cfg.difficulty)
-            test_ex = make_classify_examples(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
+            make = (make_classify_examples if cfg.classify_task == "equation"
+                    else make_contains_examples)
+            train_ex = make(cfg.n_train, "train", cfg.seed, cfg.difficulty)
+            test_ex = make(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
     except ValueError as e:
         die(f"{e}: lower --n-train/--n-test or raise --difficulty")
     if cfg.task == "generate":
@@ -1481,7 +1511,7 @@ def main(argv=None):
     if cfg.task == "classify":
         done["accuracy"] = evaluate_classify(raw_model, val_enc, cfg.eval_batch_size,
                                              pad_id, device, ctx)
-        print(f"classification accuracy (is this equation correct?): {done['accuracy']:.3f} "
+        print(f"classification accuracy ({cfg.classify_task}): {done['accuracy']:.3f} "
               f"on {len(val_enc)} held-out examples")
     else:
         metrics = evaluate_tasks(raw_model, tok, test_ex, cfg.eval_max_new_tokens,

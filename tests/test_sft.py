@@ -436,6 +436,31 @@ def test_classify_main(tmp_path):
     assert sum(out["probs"]) == pytest.approx(1.0)
 
 
+def test_contains_examples_are_balanced_right_and_disjoint():
+    train = sft.make_contains_examples(200, "train", 3, 2)
+    test = sft.make_contains_examples(60, "test", 4, 2)
+    assert sum(ex["label"] for ex in train) == 100 and len({ex["prompt"] for ex in train}) == 200
+    assert not {ex["prompt"] for ex in train} & {ex["prompt"] for ex in test}
+    for ex in train + test:
+        m = re.fullmatch(r"Does ([a-z]+) contain the letter ([a-z])\?", ex["prompt"])
+        assert ex["label"] == int(m[2] in m[1])
+
+
+def test_head_only_trains_the_class_head_alone(tmp_path, capsys):
+    base = tmp_path / "base"
+    sft.main(TINY_FLAGS + ["--max-iters", "2", "--out-dir", str(base)])
+    flags = TINY_FLAGS + ["--task", "classify", "--classify-task", "contains", "--max-iters", "3",
+                          "--init-from", str(base / "ckpt.pt"), "--head-only"]
+    done = sft.main(flags + ["--out-dir", str(tmp_path / "probe")])
+    assert done["trainable_params"] == 2 * 32  # the 2-way head on a 32-wide trunk, no bias
+    before = torch.load(base / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "probe" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("lm_head"))
+    with pytest.raises(SystemExit) as e:  # a probe needs a class head
+        sft.main(TINY_FLAGS + ["--head-only", "--out-dir", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "--head-only" in capsys.readouterr().err
+
+
 def test_init_from_a_llama_checkpoint(tmp_path, capsys):
     if not (ROOT / "llama.py").is_file():
         pytest.skip("llama.py not written yet")
