@@ -1014,7 +1014,7 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         with autocast:
             write_samples(raw_model, tokenizer, cfg, device, out_dir)
         if cfg.plot:
-            write_figures(out_dir)
+            write_figures(out_dir, raw_model.config)
         metrics = dict(metrics, best_val_loss=best_val_loss, params=raw_model.num_params(),
                        elapsed_s=round(time.perf_counter() - t_start, 3))
         log.write({"event": "done", **metrics})
@@ -1700,8 +1700,10 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def write_figures(out_dir):
-    """--plot: loss.png (from log.jsonl) and, after --log-grad-norms, grad_norms.png."""
+def write_figures(out_dir, config=None):
+    """--plot: loss.png (from log.jsonl), after --log-grad-norms grad_norms.png, and for a RoPE
+    model rope.png: the rotary angles' cosines per frequency pair and position, and how the
+    score q . k of one query and one key (both all ones) falls with their distance."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1733,7 +1735,23 @@ def write_figures(out_dir):
         ax.legend(fontsize=7)
         fig.savefig(out_dir / "grad_norms.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
-    print(f"wrote loss.png{' and grad_norms.png' if norms else ''} to {out_dir}")
+    if config is not None and config.pos == "rope":
+        hs, T = config.n_embd // config.n_head, config.block_size
+        cos, sin = rope_cos_sin(torch.arange(T), hs, config.rope_theta)  # (T, hs/2) each
+        # q = k = ones: q . rot(m) k summed over the pairs is 2 sum_i cos(m theta_i)
+        score = 2 * cos.sum(dim=1) / hs  # (T,), 1 at distance 0
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        im = axes[0].imshow(cos.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+        axes[0].set(xlabel="position m", ylabel="frequency pair i (fast -> slow)",
+                    title=f"cos(m theta_i), theta={config.rope_theta:g}, head size {hs}")
+        fig.colorbar(im, ax=axes[0])
+        axes[1].plot(score.tolist())
+        axes[1].set(xlabel="distance m between query and key", ylabel="q . k / |q||k|",
+                    title="RoPE score of equal vectors by distance")
+        fig.savefig(out_dir / "rope.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    print(f"wrote loss.png{' and grad_norms.png' if norms else ''}"
+          f"{' and rope.png' if config is not None and config.pos == 'rope' else ''} to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -330,7 +330,7 @@ def test_bad_flag_combination_exits_2(tmp_path):
 def test_plot_writes_figures(tmp_path):
     pytest.importorskip("matplotlib")
     llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "1", "--log-grad-norms", "--plot"))
-    for name in ("loss.png", "grad_norms.png"):
+    for name in ("loss.png", "grad_norms.png", "rope.png"):
         assert_png(tmp_path / "out" / name)
 
 
