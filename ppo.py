@@ -25,8 +25,9 @@ Result (the default `python sft.py` checkpoint, 0.887 greedy on its 600 held-out
     python ppo.py      the reward model is exploited: its score of the greedy answers rises
                        1.643 -> 1.765 while true accuracy falls 0.887 -> 0.740 (count -> always
                        "0", compare -> a number above both); KL <= 1.3 nats/response; 5m28s
+                       on one thread of a shared 2-core CPU
     --reward checker   0.887 -> 0.870: rollout accuracy rises (0.856 -> 0.874), greedy does
-                       not; 5m38s (both times on one thread of a shared 2-core CPU)
+                       not; 2m40s on a quiet 2-core CPU
 
 Simplifications: one response per prompt; the reward model is frozen; no --resume (a run
 is minutes; --overwrite replaces it); one learning rate for the policy and the value head.

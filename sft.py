@@ -184,8 +184,8 @@ RULES = {
     "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
     "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
     "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+    "head_only": (lambda v, c: not v or c.task == "classify", "only with --task classify"),
 }
-RULES["head_only"] = (lambda v, c: not v or c.task == "classify", "only with --task classify")
 CHOICES = {"task": ("generate", "classify"), "loss_weighting": ("token", "sqrt", "example"),
            "classify_task": ("equation", "contains")}
 
