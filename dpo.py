@@ -18,13 +18,14 @@ Run:
     python dpo.py                          # 4 online rounds, beta 0.5, + chosen NLL (RPO)
     python dpo.py --rounds 1               # offline: pairs sampled once, before training
     python dpo.py --loss-type ipo          # or hinge; --beta 0.05/0.1/0.5; --label-smoothing 0.1
+    python dpo.py --mix sort=3,compare=3   # more training problems of some families
     python dpo.py --sample-only --prompt "What is 12 + 7?"
     python dpo.py --device cuda            # GPU preset: more pairs and steps
 
 Result (the default `python sft.py` checkpoint, 0.887 greedy on its 600 held-out problems):
     python dpo.py      beta 0.5 + the chosen answers' NLL (--rpo-alpha 1), 6000 problems, 4
                        online rounds of 300 steps: 0.900 (sort 0.85 -> 0.87, compare 0.86 ->
-                       0.92, count 0.62 -> 0.62), held-out preference accuracy 0.879; 3m41s
+                       0.92, count 0.62 -> 0.62), held-out preference accuracy 0.879; 4m06s
     plain DPO (--beta 0.1 --rpo-alpha 0, 2 rounds of 200 steps) separates the pairs as well
     and answers worse (0.847): widening the margin is not being right (README, "dpo.py").
 
@@ -74,6 +75,7 @@ class Config:
     pairs: str = "both"  # synthetic (hand-made mistakes) | policy (the policy's own) | both
     n_train: int = 6000  # training problems for synthetic pairs (train split of the task world)
     n_policy: int = 6000  # of those, the first n_policy also get on-policy pairs (sampling costs)
+    mix: str = ""  # training problems per family as sft.py's --mix (sort=2: twice the share)
     policy_samples: int = 4  # answers sampled per training problem for on-policy pairs
     policy_temperature: float = 1.0  # temperature of those samples
     policy_pairs_per_prompt: int = 2  # at most this many on-policy pairs per problem
@@ -542,6 +544,20 @@ def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
             raise ValueError(f"too few distinct {split} problems of {family} at difficulty "
                              f"{difficulty} for n={n}")
     return out
+
+
+def mix_families(mix):
+    """--mix 'add=2,sub=2' -> the families tuple whose entries make_tasks shares n out to
+    equally, so a family listed twice gets twice the problems (a weight of 0 drops it)."""
+    weights = dict.fromkeys(TASK_FAMILIES, 1)
+    for item in filter(None, mix.split(",")):
+        name, _, weight = item.partition("=")
+        if name not in weights or not weight.isdigit():
+            die(f"--mix {mix}: expected family=weight pairs, families {', '.join(TASK_FAMILIES)}")
+        weights[name] = int(weight)
+    if not any(weights.values()):
+        die(f"--mix {mix}: every family has weight 0")
+    return tuple(f for f in TASK_FAMILIES for _ in range(weights[f]))
 
 
 def format_prompt(prompt):
@@ -1083,10 +1099,12 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, encoded, ref_logps, n, batch_size, pad_id, device, ctx, loss_kw):
+def evaluate_pairs(model, encoded, ref_logps, n, batch_size, pad_id, device, ctx, loss_kw,
+                   pairs=None):
     """DPO loss, held-out preference accuracy and TRL's metrics over the first n held-out
     pairs (a fixed list: no RNG used, so resume stays exact) -> a dict of floats. Chunks of
-    batch_size pairs: ref_logps must have been computed in the same chunks (see main)."""
+    batch_size pairs: ref_logps must have been computed in the same chunks (see main). With
+    `pairs` (the list `encoded` came from), also the accuracy per family and per source."""
     logps, counts = [], []
     for i in range(0, min(n, len(encoded)), batch_size):
         chunk = encoded[i:min(i + batch_size, n)]
@@ -1101,7 +1119,15 @@ def evaluate_pairs(model, encoded, ref_logps, n, batch_size, pad_id, device, ctx
     loss, stats = dpo_objective(logps.reshape(-1), ref.reshape(-1), counts.reshape(-1),
                                 **loss_kw)
     m = preference_metrics(stats)
-    return {"val_loss": loss.item(), "pref_accuracy": m["rewards/accuracies"], **m}
+    out = {"val_loss": loss.item(), "pref_accuracy": m["rewards/accuracies"], **m}
+    if pairs is not None:
+        wins = (stats["chosen_rewards"] > stats["rejected_rewards"]).tolist()
+        for key in ("task", "source"):
+            groups = defaultdict(list)
+            for pair, win in zip(pairs, wins):
+                groups[pair[key]].append(win)
+            out[f"pref_accuracy_by_{key}"] = {g: sum(w) / len(w) for g, w in groups.items()}
+    return out
 
 
 @torch.no_grad()
@@ -1418,7 +1444,8 @@ def main(argv=None):
     # the held-out set is exactly sft.py's (same seed, difficulty and count), so every stage
     # of the chain scores the same problems with the same greedy decoding
     try:
-        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"])
+        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"],
+                              mix_families(cfg.mix))
         test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
     except (ValueError, KeyError) as e:
         die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
@@ -1613,7 +1640,7 @@ def main(argv=None):
     # ---- after: every held-out pair, and true accuracy on sft.py's held-out problems ----
     merge_lora(raw_model)  # adapters folded in: the model that was saved is the one evaluated
     final = evaluate_pairs(raw_model, test_enc, test_ref, len(test_enc), cfg.batch_size, pad_id,
-                           device, ctx, loss_kw)
+                           device, ctx, loss_kw, test_pairs)
     after = evaluate_tasks(raw_model, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
                            device, ctx)
     print_before_after(before, after)
@@ -1626,6 +1653,8 @@ def main(argv=None):
             "accuracy": after["accuracy"], "accuracy_by_task": after["accuracy_by_task"],
             "format_rate": after["format_rate"], "format_by_task": after["format_by_task"],
             "pref_accuracy": final["pref_accuracy"],
+            "pref_accuracy_by_task": final["pref_accuracy_by_task"],
+            "pref_accuracy_by_source": final["pref_accuracy_by_source"],
             **{k: v for k, v in final.items() if "/" in k},
             "accuracy_before": before["accuracy"],
             "accuracy_by_task_before": before["accuracy_by_task"],

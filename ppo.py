@@ -18,19 +18,20 @@ Run:
     python ppo.py --reward checker          # PPO against the task world's checker
     python ppo.py --critic separate         # the value function on its own copy of the trunk
     python ppo.py --plot                    # ppo.png: RM score and true accuracy vs step
+    python ppo.py --resume                  # continue a killed run from out/ppo/ckpt.pt
     python ppo.py --sample-only --prompt "What is 12 + 7?"
     python ppo.py --device cuda             # GPU preset: bigger rollout batches, more steps
 
 Result (the default `python sft.py` checkpoint, 0.887 greedy on its 600 held-out problems):
     python ppo.py      the reward model is exploited: its score of the greedy answers rises
-                       1.643 -> 1.765 while true accuracy falls 0.887 -> 0.740 (count -> always
-                       "0", compare -> a number above both); KL <= 1.3 nats/response; 5m28s
-                       on one thread of a shared 2-core CPU
-    --reward checker   0.887 -> 0.870: rollout accuracy rises (0.856 -> 0.874), greedy does
-                       not; 2m40s on a quiet 2-core CPU
+                       1.643 -> 1.741 while true accuracy falls 0.887 -> 0.795 (count -> always
+                       "0", compare -> a number next to the larger); KL <= 0.36 nats/response
+                       per 20-step window; 5m52s on one thread of a shared 2-core CPU
+    --reward checker   0.887 -> 0.895 (seed 2: 0.900; compare 0.86 -> 0.90, count stays 0.63);
+                       KL <= 0.23 nats/response; 2m48s on a quiet 2-core CPU
 
-Simplifications: one response per prompt; the reward model is frozen; no --resume (a run
-is minutes; --overwrite replaces it); one learning rate for the policy and the value head.
+Simplifications: one response per prompt; the reward model is frozen; one learning rate for
+the policy and the value head.
 """
 import argparse
 import contextlib
@@ -80,7 +81,7 @@ class Config:
     normalize_reward: bool = True  # score -> (score - running mean) / running std
     init_kl_coef: float = 0.1  # beta at the start: each token's reward -= beta * k1
     adaptive_kl: bool = True  # adapt beta toward --target-kl (Ziegler et al. 2019); else fixed
-    target_kl: float = 1.0  # nats per response (summed k1) that the adaptive beta aims at
+    target_kl: float = 0.3  # nats per response (summed k1) that the adaptive beta aims at
     kl_horizon: int = 10000  # the adaptive beta's horizon, in responses
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda (1 = Monte Carlo returns, 0 = one-step TD)
@@ -90,14 +91,15 @@ class Config:
     clip_range_value: float = 0.2  # epsilon of the clipped value loss
     vf_coef: float = 0.1  # weight of the value loss
     max_approx_kl: float = 0.05  # end a step's epochs once a minibatch's approx-KL passes it; 0 off
-    learning_rate: float = 6e-5  # peak learning rate (AdamW)
-    min_lr: float = 6e-5  # floor of the cosine decay (equal to --learning-rate: constant)
+    learning_rate: float = 3e-5  # peak learning rate (AdamW)
+    min_lr: float = 3e-6  # floor of the cosine decay
     warmup_iters: int = 5  # linear warmup steps
     weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (0: stay near SFT)
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     eval_interval: int = 20  # steps between held-out greedy evaluations and checkpoints
     eval_max_new_tokens: int = 16  # decoding budget per answer (as sft.py's evaluation)
     eval_batch_size: int = 256  # sequences decoded or scored together
+    resume: bool = False  # continue the run saved in --out-dir
     overwrite: bool = False  # allow replacing an existing checkpoint in --out-dir
     sample_only: bool = False  # load the policy in --out-dir and only answer --prompt
     prompt: str = "What is 12 + 7?"  # instruction for --sample-only (wrapped in the template)
@@ -360,6 +362,9 @@ class ActorCritic(nn.Module):
     def value_state(self):
         """The value function's weights (saved next to the policy's)."""
         return (self.critic if self.critic is not None else self.v_head).state_dict()
+
+    def load_value_state(self, state):
+        (self.critic if self.critic is not None else self.v_head).load_state_dict(state)
 
     def forward(self, idx):
         """idx (B, T) -> the policy's logits (B, T, V) and the values (B, T) in float32."""
@@ -1473,7 +1478,16 @@ def main(argv=None):
         return sample_only(cfg, device, ctx)
     out_dir = Path(cfg.out_dir)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    check_out_dir(out_dir, None, cfg.overwrite)
+    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
+    resumed = None
+    if cfg.resume:  # the run's own policy, reward and critic, whatever the flags say
+        resumed = load_checkpoint(ckpt_path, ("ppo.py",), (
+            "model", "value", "optimizer", "iter", "before", "kl_coef", "reward_moments", "rng"))
+        cfg = dataclasses.replace(cfg, **{k: resumed["config"][k] for k in (
+            "init_from", "reward", "reward_model", "critic")})
+        if cfg.max_iters < resumed["iter"]:
+            die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {resumed['iter']}; "
+                f"pass --max-iters {resumed['iter']} or more to continue it")
     t_start = time.time()
 
     # ---- the policy, the frozen reference, the reward, the task world of the SFT checkpoint ----
@@ -1517,8 +1531,21 @@ def main(argv=None):
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' sampling
     batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the minibatches' shuffling
+    before, ev, exp, batch, kl, first = None, None, None, [], 0.0, 0
+    if resumed is not None:  # every state the next step reads, as it was saved
+        load_weights(model.policy, resumed["model"], ckpt_path)
+        model.load_value_state(resumed["value"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        kl_ctl.value, kl = resumed["kl_coef"], resumed.get("kl", 0.0)
+        moments.mean, moments.var, moments.count = (resumed["reward_moments"][k] for k in
+                                                    ("mean", "var", "count"))
+        torch.set_rng_state(resumed["rng"]["torch"])
+        sample_gen.set_state(resumed["rng"]["sample"])
+        batch_gen.set_state(resumed["rng"]["batch"])
+        before, first = resumed["before"], resumed["iter"]
     train_model = torch.compile(model) if cfg.compile else model
-    open_log(out_dir)  # the first write to --out-dir (a fresh log; a stale ckpt.pt.tmp goes)
+    # the first write to --out-dir: a fresh log, or the resumed one up to its checkpoint
+    open_log(out_dir, first if resumed is not None else None)
 
     def make_ckpt(step):
         return {"script": "ppo.py", "version": 1, "config": dataclasses.asdict(cfg),
@@ -1526,18 +1553,18 @@ def main(argv=None):
                 "value": model.value_state(), "critic": cfg.critic,
                 "optimizer": optimizer.state_dict(), "iter": step,
                 "tokenizer": {"kind": "byte", "special": dict(tok.special)},
-                "sft_from": cfg.init_from, "kl_coef": kl_ctl.value,
+                "sft_from": cfg.init_from, "kl_coef": kl_ctl.value, "kl": kl, "before": before,
                 "reward_moments": {"mean": moments.mean, "std": moments.std,
-                                   "count": moments.count},
+                                   "var": moments.var, "count": moments.count},
                 "task_world": {k: sft_cfg[k] for k in ("seed", "difficulty", "n_test")},
                 "rng": {"torch": torch.get_rng_state(), "sample": sample_gen.get_state(),
                         "batch": batch_gen.get_state()}}
 
-    before, ev, exp, batch, kl = None, None, None, [], 0.0
     t_last = time.time()
-    for step in range(cfg.max_iters + 1):
+    for step in range(first, cfg.max_iters + 1):
         last_step = step == cfg.max_iters
-        if step % cfg.eval_interval == 0 or last_step:
+        # a resumed run's first step was evaluated (and logged) before its checkpoint
+        if (step % cfg.eval_interval == 0 or last_step) and (step > first or resumed is None):
             ev = evaluate(model, rm, tok, test_ex, cfg, device, ctx)
             if before is None:  # step 0: the SFT model itself
                 before = {k: ev[k] for k in ("accuracy", "accuracy_by_task", "format_rate")}
@@ -1586,7 +1613,7 @@ def main(argv=None):
                                 "ms_per_iter": 1000 * dt, "tokens_per_s": n_tokens / dt,
                                 "elapsed_s": now - t_start, **m, **stats,
                                 "minibatches": n_mb})
-        eta = (now - t_start) / (step + 1) * (cfg.max_iters - step - 1)
+        eta = (now - t_start) / (step + 1 - first) * (cfg.max_iters - step - 1)
         print(f"iter {step}/{cfg.max_iters} | score {m['rm_score']:+.3f} | "
               f"acc {m['rollout_accuracy']:.3f} | kl {kl:.3f} | beta {m['kl_coef']:.3f} | "
               f"clip {stats['clipfrac']:.3f} | akl {stats['approx_kl']:.4f} | "
@@ -1596,7 +1623,7 @@ def main(argv=None):
               f"eta {format_eta(eta)}")
 
     # ---- after: true accuracy on sft.py's held-out problems (the last evaluation) ----
-    after = ev
+    after = ev if ev is not None else evaluate(model, rm, tok, test_ex, cfg, device, ctx)
     print_before_after(before, after)
     lines = changed_answers(before, after)
     print(f"{len(lines)} held-out answers changed; the first few:")

@@ -316,9 +316,19 @@ def test_offline_lora_ipo_synthetic_and_plot(tmp_path):
     out = tmp_path / "o"
     done = dpo.main(FLAGS + ["--init-from", str(sft_path), "--max-iters", "2", "--rounds", "1",
                              "--lora-rank", "2", "--loss-type", "ipo", "--pairs", "synthetic",
-                             "--plot", "--out-dir", str(out)])
+                             "--mix", "add=0,sub=0,reverse=0,sort=0,compare=2", "--plot",
+                             "--out-dir", str(out)])
     assert done["n_train_pairs"] == {"synthetic": 48}
+    # held-out preference accuracy per family and per source: the held-out pairs cover every
+    # family (--mix shapes the training problems only), and the mean lies among the parts
+    by_task, by_source = done["pref_accuracy_by_task"], done["pref_accuracy_by_source"]
+    assert set(by_task) == set(dpo.TASK_FAMILIES) and set(by_source) == {"synthetic"}
+    assert by_source["synthetic"] == pytest.approx(done["pref_accuracy"])
+    assert min(by_task.values()) <= done["pref_accuracy"] <= max(by_task.values())
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    # --mix: compare twice, count once, the others not at all
+    tasks = [p["task"] for p in ckpt["pairs"]]
+    assert set(tasks) == {"compare", "count"} and tasks.count("compare") == 32
     assert set(ckpt["model"]) == set(tiny_llama().state_dict())  # adapters merged
     assert 0 < done["trainable_params"] < sum(p.numel() for p in tiny_llama().parameters())
     pytest.importorskip("matplotlib")  # the README's test command installs it

@@ -368,6 +368,52 @@ def test_main_reward_model_separate_critic_and_plot(tmp_path):
     assert_png(out / "ppo.png")
 
 
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, capsys, critic):
+    """Killed right after the checkpoint of step 2, --resume replays steps 2-3 exactly: the
+    policy, the value function, the optimizer, beta, the reward's running moments and the
+    three generators all come back; the log holds each record once."""
+    sft_path = write_sft_checkpoint(tmp_path / "sft.pt")
+    rm_path = write_rm_checkpoint(tmp_path / "rm.pt")
+    flags = FLAGS + ["--init-from", str(sft_path), "--reward-model", str(rm_path),
+                     "--max-iters", "4", "--critic", critic]
+    done = ppo.main(flags + ["--out-dir", str(tmp_path / "full")])
+    save = ppo.save_checkpoint
+
+    def save_then_die(ck, path):
+        save(ck, path)
+        if ck["iter"] == 2:
+            raise Interrupted
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(ppo, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        ppo.main(flags + ["--out-dir", str(part)])
+    monkeypatch.setattr(ppo, "save_checkpoint", save)
+    with pytest.raises(SystemExit):  # it cannot end before its checkpoint
+        ppo.main(flags + ["--out-dir", str(part), "--resume", "--max-iters", "1"])
+    assert "--max-iters 1: the checkpoint is at iter 2" in capsys.readouterr().err
+    # the run's critic and reward come from the checkpoint, whatever the flags say
+    resumed = ppo.main(flags + ["--out-dir", str(part), "--resume", "--reward", "checker"])
+    drop = ("ms_per_iter", "tokens_per_s", "elapsed_s", "rollout_tokens_per_s", "wall_s")
+
+    def untimed(path):
+        return [{k: v for k, v in r.items() if k not in drop} for r in strict_records(path)]
+
+    assert untimed(part / "log.jsonl") == untimed(tmp_path / "full" / "log.jsonl")
+    assert {k: v for k, v in resumed.items() if k not in drop} == \
+        {k: v for k, v in done.items() if k not in drop}
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(part / "ckpt.pt", weights_only=True)
+    for key in ("model", "value"):
+        assert all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
+    assert a["kl_coef"] == b["kl_coef"] and a["reward_moments"] == b["reward_moments"]
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         ppo.main(["--help"])
