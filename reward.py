@@ -18,6 +18,7 @@ Run:
     python reward.py                    # RM from that checkpoint, pairs of both sources
     python reward.py --pairs synthetic  # hand-made mistakes only (or --pairs policy)
     python reward.py --loss hinge       # margin ranking loss instead of Bradley-Terry
+    python reward.py --bon-beta 4       # also best-of-n by reward + 4 log pi_SFT(answer)
     python reward.py --score-only --prompt "What is 12 + 7?" --response "19<|endoftext|>"
     python reward.py --device cuda      # GPU preset: more pairs and steps
 
@@ -25,6 +26,8 @@ Result (held-out problems of the default `python sft.py` checkpoint, 0.887 greed
     python reward.py   pair accuracy 0.822 (hand-made mistakes 0.920, the policy's own 0.581),
                        AUC 0.835 between the SFT policy's right and wrong samples (count 0.50:
                        the RM cannot count), best-of-16 0.777 < greedy 0.887 < pass@16 0.977
+    --bon-beta 4       regularized best-of-16 (reward + 4 log pi_SFT): 0.893, half a point
+                       above the policy's own most likely sample (0.888 at --bon-beta 100)
 The gap between verifying and answering is the lesson: a reward model the size of the policy
 judges worse than the policy answers (README, "reward.py", has the ablations).
 
@@ -93,6 +96,7 @@ class Config:
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     best_of: str = "1,4,16"  # n of best-of-n, maj@n and pass@n on the held-out problems
+    bon_beta: float = 0.0  # also best-of-n by reward + beta * log pi_SFT(answer) (0 = off)
     eval_max_new_tokens: int = 16  # decoding budget per answer (as sft.py's evaluation)
     eval_batch_size: int = 256  # sequences decoded or scored together
     resume: bool = False  # continue the run saved in --out-dir
@@ -134,6 +138,7 @@ RULES = {
     "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "eval_max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "bon_beta": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
 }
 CHOICES = {"pairs": ("synthetic", "policy", "both"), "loss": ("bt", "hinge")}
 
@@ -274,6 +279,27 @@ def score(model, tok, prompts, responses, device, batch_size=256, ctx=contextlib
         idx, lengths = collate_scored(seqs[i:i + batch_size], tok.special[PAD])
         with ctx:
             out.append(pooled_rewards(model, idx.to(device), lengths.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def response_logps(model, tok, prompts, responses, device, batch_size=256,
+                   ctx=contextlib.nullcontext()):
+    """log pi(response | prompt) of a generating model, summed over the response's tokens
+    (its <|endoftext|> included) -> a float32 CPU tensor (N,). Right padding and the prompt
+    are masked by position, from the lengths, as in score()."""
+    seqs = [encode_scored(tok, p, r) for p, r in zip(prompts, responses)]
+    starts = torch.tensor([len(encode_prompt(tok, p)) for p in prompts])  # first answer token
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        idx, lengths = collate_scored(seqs[i:i + batch_size], tok.special[PAD])
+        with ctx:
+            logits = model(idx.to(device))[0]  # (B, T, V)
+        logp = logits[:, :-1].float().log_softmax(-1).gather(
+            -1, idx[:, 1:, None].to(device)).squeeze(-1).cpu()  # (B, T-1): token t+1 given <= t
+        pos = torch.arange(1, idx.size(1))  # the position each entry of logp predicts
+        keep = (pos >= starts[i:i + batch_size, None]) & (pos < lengths[:, None])
+        out.append((logp * keep).sum(dim=1))
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -1126,10 +1152,14 @@ def best_of_n(examples, samples, rewards, ns):
 
 
 @torch.no_grad()
-def evaluate_rm(model, tok, pairs, examples, samples, best_of, device, ctx, batch_size):
+def evaluate_rm(model, tok, pairs, examples, samples, best_of, device, ctx, batch_size,
+                sample_logps=None, bon_beta=0.0):
     """The sanity checks of a reward model on held-out problems (see the module docstring)
     -> a dict of metrics (pair accuracy, AUC, length correlation, padding invariance,
-    reward statistics, best-of-n)."""
+    reward statistics, best-of-n). With sample_logps (the SFT policy's log-prob of each
+    sample, flat) and bon_beta > 0, also regularized best-of-n (Jinnai et al. 2024,
+    arXiv:2404.01054): the sample with the highest reward + bon_beta * log pi_SFT, which keeps
+    the pick near what the policy itself believes."""
     m = {}
     r_c = score(model, tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
                 device, batch_size, ctx)
@@ -1162,6 +1192,10 @@ def evaluate_rm(model, tok, pairs, examples, samples, best_of, device, ctx, batc
     m["reward_mean"], m["reward_std"] = rewards.mean().item(), rewards.std().item()
     k = len(samples[0])
     m["best"] = best_of_n(examples, samples, rewards.view(-1, k), best_of)
+    if sample_logps is not None and bon_beta > 0:
+        regularized = (rewards + bon_beta * sample_logps).view(-1, k)
+        m["best"]["best_of_n_reg"] = best_of_n(examples, samples, regularized,
+                                               best_of)["best_of_n"]
     m["rewards"], m["labels"] = rewards, labels  # for the figure
     return m
 
@@ -1216,9 +1250,11 @@ def print_report(m, greedy):
           + f"{m['length_corr']:>9.3f} (max |r|)")
     print(f"{'greedy SFT':<18}" + "".join(f"{greedy['accuracy_by_task'][t]:>9.3f}" for t in fams)
           + f"{greedy['accuracy']:>9.3f}")
-    for k in ("best_of_n", "maj_at_n", "pass_at_n"):
-        for n, row in m["best"][k].items():
-            print(f"{k.replace('_n', '').replace('_at', '@') + str(n):<18}"
+    labels = {"best_of_n": "best-of-{}", "best_of_n_reg": "best-of-{} reg", "maj_at_n": "maj@{}",
+              "pass_at_n": "pass@{}"}
+    for k, label in labels.items():
+        for n, row in m["best"].get(k, {}).items():
+            print(f"{label.format(n):<18}"
                   + "".join(f"{row['by_task'][t]:>9.3f}" for t in fams) + f"{row['mean']:>9.3f}")
     src = ", ".join(f"{s} {a:.3f} (n={m['pairs']['counts'][s]})"
                     for s, a in m["pairs"]["by_source"].items())
@@ -1510,6 +1546,11 @@ def main(argv=None):
                                            cfg.seed + 1)
     if not train_pairs or not test_pairs:
         die("the SFT policy made no mistake to learn from: use --pairs both or synthetic")
+    sample_logps = None
+    if cfg.bon_beta:  # what the SFT policy believes of each held-out sample, for best_of_n_reg
+        flat = [(ex["prompt"], x) for ex, xs in zip(test_ex, test_samples) for x in xs]
+        sample_logps = response_logps(policy, tok, [p for p, _ in flat], [x for _, x in flat],
+                                      device, cfg.eval_batch_size, ctx)
     t_pairs = time.time() - t0
     greedy = evaluate_tasks(policy, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
                             device, ctx)
@@ -1632,7 +1673,7 @@ def main(argv=None):
     # ---- the sanity checks and best-of-n on sft.py's held-out problems ----
     merge_lora(raw_model)
     m = evaluate_rm(raw_model, tok, test_pairs, test_ex, test_samples, best_of, device, ctx,
-                    cfg.eval_batch_size)
+                    cfg.eval_batch_size, sample_logps, cfg.bon_beta)
     print_report(m, greedy)
     top = m["best"]["best_of_n"][max(best_of)]
     wall = time.time() - t_start
@@ -1649,8 +1690,10 @@ def main(argv=None):
             "pad_invariance": m["pad_invariance"], "reward_mean": m["reward_mean"],
             "reward_std": m["reward_std"], "sample_acceptable_rate": m["sample_acceptable_rate"],
             **{k: {n: v["mean"] for n, v in m["best"][k].items()}
-               for k in ("best_of_n", "maj_at_n", "pass_at_n")},
-            "n_train_pairs": dict(counts), "trainable_params": n_trainable, "wall_s": wall}
+               for k in ("best_of_n", "best_of_n_reg", "maj_at_n", "pass_at_n")
+               if k in m["best"]},
+            "bon_beta": cfg.bon_beta, "n_train_pairs": dict(counts),
+            "trainable_params": n_trainable, "wall_s": wall}
     # the checkpoint ppo.py reads: the RM plus the statistics it normalises rewards with
     ckpt = make_ckpt(cfg.max_iters)
     ckpt["reward_stats"] = {"mean": m["reward_mean"], "std": m["reward_std"]}

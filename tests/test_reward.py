@@ -124,6 +124,25 @@ def test_score_batches_agree_and_too_long_raises():
         reward.score(model, tok, ["x" * 200], ["1<|endoftext|>"], "cpu")
 
 
+def test_response_logps_against_a_loop_over_each_sequence():
+    """Sum of log pi(answer token | everything before it), answer tokens only (the prompt and
+    the right padding masked), in any batch size; checked one sequence at a time, unpadded."""
+    torch.manual_seed(0)
+    policy, tok = reward.Llama(reward.ModelConfig(**TINY)).eval(), reward.task_tokenizer(True)
+    prompts = ["What is 3 + 4?", "Reverse the word: abc", "Which is larger: 10 or 7?"] * 2
+    responses = ["7<|endoftext|>", "cba<|endoftext|>", "10", "8<|endoftext|>", "c", "107"]
+    got = reward.response_logps(policy, tok, prompts, responses, "cpu", batch_size=4)
+    for k, (p, r) in enumerate(zip(prompts, responses)):
+        ids = reward.encode_scored(tok, p, r)
+        start = len(reward.encode_prompt(tok, p))
+        with torch.no_grad():
+            logp = policy(torch.tensor([ids]))[0][0].log_softmax(-1)
+        want = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+        assert got[k].item() == pytest.approx(want, abs=1e-4), (p, r)
+    assert torch.allclose(got, reward.response_logps(policy, tok, prompts, responses, "cpu"),
+                          atol=1e-5)
+
+
 def test_zero_init_head_starts_every_pair_at_ln2():
     model, tok = reward.build_reward_model(dict(TINY)), reward.task_tokenizer(True)
     r = reward.score(model, tok, ["What is 1 + 1?", "Sort the letters: cab"],
@@ -315,8 +334,12 @@ def test_lora_and_hinge_run(tmp_path):
     sft_path = write_sft_checkpoint(tmp_path / "sft.pt")
     done = reward.main(FLAGS + ["--init-from", str(sft_path), "--max-iters", "2", "--lora-rank",
                                 "2", "--loss", "hinge", "--pairs", "synthetic", "--plot",
-                                "--lm-weight", "0.5",
+                                "--lm-weight", "0.5", "--bon-beta", "0.5",
                                 "--out-dir", str(tmp_path / "o")])
+    # regularized best-of-n: with one sample there is nothing to choose, so it is best-of-1
+    reg = done["best_of_n_reg"]
+    assert set(reg) == {1, 2} and reg[1] == done["best_of_n"][1] and 0 <= reg[2] <= 1
+    assert done["bon_beta"] == 0.5
     ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
     # the SFT trunk's 2 blocks + the 2 --extra-layers blocks, adapters merged: plain Llama keys
     rm_args = dict(TINY, n_layer=TINY["n_layer"] + 2)
