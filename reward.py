@@ -1188,6 +1188,10 @@ def evaluate_rm(model, tok, pairs, examples, samples, best_of, device, ctx, batc
     m["length_corr_by_task"] = {t: pearson(rewards[ix], [n_tokens[i] for i in ix])
                                 for t, ix in by_task.items()}
     m["length_corr"] = max(abs(c) for c in m["length_corr_by_task"].values())
+    # the control: the same correlation for the true reward (the checker's 1/0). Where wrong
+    # answers are longer or shorter than right ones, a perfect RM shows it too
+    m["length_corr_checker_by_task"] = {t: pearson(labels[ix], [n_tokens[i] for i in ix])
+                                        for t, ix in by_task.items()}
     m["sample_acceptable_rate"] = labels.float().mean().item()
     m["reward_mean"], m["reward_std"] = rewards.mean().item(), rewards.std().item()
     k = len(samples[0])
@@ -1248,6 +1252,8 @@ def print_report(m, greedy):
           + fmt(m["auc"]))
     print(f"{'length corr':<18}" + "".join(fmt(m["length_corr_by_task"].get(t)) for t in fams)
           + f"{m['length_corr']:>9.3f} (max |r|)")
+    print(f"{'  of the checker':<18}"
+          + "".join(fmt(m["length_corr_checker_by_task"].get(t)) for t in fams))
     print(f"{'greedy SFT':<18}" + "".join(f"{greedy['accuracy_by_task'][t]:>9.3f}" for t in fams)
           + f"{greedy['accuracy']:>9.3f}")
     labels = {"best_of_n": "best-of-{}", "best_of_n_reg": "best-of-{} reg", "maj_at_n": "maj@{}",
@@ -1687,6 +1693,7 @@ def main(argv=None):
             "pair_accuracy_by_source": m["pairs"]["by_source"], "auc": m["auc"],
             "auc_by_task": m["auc_by_task"], "length_corr": m["length_corr"],
             "length_corr_by_task": m["length_corr_by_task"],
+            "length_corr_checker_by_task": m["length_corr_checker_by_task"],
             "pad_invariance": m["pad_invariance"], "reward_mean": m["reward_mean"],
             "reward_std": m["reward_std"], "sample_acceptable_rate": m["sample_acceptable_rate"],
             **{k: {n: v["mean"] for n, v in m["best"][k].items()}

@@ -310,6 +310,8 @@ def test_main_end_to_end_resume_determinism_and_score_only(tmp_path):
         assert key in done, key
     assert set(done["accuracy_by_task"]) == set(reward.TASK_FAMILIES)
     assert done["pad_invariance"] < 1e-5
+    assert set(done["length_corr_checker_by_task"]) == set(done["length_corr_by_task"])
+    assert all(-1 <= c <= 1 for c in done["length_corr_checker_by_task"].values())
     records = strict_records(full / "log.jsonl")
     assert records[-1]["event"] == "done" and set(records[-1]["best_of_n"]) == {"1", "2"}
     ckpt = torch.load(full / "ckpt.pt", weights_only=True)
