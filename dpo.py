@@ -105,6 +105,10 @@ class Config:
     plot: bool = False  # write dpo.png: rewards, preference accuracy, accuracy (needs matplotlib)
 
 
+# the held-out pairs' recipe, whatever the training pairs' flags: both sources, one hand-made
+# mistake per problem, up to 2 of the SFT model's own mistakes among 4 answers at temperature 1
+HELDOUT_PAIRS = dict(pairs="both", synthetic_per_prompt=1, policy_samples=4,
+                     policy_temperature=1.0, policy_pairs_per_prompt=2)
 # on CUDA, for every field not given: more problems, samples and steps (the model is the SFT one)
 GPU_PRESET = dict(n_train=20000, n_policy=20000, policy_samples=8, max_iters=3000, batch_size=64,
                   eval_interval=250, eval_iters=10, compile=True)
@@ -1085,6 +1089,19 @@ def pair_set(cfg, model, tok, examples, n_policy, device, ctx, seed, block_size)
     return pairs, encoded
 
 
+def heldout_pairs(cfg, model, tok, examples, sft_seed, device, ctx, block_size):
+    """The held-out pairs of sft.py's test problems: HELDOUT_PAIRS' recipe and the SFT run's
+    seed, so that every dpo.py run from one checkpoint scores the same pairs whatever its
+    training flags or --seed (only the device and dtype can change the sampled ones). Shuffled
+    once, so that the first --eval-iters batches, scored during training, are a sample of all
+    families and both sources rather than the first families' synthetic pairs."""
+    pairs, encoded = pair_set(dataclasses.replace(cfg, **HELDOUT_PAIRS), model, tok, examples,
+                              len(examples), device, ctx, sft_seed + 1, block_size)
+    order = list(range(len(pairs)))
+    random.Random(sft_seed).shuffle(order)
+    return [pairs[i] for i in order], [encoded[i] for i in order]
+
+
 # -------------------------------------------------------------------------------
 # Training and evaluation
 # -------------------------------------------------------------------------------
@@ -1466,9 +1483,9 @@ def main(argv=None):
     else:
         before = resumed["before"]
     n_policy = 0 if cfg.pairs == "synthetic" else cfg.n_policy
-    # held-out pairs: sft.py's test problems, the SFT model's own samples (fixed for the run)
-    test_pairs, test_enc = pair_set(cfg, policy, tok, test_ex, n_policy and len(test_ex),
-                                    device, ctx, cfg.seed + 1, block_size)
+    # held-out pairs: the same for every run from this checkpoint (see heldout_pairs)
+    test_pairs, test_enc = heldout_pairs(cfg, policy, tok, test_ex, sft_cfg["seed"], device, ctx,
+                                         block_size)
     if resumed is None:  # round 0's training pairs; a resumed run has its round's in the ckpt
         train_pairs, train_enc = pair_set(cfg, policy, tok, train_ex, n_policy, device, ctx,
                                           cfg.seed, block_size)

@@ -320,11 +320,12 @@ def test_offline_lora_ipo_synthetic_and_plot(tmp_path):
                              "--out-dir", str(out)])
     assert done["n_train_pairs"] == {"synthetic": 48}
     # held-out preference accuracy per family and per source: the held-out pairs cover every
-    # family (--mix shapes the training problems only), and the mean lies among the parts
+    # family and both sources (--mix and --pairs shape the training pairs only), and the mean
+    # lies among the parts
     by_task, by_source = done["pref_accuracy_by_task"], done["pref_accuracy_by_source"]
-    assert set(by_task) == set(dpo.TASK_FAMILIES) and set(by_source) == {"synthetic"}
-    assert by_source["synthetic"] == pytest.approx(done["pref_accuracy"])
-    assert min(by_task.values()) <= done["pref_accuracy"] <= max(by_task.values())
+    assert set(by_task) == set(dpo.TASK_FAMILIES) and set(by_source) == {"synthetic", "policy"}
+    for parts in (by_task, by_source):
+        assert min(parts.values()) <= done["pref_accuracy"] <= max(parts.values())
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     # --mix: compare twice, count once, the others not at all
     tasks = [p["task"] for p in ckpt["pairs"]]
@@ -333,6 +334,33 @@ def test_offline_lora_ipo_synthetic_and_plot(tmp_path):
     assert 0 < done["trainable_params"] < sum(p.numel() for p in tiny_llama().parameters())
     pytest.importorskip("matplotlib")  # the README's test command installs it
     assert_png(out / "dpo.png")
+
+
+def test_heldout_pairs_ignore_the_training_flags():
+    """Every run from one SFT checkpoint scores the same held-out pairs: the recipe is
+    HELDOUT_PAIRS and the seed the SFT run's, whatever --pairs, the sampling flags or --seed
+    say (the sweeps in the README compare preference accuracy across them)."""
+    tok, model = dpo.task_tokenizer(True), tiny_llama().eval()
+    examples = dpo.make_tasks(24, "test", 2, 1)
+    ctx = torch.no_grad()
+
+    def held_out(**flags):
+        cfg = dataclasses.replace(dpo.Config(), **flags)
+        return dpo.heldout_pairs(cfg, model, tok, examples, 1, "cpu", ctx, TINY["block_size"])
+
+    pairs, encoded = held_out()
+    assert {p["source"] for p in pairs} == {"synthetic", "policy"}
+    assert sum(p["source"] == "synthetic" for p in pairs) == len(examples)
+    # shuffled once: the prefix scored during training is not the first families' pairs
+    head = pairs[:len(pairs) // 3]
+    assert {p["source"] for p in head} == {"synthetic", "policy"}
+    assert len({p["task"] for p in head}) >= 4
+    for flags in ({"pairs": "synthetic"}, {"pairs": "policy", "policy_samples": 8},
+                  {"synthetic_per_prompt": 3, "policy_pairs_per_prompt": 1},
+                  {"policy_temperature": 0.5, "seed": 7}):
+        assert held_out(**flags) == (pairs, encoded), flags
+    assert dpo.heldout_pairs(dpo.Config(), model, tok, examples, 2, "cpu", ctx,
+                             TINY["block_size"])[0] != pairs  # another SFT seed, other pairs
 
 
 def test_help(capsys):
