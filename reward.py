@@ -1547,9 +1547,10 @@ def main(argv=None):
     n_policy = 0 if cfg.pairs == "synthetic" else cfg.n_policy
     train_pairs, _ = build_pairs(cfg, policy, tok, train_ex, n_policy, cfg.policy_samples,
                                  device, ctx, cfg.seed)
+    # held-out pairs and samples with the SFT run's seed: the same for every --seed
     test_pairs, test_samples = build_pairs(cfg, policy, tok, test_ex, len(test_ex),
                                            max(best_of + [cfg.policy_samples]), device, ctx,
-                                           cfg.seed + 1)
+                                           sft_cfg["seed"] + 1)
     if not train_pairs or not test_pairs:
         die("the SFT policy made no mistake to learn from: use --pairs both or synthetic")
     sample_logps = None

@@ -332,6 +332,28 @@ def test_main_end_to_end_resume_determinism_and_score_only(tmp_path):
     assert math.isfinite(out["reward"])
 
 
+def test_held_out_pairs_and_samples_do_not_follow_the_seed(tmp_path, monkeypatch):
+    """--seed draws other training pairs; the held-out pairs and samples come from the SFT
+    run's seed, so runs with different seeds are scored on the same ones."""
+    sft_path = write_sft_checkpoint(tmp_path / "sft.pt")
+    built = []
+
+    def recording(cfg, policy, tok, examples, n_policy, k, device, ctx, seed):
+        pairs, samples = build_pairs(cfg, policy, tok, examples, n_policy, k, device, ctx, seed)
+        built.append((pairs, samples))
+        return pairs, samples
+
+    build_pairs = reward.build_pairs
+    monkeypatch.setattr(reward, "build_pairs", recording)
+    for seed in ("1", "5"):
+        reward.main(FLAGS + ["--init-from", str(sft_path), "--max-iters", "1", "--seed", seed,
+                             "--out-dir", str(tmp_path / seed)])
+    (train_a, _), (test_a, samples_a), (train_b, _), (test_b, samples_b) = built  # per run:
+    # the training pairs first, then the held-out ones
+    assert train_a != train_b
+    assert test_a == test_b and samples_a == samples_b
+
+
 def test_lora_and_hinge_run(tmp_path):
     sft_path = write_sft_checkpoint(tmp_path / "sft.pt")
     done = reward.main(FLAGS + ["--init-from", str(sft_path), "--max-iters", "2", "--lora-rank",
