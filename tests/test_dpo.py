@@ -225,6 +225,16 @@ def test_tiny_dpo_overfit_separates_the_pairs():
         opt.step()
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses[-1] < 0.2 and dpo.preference_metrics(stats)["rewards/accuracies"] == 1.0
+    # evaluate_pairs' split by the outcome of the policy's answer to each pair's problem: the
+    # counts follow `solved`; every pair is won by the policy, and lost with the roles swapped
+    pairs, pad, off = pairs_batch(tok, n=12)[0], tok.special[dpo.PAD], torch.no_grad()
+    solved = {p["prompt"]: i < 5 for i, p in enumerate(pairs)}
+    kw = {"loss_type": "sigmoid", "beta": 0.5, "label_smoothing": 0.0, "rpo_alpha": 0.0}
+    for model, other, acc in ((policy, ref, 1.0), (ref, policy, 0.0)):
+        other_lp = dpo.reference_logps(other, enc, 4, pad, "cpu", off)
+        out = dpo.evaluate_pairs(model, enc, other_lp, 12, 4, pad, "cpu", off, kw, pairs, solved)
+        assert out["n_pairs_by_outcome"] == {"right": 5, "wrong": 7}
+        assert out["pref_accuracy_by_outcome"] == {"right": acc, "wrong": acc}
 
 
 # ---- main ----
@@ -326,6 +336,11 @@ def test_offline_lora_ipo_synthetic_and_plot(tmp_path):
     assert set(by_task) == set(dpo.TASK_FAMILIES) and set(by_source) == {"synthetic", "policy"}
     for parts in (by_task, by_source):
         assert min(parts.values()) <= done["pref_accuracy"] <= max(parts.values())
+    # per outcome of the policy's greedy answer: this random-weight policy answers nothing
+    # right, so every held-out pair is on a problem it gets wrong
+    assert done["accuracy"] == 0
+    assert done["pref_accuracy_by_outcome"] == {"wrong": pytest.approx(done["pref_accuracy"])}
+    assert done["n_pairs_by_outcome"] == {"wrong": done["n_test_pairs"]}
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     # --mix: compare twice, count once, the others not at all
     tasks = [p["task"] for p in ckpt["pairs"]]
