@@ -1151,8 +1151,8 @@ def evaluate_pairs(model, encoded, ref_logps, n, batch_size, pad_id, device, ctx
             for pair, win in zip(pairs, wins):
                 groups[key(pair)].append(win)
             out[f"pref_accuracy_by_{name}"] = {g: sum(w) / len(w) for g, w in groups.items()}
-        if solved is not None:
-            out["n_pairs_by_outcome"] = {g: len(w) for g, w in groups.items()}
+            if name == "outcome":
+                out["n_pairs_by_outcome"] = {g: len(w) for g, w in groups.items()}
     return out
 
 
