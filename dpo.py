@@ -68,7 +68,7 @@ class Config:
     device: str = "auto"  # auto|cpu|cuda|cuda:N|mps
     dtype: str = "auto"  # auto|float32|bfloat16|float16
     compile: bool = False  # torch.compile the policy (on by default in the GPU preset)
-    seed: int = 1337  # every random choice (pairs, sampling, batches) follows it
+    seed: int = 1337  # training pairs, sampling, batches (held-out pairs: the SFT run's seed)
     out_dir: str = "out/dpo"  # ckpt.pt, log.jsonl, samples.txt and the figure go here
     init_from: str = "out/sft/ckpt.pt"  # the sft.py checkpoint: the policy's start and pi_ref
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (squared, per-token log-probs) | hinge (SLiC)

@@ -68,7 +68,7 @@ class Config:
     device: str = "auto"  # auto|cpu|cuda|cuda:N|mps
     dtype: str = "auto"  # auto|float32|bfloat16|float16
     compile: bool = False  # torch.compile the model (on by default in the GPU preset)
-    seed: int = 1337  # every random choice (pairs, sampling, batches) follows it
+    seed: int = 1337  # training pairs, sampling, batches (held-out pairs: the SFT run's seed)
     out_dir: str = "out/reward"  # ckpt.pt, log.jsonl and the figures go here
     init_from: str = "out/sft/ckpt.pt"  # the sft.py checkpoint: RM backbone and policy to sample
     pairs: str = "both"  # synthetic (hand-made mistakes) | policy (the SFT policy's) | both
