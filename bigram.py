@@ -81,7 +81,7 @@ class Config:
 
 # a step costs next to nothing on a GPU: more steps for an even closer match
 GPU_PRESET = {"max_iters": 1000, "eval_interval": 100}
-# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6): a predicate and the text the error shows. Free text (--data, --out-dir, --prompt) and
 # --device/--dtype (resolved) aside.
 RULES = {
@@ -440,7 +440,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

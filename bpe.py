@@ -72,7 +72,7 @@ class Config:
     plot: bool = False  # write compression.png (tokens per character vs vocab size)
 
 
-# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6); --data, --special, --example and --out-dir are free text
 RULES = {"vocab_size": (lambda v: v >= 256, "an integer >= 256 (the 256 byte tokens + merges)")}
 CHOICES = {"pattern": ("gpt4", "gpt2")}
@@ -507,7 +507,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

@@ -115,7 +115,7 @@ HELDOUT_PAIRS = dict(pairs="both", synthetic_per_prompt=1, policy_samples=4,
 # on CUDA, for every field not given: more problems, samples and steps (the model is the SFT one)
 GPU_PRESET = dict(n_train=20000, n_policy=20000, policy_samples=8, max_iters=3000, batch_size=64,
                   eval_interval=250, eval_iters=10, compile=True)
-# what each numeric flag may be, checked before anything is written (DESIGN.md section 6);
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
 # choices are in CHOICES, cross-field rules in main
 RULES = {
     "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
@@ -273,7 +273,7 @@ def dpo_objective(logps, ref_logps, n_tokens, loss_type, beta, label_smoothing, 
     -> (mean loss, stats: (B,) tensors for the metrics).
 
     ipo compares per-token means (sum / count), the others whole-sequence sums: the two are
-    different objectives with a different effective beta (ALIGNMENT-PITFALLS.md section 3).
+    different objectives with a different effective beta (docs/alignment-pitfalls.md section 3).
     rpo_alpha > 0 adds the token-mean NLL of the chosen responses (TRL's rpo_alpha; Pang et
     al. 2024, arXiv:2404.19733): DPO only widens the gap, and both log-probs may fall while it
     does (eric-mitchell/direct-preference-optimization#32); the NLL keeps the chosen likely.
@@ -1706,7 +1706,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

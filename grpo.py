@@ -112,7 +112,7 @@ class Config:
 
 # on CUDA, for every field not given: more groups per step and more steps
 GPU_PRESET = dict(prompts_per_step=64, max_iters=1000, eval_interval=100, compile=True)
-# what each numeric flag may be, checked before anything is written (DESIGN.md section 6);
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
 # choices are in CHOICES, cross-field rules in main
 RULES = {
     "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
@@ -1495,7 +1495,7 @@ def train(cfg, device, device_type, dtype, ctx, rank, world_size):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

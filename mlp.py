@@ -121,7 +121,7 @@ GRU_DEFAULTS = dict(block_size=16, n_hidden=128, dropout=0.1, batch_size=32, max
                     out_dir="out/mlp-gru")
 # On CUDA a step costs little more with a bigger batch and hidden layer (not measured yet).
 GPU_PRESET = dict(batch_size=1024, n_hidden=1024, max_iters=30000, eval_interval=5000)
-# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
 # Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
 RULES = {
@@ -768,7 +768,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

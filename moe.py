@@ -151,7 +151,7 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, 
                   dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
                   eval_interval=250, eval_iters=200, log_interval=10, compile=True,
                   expert_hidden=512)
-# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
 # Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
 RULES = {
@@ -880,7 +880,7 @@ def load_tokenizer(name):
 
 
 def tokenizer_state(tokenizer):
-    """The tokenizer as plain data for the checkpoint (DESIGN.md section 4)."""
+    """The tokenizer as plain data for the checkpoint (docs/design.md section 4)."""
     if isinstance(tokenizer, ByteTokenizer):
         return {"kind": "byte", "special": dict(tokenizer.special)}
     # tiktoken has no public accessor for its ranks and pattern; these attributes are stable
@@ -1501,7 +1501,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -1838,7 +1838,7 @@ def peak_flops(device):
 
 
 class RunLog:
-    """log.jsonl (DESIGN.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
+    """log.jsonl (docs/design.md section 3), mirrored to TensorBoard scalars with --tensorboard."""
 
     def __init__(self, out_dir, resume_iter, tensorboard):
         self.path = open_log(out_dir, resume_iter)  # a fresh log, or the resumed run's so far

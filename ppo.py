@@ -112,7 +112,7 @@ class Config:
 # on CUDA, for every field not given: bigger rollout batches and more steps (same model)
 GPU_PRESET = dict(rollout_batch=1024, minibatch_size=256, max_iters=300, eval_interval=25,
                   compile=True)
-# what each numeric flag may be, checked before anything is written (DESIGN.md section 6);
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
 # choices are in CHOICES, cross-field rules in main
 RULES = {
     "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
@@ -328,7 +328,7 @@ def compute_rewards(scores, logps, ref_logps, mask, last, kl_coef):
     on samples of pi, negative on some tokens by design; the sequence's score is added at its
     last action `last` (B,), the one that emits <|endoftext|> (the last real token, lengths - 2
     in this frame): the score lands on a real token, never on the first pad slot. The sign is
-    stored as it is used: the penalty is subtracted (ALIGNMENT-PITFALLS.md section 4).
+    stored as it is used: the penalty is subtracted (docs/alignment-pitfalls.md section 4).
     """
     kl = torch.where(mask, logps - ref_logps, 0.0)  # k1 per token
     rewards = -kl_coef * kl
@@ -427,7 +427,7 @@ def pooled_rewards(model, idx, lengths):
     The head runs at every position; the reward is read at position lengths - 1, the last
     real token (the response's <|endoftext|>), the one that has seen the whole prompt and
     response. It is picked by the lengths, never by searching for a pad id: with pad == eos
-    that search stops at the first <|endoftext|> (ALIGNMENT-PITFALLS.md section 2). Causal
+    that search stops at the first <|endoftext|> (docs/alignment-pitfalls.md section 2). Causal
     attention keeps the padding, which sits after every real token, from changing the value.
     """
     values = model(idx)[0].squeeze(-1)  # (B, T, 1) -> (B, T): a reward at every prefix
@@ -1065,7 +1065,7 @@ def collate_rollouts(prompts, responses, pad_id):
     In the shifted frame the response of a row with a prompt of P tokens and R response tokens
     occupies actions P-1 .. P+R-2 (logits[:, P-1] predicts the first response token). The mask
     comes from those lengths, so a pad id equal to the <|endoftext|> id would change nothing:
-    the stop token is an action like any other (ALIGNMENT-PITFALLS.md section 4, pad == eos).
+    the stop token is an action like any other (docs/alignment-pitfalls.md section 4, pad == eos).
     """
     seqs = [p + r for p, r in zip(prompts, responses)]
     T = max(len(s) for s in seqs)
@@ -1658,7 +1658,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

@@ -110,7 +110,7 @@ class Config:
 # on CUDA, for every field not given: more problems and steps (the model is the SFT one)
 GPU_PRESET = dict(n_policy=18000, policy_samples=8, max_iters=6000, batch_size=64,
                   eval_interval=1000, compile=True)
-# what each numeric flag may be, checked before anything is written (DESIGN.md section 6);
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
 # choices and cross-field rules are in check_config
 RULES = {
     "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
@@ -240,7 +240,7 @@ def pooled_rewards(model, idx, lengths):
     The head runs at every position; the reward is read at position lengths - 1, the last
     real token (the response's <|endoftext|>), the one that has seen the whole prompt and
     response. It is picked by the lengths, never by searching for a pad id: with pad == eos
-    that search stops at the first <|endoftext|> (ALIGNMENT-PITFALLS.md section 2). Causal
+    that search stops at the first <|endoftext|> (docs/alignment-pitfalls.md section 2). Causal
     attention keeps the padding, which sits after every real token, from changing the value.
     """
     values = model(idx)[0].squeeze(-1)  # (B, T, 1) -> (B, T): a reward at every prefix
@@ -1720,7 +1720,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

@@ -144,7 +144,7 @@ THINK_PRESET = dict(out_dir="out/sft_think", eval_max_new_tokens=40, loss_weight
 # --task classify, for every field not given (after the GPU preset): 4000 add/sub problems
 # (each twice, right and near miss), which difficulty 2 has room for on both splits
 CLASSIFY_PRESET = dict(n_train=8000)
-# what each flag may be, checked by check_config before anything is written (DESIGN.md section
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
 # Free text (--init-from, --mix, --out-dir, --prompt) and --device/--dtype (resolved) aside.
 RULES = {
@@ -272,7 +272,7 @@ def padded_vocab(n_vocab):
     return 64 * math.ceil(n_vocab / 64)
 
 
-# The task world (DESIGN.md section 7): verifiable problems generated from a seed. Every
+# The task world (docs/design.md section 7): verifiable problems generated from a seed. Every
 # stage of the alignment chain copies this section verbatim, so "accuracy" means the same
 # thing in sft.py, reward.py, dpo.py, ppo.py and grpo.py.
 TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
@@ -1539,7 +1539,7 @@ def main(argv=None):
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 def die(msg):
-    """A mistake of the user's: one line on stderr, exit status 2, no traceback (DESIGN.md 6)."""
+    """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

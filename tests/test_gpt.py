@@ -540,7 +540,7 @@ def test_sample_only_from_gpt2_folder(tmp_path, capsys):
     assert len(texts) == 2 and texts[0] == texts[1] and texts[0].startswith("Hello, world") and texts[0] in out
 
 
-# ---- errors (DESIGN.md section 6) ---------------------------------------------------------
+# ---- errors (docs/design.md section 6) ---------------------------------------------------------
 def test_corrupt_checkpoint_is_a_one_line_error(text_file, tmp_path, capsys):
     gpt.main(tiny_flags(text_file, tmp_path, "--max-iters", "1"))
     ckpt = tmp_path / "ckpt.pt"
