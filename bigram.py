@@ -16,18 +16,10 @@ Run:
   python bigram.py --sample-only --temperature 0.5  # sample again from out/bigram/ckpt.pt
   python bigram.py --device cuda                    # runs on a GPU too, for no gain at V x V
 
-`python bigram.py` on names (6.8 s wall on a quiet 2-core CPU), in nats per character (each
-name's closing '.' counts as one):
-  model    train   val     test    test perplexity
-  counts   2.4548  2.4533  2.4584  11.69
-  neural   2.4550  2.4532  2.4585  11.69
-`--data shakespeare`: test NLL 2.5034 (counts) and 2.5056 (neural), perplexity 12.2.
+Result (names, 6.8 s on a 2-core CPU): test NLL 2.4584 counts, 2.4585 neural (docs/bigram.md).
 
-References: Karpathy, makemore and "The spelled-out intro to language modeling"
-(https://github.com/karpathy/makemore); Jurafsky & Martin, Speech and Language Processing,
-3rd ed., ch. 3 (n-grams, Laplace smoothing).
-No --resume: counting is closed form and the neural bigram trains in seconds; rerun with
---overwrite instead.
+References: Karpathy, makemore and "The spelled-out intro to language modeling"; Jurafsky &
+Martin, Speech and Language Processing, 3rd ed., ch. 3 (n-grams, Laplace smoothing).
 """
 import argparse
 import dataclasses
@@ -79,35 +71,14 @@ class Config:
     plot: bool = False  # write the count matrix as a heatmap to out_dir (needs matplotlib)
 
 
-# a step costs next to nothing on a GPU: more steps for an even closer match
-GPU_PRESET = {"max_iters": 1000, "eval_interval": 100}
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6): a predicate and the text the error shows. Free text (--data, --out-dir, --prompt) and
-# --device/--dtype (resolved) aside.
-RULES = {
-    "smoothing": (lambda v: v >= 0, "a number >= 0 (0 = raw counts)"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "learning_rate": (lambda v: v > 0, "a number > 0"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "num_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_k": (lambda v: v is None or v >= 0, "an integer >= 1, or 0 (all)"),
-    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
-}
-CHOICES = {"format": ("auto", "lines", "text")}
+GPU_PRESET = {"max_iters": 1000, "eval_interval": 100}  # GPU steps are cheap: a closer match
 
 
 # -------------------------------------------------------------------------------
 # Model
 # -------------------------------------------------------------------------------
 class Bigram(nn.Module):
-    """Both models are a (V, V) table of logits: row `prev` scores every possible next token."""
-
-    def table(self):
-        raise NotImplementedError
+    """Both models are a (V, V) table of logits, `table()`: row `prev` scores every next token."""
 
     def forward(self, idx, targets=None):
         logits = self.table()[idx]  # (N,) -> (N, V): a row lookup = one_hot(idx) @ table
@@ -131,8 +102,7 @@ class CountsBigram(Bigram):
 
     def table(self):
         p = self.counts + self.smoothing
-        # log-probabilities serve as logits: softmax(log p) = p, so the loss and the sampler
-        # treat both models alike
+        # log-probabilities serve as logits (softmax(log p) = p): loss and sampler treat both alike
         return (p / p.sum(dim=1, keepdim=True)).log()
 
 
@@ -250,6 +220,56 @@ def evaluate(model, x, y):
     return model(x, y)[1].item()
 
 
+def train(model, train_set, val_set, cfg, device, dtype, log_path, t0):
+    """Adam on the cross-entropy + the add-k penalty; one log.jsonl record per step. Adam rather
+    than makemore's plain SGD (lr 50): a row's gradient scales with how often its character
+    occurs, so rare rows barely move under SGD, while Adam normalises every parameter's step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # batches follow --seed
+    # W[idx] is a lookup and cross-entropy runs in float32 under autocast, so mixed precision
+    # changes nothing for a bigram; the context and scaler are gpt.py's loop, kept identical
+    ctx = torch.autocast(device.split(":")[0], getattr(torch, dtype), enabled=dtype != "float32")
+    scaler = torch.amp.GradScaler(enabled=dtype == "float16")
+    best_val_loss = float("inf")
+    for step in range(cfg.max_iters + 1):
+        last_step = step == cfg.max_iters
+        record = {"iter": step}
+        if step % cfg.eval_interval == 0 or last_step:
+            record.update(train_loss=evaluate(model, *train_set),
+                          val_loss=evaluate(model, *val_set))
+            best_val_loss = min(best_val_loss, record["val_loss"])
+        if last_step:
+            append_jsonl(log_path, {**record, "elapsed_s": time.time() - t0})
+            break
+        t = time.time()
+        lr = get_lr(step, cfg.learning_rate, cfg.learning_rate / 10, 0, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with ctx:
+            _, loss = model(*get_batch(*train_set, cfg.batch_size, generator))
+            # the batch mean estimates the mean over the whole training set, so the penalty keeps
+            # n = all training bigrams; the logged `loss` includes it (~0.02 nats on names)
+            loss = loss + model.smoothing_penalty(cfg.smoothing, len(train_set[0]))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.item()  # waits for the device, so the timing below is honest
+        if not math.isfinite(loss):
+            die(f"loss is {loss} at iter {step}; lower --learning-rate (no checkpoint was written)")
+        dt = time.time() - t
+        tokens_per_s = min(cfg.batch_size, len(train_set[0])) / dt
+        record.update(loss=loss, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
+                      elapsed_s=time.time() - t0)
+        append_jsonl(log_path, record)
+        if "val_loss" in record:  # print at the eval interval only; log.jsonl has every step
+            print(f"iter {step}/{cfg.max_iters} | loss {loss:.4f} | "
+                  f"train {record['train_loss']:.4f} | val {record['val_loss']:.4f} | "
+                  f"lr {lr:.1e} | {1000 * dt:.1f} ms | {tokens_per_s / 1e3:.1f}k tok/s | "
+                  f"eta {format_eta((cfg.max_iters - step) * dt)}")
+    return best_val_loss
+
+
 # -------------------------------------------------------------------------------
 # Generation & evaluation
 # -------------------------------------------------------------------------------
@@ -316,6 +336,79 @@ def sample_texts(model, chars, fmt, cfg, device="cpu"):
 # -------------------------------------------------------------------------------
 # Main
 # -------------------------------------------------------------------------------
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    print(f"{cfg}\ndevice={device} dtype={dtype} compile=off")
+    out_dir, t0 = Path(cfg.out_dir), time.time()
+    if cfg.sample_only:  # both models, the vocabulary and the format from the checkpoint
+        return {"samples": print_samples(*load_models(out_dir / "ckpt.pt", device), cfg, device)}
+    check_out_dir(out_dir, None, cfg.overwrite)  # bigram.py has no --resume
+    fmt, chars, parts = load_corpus(cfg)
+    log_path = open_log(out_dir)  # the first write to --out-dir: every check has passed
+    cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
+    stoi = {c: i for i, c in enumerate(chars)}
+    splits = [bigrams(p, stoi, device) for p in parts]  # train, val, test
+    print(f"{fmt}: {len(chars)} characters in the vocabulary, "
+          f"{' / '.join(str(len(x)) for x, _ in splits)} train / val / test bigrams")
+    # counts: one pass over the training bigrams, no optimisation at all
+    models = {"counts": CountsBigram(len(chars), cfg.smoothing).to(device).fit(*splits[0])}
+    # neural: the same table learned by gradient descent
+    models["neural"] = NeuralBigram(len(chars)).to(device)
+    best_val_loss = train(models["neural"], *splits[:2], cfg, device, dtype, log_path, t0)
+    metrics = report(models, splits, log_path)
+    # no optimizer or RNG state: nothing resumes from this checkpoint (see --overwrite)
+    save_checkpoint({"script": "bigram.py", "version": 1, "config": dataclasses.asdict(cfg),
+                     "model_args": {"vocab_size": len(chars), "smoothing": cfg.smoothing},
+                     "model": {**models["counts"].state_dict(), **models["neural"].state_dict()},
+                     "iter": cfg.max_iters, "best_val_loss": best_val_loss,
+                     "tokenizer": {"kind": "char", "chars": chars}}, out_dir / "ckpt.pt")
+    if cfg.plot:
+        plot_counts(models["counts"].counts, chars, out_dir / "bigram_counts.png")
+    metrics["samples"] = print_samples(models, chars, fmt, cfg, device)
+    print(f"done in {time.time() - t0:.1f}s; checkpoint and log in {out_dir}")
+    return metrics
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# ---- Appendix: bookkeeping — the final table, the checkpoint, samples ---------
+def report(models, splits, log_path):
+    """Train / val / test loss and test perplexity of each model, printed and in log.jsonl."""
+    print("model    train   val     test    test perplexity")
+    metrics = {}
+    for name, m in models.items():
+        train_loss, val_loss, test_loss = (evaluate(m, *s) for s in splits)
+        # exp of a diverged loss (a huge --learning-rate) would overflow a float: inf instead
+        perplexity = math.exp(test_loss) if test_loss < 700 else math.inf
+        metrics[name] = dict(test_loss=test_loss, val_loss=val_loss, train_loss=train_loss,
+                             perplexity=perplexity)
+        print(f"{name:<8} {train_loss:<7.4f} {val_loss:<7.4f} {test_loss:<7.4f} {perplexity:.2f}")
+        # --smoothing 0: an unseen val/test bigram costs log(0), an infinite loss. The console
+        # says inf; log.jsonl writes null (append_jsonl), as strict JSON has no Infinity or NaN
+        append_jsonl(log_path, {"event": "done", "model": name, **metrics[name]})
+    return metrics
+
+
+def load_models(path, device):
+    """Both models, the vocabulary and the data format back from a bigram.py checkpoint."""
+    ckpt = load_checkpoint(path, ["bigram.py"], ("config", "model_args", "tokenizer"))
+    try:
+        chars, args = ckpt["tokenizer"]["chars"], ckpt["model_args"]
+        models = {"counts": CountsBigram(args["vocab_size"], args["smoothing"]).to(device),
+                  "neural": NeuralBigram(args["vocab_size"]).to(device)}
+        for m in models.values():  # load_state_dict copies into the tensors on `device`
+            m.load_state_dict({k: ckpt["model"][k] for k in m.state_dict()})
+    except (KeyError, TypeError, RuntimeError) as e:  # another version's checkpoint
+        die(f"{path} does not fit this bigram.py ({type(e).__name__}: {str(e)[:200]})")
+    return models, chars, ckpt["config"]["format"]
+
+
 def print_samples(models, chars, fmt, cfg, device):
     """The same seed for both models: near-identical tables give near-identical samples."""
     samples = {name: sample_texts(m, chars, fmt, cfg, device) for name, m in models.items()}
@@ -325,115 +418,22 @@ def print_samples(models, chars, fmt, cfg, device):
     return samples
 
 
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda"):
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
-    print(cfg)
-    print(f"device={device} dtype={dtype} compile=off")
-    out_dir, t0 = Path(cfg.out_dir), time.time()
-
-    if cfg.sample_only:
-        path = out_dir / "ckpt.pt"
-        ckpt = load_checkpoint(path, ["bigram.py"], ("config", "model_args", "tokenizer"))
-        try:
-            chars, args = ckpt["tokenizer"]["chars"], ckpt["model_args"]
-            models = {"counts": CountsBigram(args["vocab_size"], args["smoothing"]),
-                      "neural": NeuralBigram(args["vocab_size"])}
-            for m in models.values():
-                m.load_state_dict({k: ckpt["model"][k] for k in m.state_dict()})
-                m.to(device)
-        except (KeyError, TypeError, RuntimeError) as e:  # another version's checkpoint
-            die(f"{path} does not fit this bigram.py ({type(e).__name__}: {str(e)[:200]})")
-        return {"samples": print_samples(models, chars, ckpt["config"]["format"], cfg, device)}
-
-    check_out_dir(out_dir, None, cfg.overwrite)  # bigram.py has no --resume
-    fmt, chars, parts = load_corpus(cfg)
-    log_path = open_log(out_dir)  # the first write to --out-dir: every check has passed
-    cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
-    stoi = {c: i for i, c in enumerate(chars)}
-    splits = [bigrams(p, stoi, device) for p in parts]  # train, val, test
-    train, val = splits[:2]
-    print(f"{fmt}: {len(chars)} characters in the vocabulary, "
-          f"{' / '.join(str(len(x)) for x, _ in splits)} train / val / test bigrams")
-
-    # counts: one pass over the training bigrams, no optimisation at all
-    models = {"counts": CountsBigram(len(chars), cfg.smoothing).to(device).fit(*train)}
-
-    # neural: the same table learned by gradient descent. Adam rather than makemore's plain SGD
-    # (lr 50): a row's gradient scales with how often its character occurs, so rare rows barely
-    # move under SGD, while Adam normalises every parameter's step.
-    model = models["neural"] = NeuralBigram(len(chars)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    generator = torch.Generator(device).manual_seed(cfg.seed)  # batches follow --seed
-    # W[idx] is a lookup and cross-entropy runs in float32 under autocast, so mixed precision
-    # changes nothing for a bigram; the context and scaler are gpt.py's loop, kept identical
-    ctx = torch.autocast(device.split(":")[0], getattr(torch, dtype), enabled=dtype != "float32")
-    scaler = torch.amp.GradScaler(enabled=dtype == "float16")
-    best_val_loss = float("inf")
-    for step in range(cfg.max_iters + 1):
-        last_step = step == cfg.max_iters
-        record = {"iter": step}
-        if step % cfg.eval_interval == 0 or last_step:
-            record.update(train_loss=evaluate(model, *train), val_loss=evaluate(model, *val))
-            best_val_loss = min(best_val_loss, record["val_loss"])
-        if last_step:
-            append_jsonl(log_path, {**record, "elapsed_s": time.time() - t0})
-            break
-        t = time.time()
-        lr = get_lr(step, cfg.learning_rate, cfg.learning_rate / 10, 0, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with ctx:
-            _, loss = model(*get_batch(*train, cfg.batch_size, generator))
-            # the batch mean estimates the mean over the whole training set, so the penalty keeps
-            # n = all training bigrams; the logged `loss` includes it (~0.02 nats on names)
-            loss = loss + model.smoothing_penalty(cfg.smoothing, len(train[0]))
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss.item()  # waits for the device, so the timing below is honest
-        if not math.isfinite(loss):
-            die(f"loss is {loss} at iter {step}; lower --learning-rate (no checkpoint was written)")
-        dt = time.time() - t
-        tokens_per_s = min(cfg.batch_size, len(train[0])) / dt
-        record.update(loss=loss, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
-                      elapsed_s=time.time() - t0)
-        append_jsonl(log_path, record)
-        if "val_loss" in record:  # print at the eval interval only; log.jsonl has every step
-            print(f"iter {step}/{cfg.max_iters} | loss {loss:.4f} | "
-                  f"train {record['train_loss']:.4f} | val {record['val_loss']:.4f} | "
-                  f"lr {lr:.1e} | {1000 * dt:.1f} ms | {tokens_per_s / 1e3:.1f}k tok/s | "
-                  f"eta {format_eta((cfg.max_iters - step) * dt)}")
-
-    print("model    train   val     test    test perplexity")
-    metrics = {}
-    for name, m in models.items():
-        train_loss, val_loss, test_loss = (evaluate(m, *s) for s in splits)
-        # exp of a diverged loss (a huge --learning-rate) would overflow a float: inf instead
-        perplexity = math.exp(test_loss) if test_loss < 700 else math.inf
-        metrics[name] = dict(test_loss=test_loss, val_loss=val_loss, train_loss=train_loss,
-                             perplexity=perplexity)
-        print(f"{name:<8} {train_loss:<7.4f} {val_loss:<7.4f} {test_loss:<7.4f} "
-              f"{metrics[name]['perplexity']:.2f}")
-        # --smoothing 0: an unseen val/test bigram costs log(0), an infinite loss. The console
-        # says inf; log.jsonl writes null (append_jsonl), as strict JSON has no Infinity or NaN
-        append_jsonl(log_path, {"event": "done", "model": name, **metrics[name]})
-    # no optimizer or RNG state: nothing resumes from this checkpoint (see --overwrite)
-    save_checkpoint({"script": "bigram.py", "version": 1, "config": dataclasses.asdict(cfg),
-                     "model_args": {"vocab_size": len(chars), "smoothing": cfg.smoothing},
-                     "model": {**models["counts"].state_dict(), **model.state_dict()},
-                     "iter": cfg.max_iters, "best_val_loss": best_val_loss,
-                     "tokenizer": {"kind": "char", "chars": chars}}, out_dir / "ckpt.pt")
-    if cfg.plot:
-        plot_counts(models["counts"].counts, chars, out_dir / "bigram_counts.png")
-    metrics["samples"] = print_samples(models, chars, fmt, cfg, device)
-    print(f"done in {time.time() - t0:.1f}s; checkpoint and log in {out_dir}")
-    return metrics
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
+# what each flag may be (docs/design.md section 6): a predicate and the text the error shows
+RULES = {
+    "smoothing": (lambda v: v >= 0, "a number >= 0 (0 = raw counts)"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "num_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or v >= 0, "an integer >= 1, or 0 (all)"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+}
+CHOICES = {"format": ("auto", "lines", "text")}
 
 
 # -------------------------------------------------------------------------------

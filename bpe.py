@@ -16,19 +16,11 @@ Run:
 No --device: it is pure Python on the CPU. It saves out/bpe/tokenizer.tiktoken (tiktoken's
 rank file) + tokenizer.json, which mlp.py/gpt.py/llama.py read with `load_bpe`.
 
-Measured on a quiet 2-core CPU (best of 3 runs):
-- train on all of tinyshakespeare (1.1 MB), GPT-4 split, vocab 512: 0.36 s (minbpe's
-  RegexTokenizer: 128 s here); the textbook loop (--naive) gives identical merges on the
-  whole file in 370 s (measured while other jobs shared the CPU).
-- encode the 1.1 MB at vocab 4096: ours 1.7 MB/s, to_tiktoken() 5.8 MB/s, identical ids.
-- GPT-2: 50,000 merges recovered from tiktoken's ranks in 2.6 s, ids identical to tiktoken.
-- val bytes per token: vocab 256: 1.00, 512: 1.99, 1024: 2.44, 2048: 2.81, 4096: 3.24
-  (GPT-2's 50257: 3.09).
+Result: vocab 512 on tinyshakespeare in 0.36 s on 2 CPU cores (minbpe: 128 s); docs/bpe.md.
 
 Simplifications: pure Python; ties between equally frequent pairs go to the smallest
 (left id, right id); `pattern=None` (no split) makes the text one chunk, fine for short
-strings but quadratic for files, so the CLI offers gpt4/gpt2 only. Also see minbpe
-(github.com/karpathy/minbpe) and tiktoken (github.com/openai/tiktoken).
+strings but quadratic for files, so the CLI offers gpt4/gpt2 only. See also minbpe, tiktoken.
 """
 import argparse
 import base64
@@ -70,12 +62,6 @@ class Config:
     example: str = "O Romeo, wherefore art thou?\n  1597: café ☕"  # text shown cut into tokens
     out_dir: str = "out/bpe"  # tokenizer.tiktoken, tokenizer.json, log.jsonl (and the figure)
     plot: bool = False  # write compression.png (tokens per character vs vocab size)
-
-
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6); --data, --special, --example and --out-dir are free text
-RULES = {"vocab_size": (lambda v: v >= 256, "an integer >= 256 (the 256 byte tokens + merges)")}
-CHOICES = {"pattern": ("gpt4", "gpt2")}
 
 
 # -------------------------------------------------------------------------------
@@ -343,35 +329,167 @@ class BPETokenizer:
         lines = Path(prefix + ".tiktoken").read_text().splitlines()
         ranks = {base64.b64decode(token): int(rank)
                  for token, rank in (ln.split() for ln in lines if ln)}
-        return cls.from_ranks(ranks, meta["pattern"], meta["special"])
-
-    @classmethod
-    def from_ranks(cls, ranks, pattern, special):
-        """Rebuild the merges from tiktoken ranks {token bytes: rank} (e.g. GPT-2's).
-
-        The token of rank r >= 256 was made by merging two tokens of lower rank; which two
-        is what BPE does to its bytes with the merges of rank < r: it must stop at 2 parts.
-        (GPT-2's single bytes have ranks 0-255 in another order: `byte_ids` keeps it.)
-        """
-        by_rank = sorted(ranks, key=ranks.get)
-        if [ranks[t] for t in by_rank] != list(range(len(ranks))):
-            raise ValueError("ranks must be 0, 1, 2, ... without gaps")
-        if set(by_rank[:256]) != {bytes([b]) for b in range(256)}:
-            raise ValueError("the 256 lowest ranks must be the 256 single bytes")
-        tok = cls(pattern)
-        tok._set_vocab({}, {}, [ranks[bytes([b])] for b in range(256)])
-        for rank, token in enumerate(by_rank[256:], start=256):
-            parts = tok._encode_chunk(token)  # tok.merges holds exactly the ranks below
-            if len(parts) != 2:
-                raise ValueError(f"token {token!r} (rank {rank}) is not a BPE merge of two "
-                                 f"lower-ranked tokens (it splits into {len(parts)})")
-            tok.merges[tuple(parts)] = rank
-        tok._set_vocab(tok.merges, special, tok.byte_ids)
-        return tok
+        return from_ranks(ranks, meta["pattern"], meta["special"])
 
 
 # -------------------------------------------------------------------------------
-# Data
+# Evaluation
+# -------------------------------------------------------------------------------
+def compression(encode, train_text, val_text):
+    """Tokens per character and UTF-8 bytes per token of `encode` on both splits."""
+    row = {}
+    for split, text in (("train", train_text), ("val", val_text)):
+        n = max(1, len(encode(text)))
+        row[f"{split}_tokens_per_char"] = n / max(1, len(text))
+        row[f"{split}_bytes_per_token"] = len(text.encode("utf-8")) / n
+    return row
+
+
+def compression_table(tok, train_text, val_text, references):
+    """One row per vocab size 256, 512, 1024, ... up to ours (one training: merges of a
+    smaller vocab are a prefix), then one per tiktoken reference encoding."""
+    top = 256 + len(tok.merges)
+    sizes = [v for v in (256 << k for k in range(32)) if v < top] + [top]
+    encoders = [(f"bpe {v}", v, tok.truncated(v).to_tiktoken()) for v in sizes]  # = ours, faster
+    encoders += [(name, enc.n_vocab, enc) for name, enc in references.items()]
+    return [{"name": name, "vocab_size": v,
+             **compression(enc.encode_ordinary, train_text, val_text)} for name, v, enc in encoders]
+
+
+# -------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------
+def main(argv=None):
+    cfg, _ = parse_config(Config, argv, __doc__.splitlines()[0])
+    print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    check_config(cfg, RULES, CHOICES)
+    check_out_dir(cfg.out_dir, None, True)  # a folder we can write to (bpe.py has no ckpt.pt)
+    path = resolve_data(cfg.data)
+    text = read_text(path)
+    n = int(0.9 * len(text))  # first 90 percent train, the rest val
+    train_text, val_text = text[:n], text[n:]
+    print(f"data: {path} | {len(text):,} chars | train {len(train_text):,} | val {len(val_text):,}")
+    tok = BPETokenizer(SPLIT_PATTERNS[cfg.pattern])
+    special = [s for s in cfg.special.split(",") if s]
+    try:
+        _, train_s = timed(tok.train, train_text, cfg.vocab_size, special, cfg.naive)
+    except ValueError as e:
+        die(str(e))
+    train_mb = len(train_text.encode("utf-8")) / 1e6
+    print(f"trained {len(tok.merges)} merges in {train_s:.2f} s "
+          f"({'naive' if cfg.naive else 'fast'} trainer, {train_mb / train_s:.2f} MB/s)")
+    if len(tok.merges) < cfg.vocab_size - 256:
+        print(f"(stopped early: after {len(tok.merges)} merges every chunk is a single token)")
+    out_dir = Path(cfg.out_dir)
+    tok.save(out_dir / "tokenizer")
+    print(f"saved {out_dir / 'tokenizer'}.tiktoken and .json ({tok.n_vocab} ids)")
+    metrics = {"merges": len(tok.merges), "n_vocab": tok.n_vocab, "train_s": train_s,
+               "train_mb_per_s": train_mb / train_s, **encode_speed(tok, text)}
+    references = tiktoken_references() if cfg.compare else {}
+    if "gpt2" in references:
+        metrics["gpt2_same_ids"] = rebuild_gpt2(references["gpt2"], val_text)
+    rows = metrics["table"] = compression_table(tok, train_text, val_text, references)
+    print_table(rows)
+    print("example: " + show_tokens(tok, cfg.example, sys.stdout.isatty()))
+    if cfg.plot:
+        plot_compression(rows, out_dir / "compression.png")
+    open_log(out_dir)  # a fresh run starts a fresh log
+    append_jsonl(out_dir / "log.jsonl", {"event": "done", **metrics})
+    return metrics
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# ---- Appendix: extra — GPT-2's merges rebuilt from tiktoken's ranks -----------
+def from_ranks(ranks, pattern, special):
+    """A BPETokenizer rebuilt from tiktoken ranks {token bytes: rank} (e.g. GPT-2's): the token
+    of rank r >= 256 was made by merging two tokens of lower rank; which two is what BPE does to
+    its bytes with the merges of rank < r: it must stop at 2 parts. (GPT-2's single bytes have
+    ranks 0-255 in another order: `byte_ids` keeps it.)"""
+    by_rank = sorted(ranks, key=ranks.get)
+    if [ranks[t] for t in by_rank] != list(range(len(ranks))):
+        raise ValueError("ranks must be 0, 1, 2, ... without gaps")
+    if set(by_rank[:256]) != {bytes([b]) for b in range(256)}:
+        raise ValueError("the 256 lowest ranks must be the 256 single bytes")
+    tok = BPETokenizer(pattern)
+    tok._set_vocab({}, {}, [ranks[bytes([b])] for b in range(256)])
+    for rank, token in enumerate(by_rank[256:], start=256):
+        parts = tok._encode_chunk(token)  # tok.merges holds exactly the ranks below
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not a BPE merge of two "
+                             f"lower-ranked tokens (it splits into {len(parts)})")
+        tok.merges[tuple(parts)] = rank
+    tok._set_vocab(tok.merges, special, tok.byte_ids)
+    return tok
+
+
+def gpt2_from_tiktoken(enc):
+    """GPT-2's tokenizer as a BPETokenizer: its 50,000 merges recovered from tiktoken's ranks."""
+    ranks = {enc.decode_single_token_bytes(r): r for r in range(enc.n_vocab) if r != enc.eot_token}
+    return from_ranks(ranks, GPT2_SPLIT_PATTERN, {"<|endoftext|>": enc.eot_token})
+
+
+def rebuild_gpt2(enc, val_text):
+    """GPT-2 rebuilt from `enc`'s ranks (timed): do its ids equal tiktoken's on val?"""
+    gpt2, rebuild_s = timed(gpt2_from_tiktoken, enc)
+    same = (gpt2.encode(val_text, allowed_special="all")
+            == enc.encode(val_text, allowed_special="all"))
+    print(f"gpt2 rebuilt from tiktoken's ranks: {len(gpt2.merges)} merges in "
+          f"{rebuild_s:.1f} s | identical ids on val: {same}")
+    return same
+
+
+# ---- Appendix: bookkeeping — speed, references, the report --------------------
+def encode_speed(tok, text):
+    """Throughput on the whole file; the two encoders must agree id for id."""
+    ids, ours_s = timed(tok.encode_ordinary, text)
+    tiktoken_ids, tiktoken_s = timed(tok.to_tiktoken().encode_ordinary, text)
+    same_ids = tiktoken_ids == ids
+    mb = len(text.encode("utf-8")) / 1e6
+    print(f"encode {mb:.2f} MB: ours {mb / ours_s:.2f} MB/s | "
+          f"to_tiktoken {mb / tiktoken_s:.2f} MB/s | identical ids: {same_ids}")
+    return {"encode_mb_per_s": mb / ours_s, "tiktoken_mb_per_s": mb / tiktoken_s,
+            "same_ids": same_ids}
+
+
+def tiktoken_references(names=("gpt2", "cl100k_base")):
+    """tiktoken's own encodings; offline only from its cache (TIKTOKEN_CACHE_DIR), else skipped."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = tiktoken.get_encoding(name)
+        except Exception as e:  # tiktoken raises whatever its HTTP client raises
+            print(f"({name} skipped: cannot load it offline: {type(e).__name__})")
+    return found
+
+
+def print_table(rows):
+    print(f"{'tokenizer':>12} | {'vocab':>6} | train tok/char | train B/tok | "
+          f"val tok/char | val B/tok")
+    for r in rows:
+        print(f"{r['name']:>12} | {r['vocab_size']:>6} | {r['train_tokens_per_char']:14.3f} | "
+              f"{r['train_bytes_per_token']:11.2f} | {r['val_tokens_per_char']:12.3f} | "
+              f"{r['val_bytes_per_token']:9.2f}")
+
+
+def show_tokens(tok, text, color):
+    """The text cut into its tokens: [To][ be][,] ... coloured in a terminal."""
+    pieces = []
+    for k, i in enumerate(tok.encode(text, allowed_special="all")):
+        piece = "[" + tok.decode([i]).replace("\n", "\\n") + "]"
+        pieces.append(f"\x1b[30;{41 + k % 6}m{piece}\x1b[0m" if color else piece)
+    return "".join(pieces)
+
+
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
+# what each flag may be (docs/design.md section 6); --data, --special, --example, --out-dir: free
+RULES = {"vocab_size": (lambda v: v >= 256, "an integer >= 256 (the 256 byte tokens + merges)")}
+CHOICES = {"pattern": ("gpt4", "gpt2")}
+
+
+# -------------------------------------------------------------------------------
+# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
 DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
 DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
@@ -388,124 +506,6 @@ DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
 }
 
 
-# -------------------------------------------------------------------------------
-# Evaluation
-# -------------------------------------------------------------------------------
-def compression(encode, train_text, val_text):
-    """Tokens per character and UTF-8 bytes per token of `encode` on both splits."""
-    row = {}
-    for split, text in (("train", train_text), ("val", val_text)):
-        n = max(1, len(encode(text)))
-        row[f"{split}_tokens_per_char"] = n / max(1, len(text))
-        row[f"{split}_bytes_per_token"] = len(text.encode("utf-8")) / n
-    return row
-
-
-def tiktoken_references(names=("gpt2", "cl100k_base")):
-    """tiktoken's own encodings to compare with; offline they load only from a cache
-    (TIKTOKEN_CACHE_DIR), so each one that fails is skipped with a note."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = tiktoken.get_encoding(name)
-        except Exception as e:  # tiktoken raises whatever its HTTP client raises
-            print(f"({name} skipped: cannot load it offline: {type(e).__name__})")
-    return found
-
-
-def gpt2_from_tiktoken(enc):
-    """GPT-2's tokenizer as a BPETokenizer: its 50,000 merges recovered from tiktoken's ranks."""
-    ranks = {enc.decode_single_token_bytes(r): r for r in range(enc.n_vocab) if r != enc.eot_token}
-    return BPETokenizer.from_ranks(ranks, GPT2_SPLIT_PATTERN, {"<|endoftext|>": enc.eot_token})
-
-
-def compression_table(tok, train_text, val_text, references):
-    """One row per vocab size 256, 512, 1024, ... up to ours (one training: merges of a
-    smaller vocab are a prefix), then one per tiktoken reference encoding."""
-    top = 256 + len(tok.merges)
-    sizes = [v for v in (256 << k for k in range(32)) if v < top] + [top]
-    encoders = [(f"bpe {v}", v, tok.truncated(v).to_tiktoken()) for v in sizes]  # = ours, faster
-    encoders += [(name, enc.n_vocab, enc) for name, enc in references.items()]
-    return [{"name": name, "vocab_size": v,
-             **compression(enc.encode_ordinary, train_text, val_text)} for name, v, enc in encoders]
-
-
-def show_tokens(tok, text, color):
-    """The text cut into its tokens: [To][ be][,] ... coloured in a terminal."""
-    pieces = []
-    for k, i in enumerate(tok.encode(text, allowed_special="all")):
-        piece = "[" + tok.decode([i]).replace("\n", "\\n") + "]"
-        pieces.append(f"\x1b[30;{41 + k % 6}m{piece}\x1b[0m" if color else piece)
-    return "".join(pieces)
-
-
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-def main(argv=None):
-    cfg, _ = parse_config(Config, argv, __doc__.splitlines()[0])
-    print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    check_config(cfg, RULES, CHOICES)
-    check_out_dir(cfg.out_dir, None, True)  # a folder we can write to (bpe.py has no ckpt.pt)
-    path = resolve_data(cfg.data)
-    text = read_text(path)
-    n = int(0.9 * len(text))  # first 90 percent train, the rest val
-    train_text, val_text = text[:n], text[n:]
-    print(f"data: {path} | {len(text):,} chars | train {len(train_text):,} | val {len(val_text):,}")
-
-    tok = BPETokenizer(SPLIT_PATTERNS[cfg.pattern])
-    special = [s for s in cfg.special.split(",") if s]
-    try:
-        _, train_s = timed(tok.train, train_text, cfg.vocab_size, special, cfg.naive)
-    except ValueError as e:
-        die(str(e))
-    train_mb = len(train_text.encode("utf-8")) / 1e6
-    print(f"trained {len(tok.merges)} merges in {train_s:.2f} s "
-          f"({'naive' if cfg.naive else 'fast'} trainer, {train_mb / train_s:.2f} MB/s)")
-    if len(tok.merges) < cfg.vocab_size - 256:
-        print(f"(stopped early: after {len(tok.merges)} merges every chunk is a single token)")
-    out_dir = Path(cfg.out_dir)
-    tok.save(out_dir / "tokenizer")
-    print(f"saved {out_dir / 'tokenizer'}.tiktoken and .json ({tok.n_vocab} ids)")
-
-    # throughput on the whole file; the two encoders must agree id for id
-    ids, ours_s = timed(tok.encode_ordinary, text)
-    tiktoken_ids, tiktoken_s = timed(tok.to_tiktoken().encode_ordinary, text)
-    same_ids = tiktoken_ids == ids
-    mb = len(text.encode("utf-8")) / 1e6
-    print(f"encode {mb:.2f} MB: ours {mb / ours_s:.2f} MB/s | "
-          f"to_tiktoken {mb / tiktoken_s:.2f} MB/s | identical ids: {same_ids}")
-
-    metrics = {"merges": len(tok.merges), "n_vocab": tok.n_vocab, "train_s": train_s,
-               "train_mb_per_s": train_mb / train_s, "encode_mb_per_s": mb / ours_s,
-               "tiktoken_mb_per_s": mb / tiktoken_s, "same_ids": same_ids}
-    references = tiktoken_references() if cfg.compare else {}
-    if "gpt2" in references:
-        gpt2, rebuild_s = timed(gpt2_from_tiktoken, references["gpt2"])
-        metrics["gpt2_same_ids"] = (gpt2.encode(val_text, allowed_special="all")
-                                    == references["gpt2"].encode(val_text, allowed_special="all"))
-        print(f"gpt2 rebuilt from tiktoken's ranks: {len(gpt2.merges)} merges in "
-              f"{rebuild_s:.1f} s | identical ids on val: {metrics['gpt2_same_ids']}")
-
-    rows = metrics["table"] = compression_table(tok, train_text, val_text, references)
-    print(f"{'tokenizer':>12} | {'vocab':>6} | train tok/char | train B/tok | "
-          f"val tok/char | val B/tok")
-    for r in rows:
-        print(f"{r['name']:>12} | {r['vocab_size']:>6} | {r['train_tokens_per_char']:14.3f} | "
-              f"{r['train_bytes_per_token']:11.2f} | {r['val_tokens_per_char']:12.3f} | "
-              f"{r['val_bytes_per_token']:9.2f}")
-    print("example: " + show_tokens(tok, cfg.example, sys.stdout.isatty()))
-    if cfg.plot:
-        plot_compression(rows, out_dir / "compression.png")
-
-    open_log(out_dir)  # a fresh run starts a fresh log
-    append_jsonl(out_dir / "log.jsonl", {"event": "done", **metrics})
-    return metrics
-
-
-# -------------------------------------------------------------------------------
-# Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
-# -------------------------------------------------------------------------------
 def die(msg):
     """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
