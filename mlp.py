@@ -2,38 +2,24 @@
 
 Bengio, Ducharme, Vincent & Jauvin, "A Neural Probabilistic Language Model" (JMLR 2003):
 look up an embedding for each of the last `block_size` tokens, concatenate them, one tanh
-hidden layer, a softmax over the vocabulary. The context is fixed: nothing older than
-`block_size` tokens can influence the prediction. `--model gru` instead reads its window one
-token at a time into a gated recurrent state (Cho et al. 2014, arXiv:1406.1078), so the
-context grows without growing the model, and it learns from every position of the window
-(a char-RNN's loss): recurrence vs fixed context, same data, loop, loss and metric.
-makemore part 2 (and makemore.py's MLP/GRU) in one file.
-
-Data: `--data names` (default; one name a line; a boundary token, id 0, marks the start and
-the end of each name and pads the first contexts), `--data shakespeare` (one character
-stream, sliding windows), or a path (`--format lines|text`, guessed when not given).
-`--tokenizer PATH` trains on the tokens of a bpe.py tokenizer instead of characters.
+hidden layer, a softmax over the vocabulary: a fixed context. `--model gru` instead reads its
+window one token at a time into a gated recurrent state (Cho et al. 2014, arXiv:1406.1078)
+and learns from every position of it: recurrence vs fixed context, same data, loop and loss.
+makemore part 2 (and makemore.py's MLP/GRU) in one file. Data: `--data names` (one name a
+line; a boundary token, id 0, marks each start and end), `--data shakespeare` (one stream,
+sliding windows) or a path; `--tokenizer PATH` reads the tokens of a bpe.py tokenizer.
 
 Run:
     python mlp.py                    # names, CPU, 20k steps: test loss 1.98
     python mlp.py --model gru        # the GRU, same CPU time: test loss 1.99
-    python mlp.py --model gru --max-time 120 --max-iters 100000   # any equal budget
-    python mlp.py --data shakespeare --overwrite
     python mlp.py --data shakespeare --tokenizer out/bpe/tokenizer --overwrite
-    python mlp.py --device cuda      # bigger batch and hidden layer (GPU_PRESET, untested)
+    python mlp.py --device cuda      # bigger batch and hidden layer (GPU_PRESET)
     python mlp.py --sample-only --temperature 0.8 --top-p 0.95
-    python mlp.py --plot --overwrite # embeddings in 2-D (PCA) and the loss curve, as PNGs
 
-Results on names (test split: 3,204 names, 22,567 characters), quiet 2-core CPU:
-    python mlp.py               97k params, 20k steps x 128 contexts: test 1.9837, 75 s wall
-    python mlp.py --model gru   67k params, 6k steps x 32 names:      test 1.9882, 99 s wall
-    equal wall time (--max-time 60 --max-iters 1000000): mlp 1.9934, gru 1.9984
-    (makemore's MLP: 2.03 after 3 minutes on this machine.) At equal time the fixed
-    5-character context is as good as the recurrent one on names: most names are short.
-
-Simplifications: no direct embedding->output connections (the optional W x term of
-Bengio's y = b + W x + U tanh(d + H x)); no batch norm (a careful init instead, makemore
-part 3); resuming a `--max-time` run is not bit-exact (its LR follows the clock).
+Result (names, 2-core CPU): test loss 1.9837 in 75 s (makemore's MLP: 2.03 after 3 min), the
+GRU 1.9882; more in docs/mlp.md. Simplifications: no direct embedding->output connections
+(Bengio's W x term); no batch norm (a careful init instead, makemore part 3); resuming a
+`--max-time` run is not bit-exact (its LR follows the clock).
 """
 import argparse
 import base64
@@ -114,46 +100,7 @@ class Config:
     plot: bool = False  # write embeddings.png (PCA) and loss.png to --out-dir (matplotlib)
 
 
-# The GRU reads its context step by step, so a longer context costs time rather than
-# parameters: 16 tokens hold the longest name (15 letters) and its end. These replace the
-# MLP defaults for every field not given on the command line.
-GRU_DEFAULTS = dict(block_size=16, n_hidden=128, dropout=0.1, batch_size=32, max_iters=6000,
-                    out_dir="out/mlp-gru")
-# On CUDA a step costs little more with a bigger batch and hidden layer (not measured yet).
-GPU_PRESET = dict(batch_size=1024, n_hidden=1024, max_iters=30000, eval_interval=5000)
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
-# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
-RULES = {
-    "block_size": (lambda v: v >= 1, "an integer >= 1"),
-    "n_embd": (lambda v: v >= 1, "an integer >= 1"),
-    "n_hidden": (lambda v: v >= 1, "an integer >= 1"),
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "final_eval_max": (lambda v: v >= 1, "an integer >= 1"),
-    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "learning_rate": (lambda v: v > 0, "a number > 0"),
-    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
-               "a number in [0, --learning-rate {c.learning_rate}]"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
-    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
-    "plot": (lambda v: not v or importlib.util.find_spec("matplotlib") is not None,
-             "--no-plot: it needs matplotlib (pip install matplotlib)"),
-}
-CHOICES = {"model": ("mlp", "gru"), "format": ("auto", "lines", "text")}
-
-
+GPU_PRESET = dict(batch_size=1024, n_hidden=1024, max_iters=30000, eval_interval=5000)  # CUDA
 # -------------------------------------------------------------------------------
 # Model
 # -------------------------------------------------------------------------------
@@ -212,59 +159,6 @@ class MLP(LanguageModel):
         return self.readout(h, targets)
 
 
-class GRU(LanguageModel):
-    """A gated recurrent unit (Cho et al. 2014, arXiv:1406.1078, Eqs. 5-8) run over the context.
-
-    Per step, with x the token's embedding and h the previous state:
-        z  = sigmoid(W_z x + U_z h + b_z)            update gate
-        r  = sigmoid(W_r x + U_r h + b_r)            reset gate
-        h~ = tanh(W x + b + r * (U h + b_u))         candidate state
-        h' = (1 - z) * h + z * h~
-    Two conventions, said out loud: z weights the *new* candidate, as in Chung et al. 2014
-    (arXiv:1412.3555); Cho's paper and PyTorch write h' = z * h + (1 - z) * h~ (their z is our
-    1 - z). And the reset gate scales U h after the matmul (PyTorch/cuDNN) rather than h
-    before it (Cho's Eq. 8): then one (B, H) @ (H, 3H) matmul per step serves all three gates.
-
-    The states of all T steps are computed anyway, so training reads out every one of them
-    (`every_target`, a char-RNN's loss) instead of only the last like the MLP: T targets for
-    the price of one window.
-    """
-
-    every_target = True
-
-    def __init__(self, config):
-        super().__init__(config)
-        H = config.n_hidden
-        self.w_x = nn.Linear(config.n_embd, 3 * H)  # [W_z; W_r; W] and their biases
-        self.w_h = nn.Linear(H, 3 * H)  # [U_z; U_r; U] and their biases
-        self.init_weights()
-        # uniform(+-1/sqrt(fan_in)) on both sides, PyTorch's nn.GRU default
-        for lin in (self.w_x, self.w_h):
-            nn.init.uniform_(lin.weight, -lin.in_features ** -0.5, lin.in_features ** -0.5)
-            nn.init.zeros_(lin.bias)
-
-    def cell(self, gx, h):
-        """One step: gx = W x + b for all gates (B, 3H), h (B, H) -> the next state (B, H)."""
-        gz, gr, gn = gx.chunk(3, dim=-1)
-        hz, hr, hn = self.w_h(h).chunk(3, dim=-1)  # (B, H) @ (H, 3H) -> 3 x (B, H)
-        z = torch.sigmoid(gz + hz)
-        r = torch.sigmoid(gr + hr)
-        candidate = torch.tanh(gn + r * hn)
-        return h + z * (candidate - h)  # = (1 - z) * h + z * candidate
-
-    def forward(self, idx, targets=None):
-        B, T = idx.shape
-        gx = self.w_x(self.wte(idx))  # (B, T, C) @ (C, 3H) -> (B, T, 3H): inputs of all steps
-        h = gx.new_zeros(B, self.config.n_hidden)  # h_0 = 0
-        states = []
-        for t in range(T):  # the recurrence: step t needs h from step t-1
-            h = self.cell(gx[:, t], h)
-            states.append(h)
-        if targets is not None and targets.dim() == 2:  # a target after every prefix
-            return self.readout(torch.stack(states, dim=1), targets)  # (B, T, H)
-        return self.readout(h, targets)
-
-
 def build_model(config):
     return {"mlp": MLP, "gru": GRU}[config.model](config)
 
@@ -272,143 +166,8 @@ def build_model(config):
 # -------------------------------------------------------------------------------
 # Data
 # -------------------------------------------------------------------------------
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
-DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
-    "shakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-    "names": (
-        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
-        "names.txt",
-        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-    ),
-}
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 SPLIT_SEED = 42  # the train/val/test split ignores --seed, so every seed is scored alike
-
-
-def load_bpe(path):
-    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
-
-    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
-    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
-    "vocab_size": int}); `path` may name either file or the bare prefix.
-    """
-    import base64
-    import tiktoken
-
-    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
-    try:
-        meta = json.loads(Path(prefix + ".json").read_text())
-        lines = Path(prefix + ".tiktoken").read_text().splitlines()
-        ranks = {base64.b64decode(tok): int(rank)
-                 for tok, rank in (ln.split() for ln in lines if ln)}
-    except (OSError, ValueError) as e:
-        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
-    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
-    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
-                             mergeable_ranks=ranks, special_tokens=meta["special"])
-
-
-class Tokenizer:
-    """Characters or a bpe.py tokenizer, built from the plain data the checkpoint keeps.
-
-    `boundary` is the token that marks where a line (a name) starts and ends: the newline,
-    id 0, for characters; the first special token (e.g. <|endoftext|>) for BPE.
-    """
-
-    def __init__(self, state):
-        self.state = state  # {"kind": "char", "chars"} or {"kind": "tiktoken", ...}
-        if state["kind"] == "char":
-            self.itos = state["chars"]
-            self.stoi = {c: i for i, c in enumerate(self.itos)}
-            self.vocab_size, self.boundary = len(self.itos), 0
-        else:
-            ranks = {base64.b64decode(t): rank for rank, t in enumerate(state["ranks_b64"])}
-            self.enc = tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
-                                         mergeable_ranks=ranks, special_tokens=state["special"])
-            if not state["special"]:
-                die("--tokenizer: this tokenizer has no special token (e.g. <|endoftext|>), "
-                    "which mlp.py needs to mark line boundaries and to start samples")
-            self.vocab_size, self.boundary = self.enc.n_vocab, next(iter(state["special"].values()))
-
-    @classmethod
-    def from_chars(cls, text):
-        # the newline goes first so that it is id 0 whatever else the text holds
-        return cls({"kind": "char", "chars": "\n" + "".join(sorted(set(text) - {"\n"}))})
-
-    @classmethod
-    def from_bpe(cls, enc):
-        # tiktoken keeps the ranks in _mergeable_ranks (its README reads it the same way)
-        ranked = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
-        return cls({"kind": "tiktoken", "name": enc.name, "pat_str": enc._pat_str,
-                    "ranks_b64": [base64.b64encode(b).decode() for b, _ in ranked],
-                    "special": dict(enc._special_tokens)})
-
-    def encode(self, text):
-        if self.state["kind"] != "char":
-            return self.enc.encode_ordinary(text)
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            die(f"characters {unknown} are not in the vocabulary of this run; leave them out")
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids):
-        if self.state["kind"] != "char":
-            return self.enc.decode(ids)
-        return "".join(self.itos[i] for i in ids)
-
-
-def guess_format(text):
-    """lines when nearly every line is one short word (a list of names), else text."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    words = sum(len(ln.split()) == 1 and len(ln) <= 32 for ln in lines)
-    return "lines" if lines and words >= 0.9 * len(lines) else "text"
-
-
-class Split(NamedTuple):
-    """One of train/val/test: a token stream and the positions it is scored on."""
-
-    tokens: torch.Tensor  # (N,) the stream
-    targets: torch.Tensor  # positions p with tokens[p] predicted from tokens[p-block_size:p]
-    ends: torch.Tensor  # where the windows end that score every position (lines: item ends)
-    is_target: torch.Tensor  # (N,) bool, True at `targets`
-
-    def pool(self, every_target):
-        return self.ends if every_target else self.targets
-
-
-def make_split(tokens, targets, ends):
-    # dtype long: an empty list (a split of too little data) would become a float tensor
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
-    targets = torch.as_tensor(targets, dtype=torch.long)
-    is_target = torch.zeros(len(tokens), dtype=torch.bool)
-    is_target[targets] = True
-    return Split(tokens, targets, torch.as_tensor(ends, dtype=torch.long), is_target)
-
-
-def lines_split(items, block_size, boundary):
-    """Items (lists of ids) -> a Split with every context inside one item.
-
-    Each item is laid down after `block_size` boundary tokens, so its first context is all
-    boundary (makemore pads with '.'); its targets are its own tokens plus the boundary that
-    follows it (the next item's padding), which teaches the model to stop.
-    For a model that scores every position, one window per item: it starts at the boundary
-    just before the item, so it sees each target once (items up to block_size - 1 tokens)
-    and nothing of what follows. (A window that *ended* at the item's end would give the
-    item's length away in its count of leading boundary tokens.)
-    """
-    tokens, targets, ends = [], [], []
-    for ids in items:
-        tokens += [boundary] * block_size
-        start = len(tokens)
-        targets += range(start, start + len(ids) + 1)
-        ends.append(start - 1 + block_size)  # the window is tokens[start - 1:end]
-        tokens += ids
-    tokens += [boundary] * block_size  # the last item's closing boundary and window
-    return make_split(tokens, targets, ends)
 
 
 def load_data(cfg, tok):
@@ -503,22 +262,6 @@ def estimate_losses(model, splits, cfg, device, ctx):
     return losses
 
 
-def final_losses(model, splits, cfg, device, ctx):
-    """Val/test loss over every window, or over `final_eval_max` evenly spaced ones.
-
-    Lines: every target of the split, once (for the GRU: of items up to block_size - 1
-    tokens). Text, GRU: the windows overlap and each position counts with every context
-    length from 1 to block_size, a little pessimistic next to the MLP's full contexts.
-    """
-    losses = {}
-    for name in ("val", "test"):
-        pool = splits[name].pool(model.every_target)
-        if len(pool) > cfg.final_eval_max:
-            pool = pool[torch.linspace(0, len(pool) - 1, cfg.final_eval_max).long()]
-        losses[name] = evaluate(model, splits[name], pool, cfg, device, ctx)
-    return losses
-
-
 def train(cfg, out_dir, device, dtype, use_compile):
     """Train (or resume), evaluate on val/test, sample; returns the final metrics."""
     device_type = device.split(":")[0]
@@ -526,9 +269,6 @@ def train(cfg, out_dir, device, dtype, use_compile):
     torch.manual_seed(cfg.seed)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
     ckpt = load_checkpoint(ckpt_path, ["mlp.py"], RESUME_KEYS) if cfg.resume else None
-    if ckpt is not None and cfg.max_iters < ckpt["iter"]:
-        die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {ckpt['iter']}; pass "
-            f"--max-iters {ckpt['iter']} or more to continue it")
     tok = Tokenizer.from_bpe(load_bpe(cfg.tokenizer)) if cfg.tokenizer else None
     fmt, tok, splits = load_data(cfg, tok)
     cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
@@ -537,62 +277,33 @@ def train(cfg, out_dir, device, dtype, use_compile):
     print(f"data={cfg.data} format={fmt} vocab={tok.vocab_size} "
           + " ".join(f"{k}={len(split.targets):,}" for k, split in splits.items()) + " targets")
     model = build_model(mc).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model={mc.model} parameters={n_params:,}")
+    print(f"model={mc.model} parameters={sum(p.numel() for p in model.parameters()):,}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     data_gen = torch.Generator().manual_seed(cfg.seed)  # the only source of training batches
-    start_iter, best_val, elapsed_before = 0, float("inf"), 0.0
-    if ckpt is not None:
-        if ckpt["model_args"] != dataclasses.asdict(mc) or ckpt["tokenizer"] != tok.state:
-            die(f"{ckpt_path} was trained with another model or data ({ckpt['model_args']}); "
-                "resume with the flags of that run")
-        load_weights(model, ckpt["model"], ckpt_path)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
-            elapsed_before = ckpt["elapsed_s"]
-            # the RNG states go last: building the model above drew from the global generator
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            data_gen.set_state(ckpt["rng"]["data"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            die(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {str(e)[:200]})")
-        print(f"resumed from {ckpt_path} at iter {start_iter}")
+    start_iter, best_val, t_origin = restore(ckpt, ckpt_path, model, optimizer, data_gen, mc, tok,
+                                             cfg.max_iters)
     # the first write to --out-dir, every check passed: a fresh log, or the resumed run's so far
     open_log(out_dir, start_iter if ckpt is not None else None)
     model_ = torch.compile(model) if use_compile else model  # `model` stays raw for saving
-
-    def elapsed():
-        return elapsed_before + time.time() - t_start
-
-    t_start = time.time()
     data_state = data_gen.get_state()  # the state that draws the batch now in hand
     x, y = get_batch(splits["train"], cfg.block_size, cfg.batch_size, model.every_target,
                      data_gen, device)
     t_log, iters_timed, targets_timed, step = time.time(), 0, 0, start_iter
     for step in range(start_iter, cfg.max_iters + 1):
-        out_of_time = cfg.max_time > 0 and elapsed() >= cfg.max_time
-        last_step = step == cfg.max_iters or out_of_time
+        elapsed = time.time() - t_origin  # wall seconds of the whole run, across resumes
+        last_step = step == cfg.max_iters or (cfg.max_time > 0 and elapsed >= cfg.max_time)
         # a resumed run has just loaded the checkpoint of start_iter: no second eval there
         resumed_here = ckpt is not None and step == start_iter
         if (step % cfg.eval_interval == 0 and not resumed_here) or last_step:
             losses = estimate_losses(model_, splits, cfg, device, ctx)
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             append_jsonl(log_path, {"iter": step, "train_loss": losses["train"],
-                                    "val_loss": losses["val"], "elapsed_s": elapsed()})
+                                    "val_loss": losses["val"], "elapsed_s": elapsed})
             best_val = min(best_val, losses["val"])
-            save_checkpoint({
-                "script": "mlp.py", "version": 1, "config": dataclasses.asdict(cfg),
-                "model_args": dataclasses.asdict(mc), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
-                        "data": data_state},
-                "tokenizer": tok.state, "elapsed_s": elapsed(),
-            }, ckpt_path)
+            save_run(ckpt_path, cfg, mc, model, optimizer, step, best_val, data_state, tok,
+                     time.time() - t_origin)
             t_log, iters_timed, targets_timed = time.time(), 0, 0  # evals are not timed
         if last_step:
             break
@@ -601,7 +312,7 @@ def train(cfg, out_dir, device, dtype, use_compile):
         # always counts steps: it is there for the first updates, however slow they are.
         progress = step
         if cfg.max_time > 0 and step >= cfg.warmup_iters:
-            progress = max(step, int(cfg.max_iters * elapsed() / cfg.max_time))
+            progress = max(step, int(cfg.max_iters * (time.time() - t_origin) / cfg.max_time))
         lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -625,62 +336,14 @@ def train(cfg, out_dir, device, dtype, use_compile):
         optimizer.zero_grad(set_to_none=True)
         iters_timed += 1
         if step % cfg.log_interval == 0:
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            ms = (time.time() - t_log) * 1000 / iters_timed
-            tokens_per_s = float(targets_timed) / (time.time() - t_log)  # targets predicted
+            log_step(log_path, cfg, step, lossf, lr, t_log, iters_timed, targets_timed, t_origin)
             t_log, iters_timed, targets_timed = time.time(), 0, 0
-            eta = (cfg.max_iters - step) * ms / 1000
-            if cfg.max_time > 0:
-                eta = min(eta, cfg.max_time - elapsed())
-            print(f"iter {step}/{cfg.max_iters} | loss {lossf:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
-                  f"{tokens_per_s / 1000:.1f}k tok/s | eta {format_eta(eta)}")
-            append_jsonl(log_path, {"iter": step, "loss": lossf, "lr": lr, "ms_per_iter": ms,
-                                    "tokens_per_s": tokens_per_s, "elapsed_s": elapsed()})
-    train_s = elapsed()
-
-    final = final_losses(model, splits, cfg, device, ctx)
-    print(f"final: val loss {final['val']:.4f} | test loss {final['test']:.4f} | "
-          f"{step} iters in {format_eta(train_s)}")
-    samples = make_samples(model, tok, fmt, cfg, device)
-    print(join_samples(samples, fmt), end="")
-    (out_dir / "samples.txt").write_text(join_samples(samples, fmt))
-    if cfg.plot:
-        plot_run(model, tok, log_path, out_dir)
-    done = {"event": "done", "model": mc.model, "test_loss": final["test"],
-            "val_loss": final["val"], "best_val_loss": best_val, "iters": step,
-            "train_s": train_s, "elapsed_s": elapsed(),
-            "parameters": n_params}
-    append_jsonl(log_path, done)
-    return done
+    return finish(model, tok, fmt, splits, cfg, step, best_val, t_origin, out_dir, device, ctx)
 
 
 # -------------------------------------------------------------------------------
 # Generation & evaluation
 # -------------------------------------------------------------------------------
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from (B, V) logits -> (B, 1) ids.
-
-    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
-    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
-    whose probabilities sum to at least p. Both may be combined (top-k first).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Extend every row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
@@ -694,53 +357,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     return idx
 
 
-def make_samples(model, tok, fmt, cfg, device):
-    """`cfg.num_samples` texts: names cut at their closing boundary, or text continuations."""
-    prompt = tok.encode(cfg.prompt)
-    # every sample starts the way a line starts in training: after block_size boundary
-    # tokens for the MLP, after one for the GRU (whose windows begin at the line's start)
-    pad = 1 if model.every_target else model.config.block_size
-    start = torch.tensor([[tok.boundary] * pad + prompt] * cfg.num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model.eval()
-    out = generate(model, start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                   generator)
-    samples = []
-    for row in out[:, pad:].tolist():
-        if fmt == "lines" and tok.boundary in row[len(prompt):]:  # per-row stop
-            row = row[:row.index(tok.boundary, len(prompt))]
-        samples.append(tok.decode(row))
-    return samples
-
-
-def join_samples(samples, fmt):
-    """One name a line; text samples, which hold newlines of their own, between rules."""
-    return "".join(s + ("\n" if fmt == "lines" else "\n" + "-" * 40 + "\n") for s in samples)
-
-
 # -------------------------------------------------------------------------------
 # Main
 # -------------------------------------------------------------------------------
-# what --resume needs from the checkpoint (load_checkpoint names the first one missing)
-RESUME_KEYS = ("config", "model_args", "optimizer", "iter", "best_val_loss", "rng", "tokenizer",
-               "elapsed_s")
-
-
-def sample_only(cfg, out_dir, device):
-    """--sample-only: rebuild tokenizer and model from the checkpoint and print samples."""
-    path = out_dir / "ckpt.pt"
-    ckpt = load_checkpoint(path, ["mlp.py"], ("config", "model_args", "tokenizer"))
-    try:
-        tok, mc = Tokenizer(ckpt["tokenizer"]), ModelConfig(**ckpt["model_args"])
-    except (KeyError, TypeError) as e:  # another version's tokenizer or model_args
-        die(f"{path} does not fit this mlp.py ({type(e).__name__}: {e})")
-    model = build_model(mc).to(device)
-    load_weights(model, ckpt["model"], path)
-    samples = make_samples(model, tok, ckpt["config"]["format"], cfg, device)
-    print(join_samples(samples, ckpt["config"]["format"]), end="")
-    return {"samples": samples}
-
-
 def main(argv=None):
     cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
     if cfg.model == "gru":
@@ -765,8 +384,389 @@ def main(argv=None):
 
 
 # -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# ---- Appendix: extra — the GRU, a recurrent context (makemore's RNN) ----------
+# The GRU reads its context step by step, so a longer context costs time, not parameters: 16
+# tokens hold the longest name (15 letters) and its end. They replace the MLP's defaults.
+GRU_DEFAULTS = dict(block_size=16, n_hidden=128, dropout=0.1, batch_size=32, max_iters=6000,
+                    out_dir="out/mlp-gru")
+
+
+class GRU(LanguageModel):
+    """A gated recurrent unit (Cho et al. 2014, arXiv:1406.1078, Eqs. 5-8) run over the context.
+
+    Per step, with x the token's embedding and h the previous state:
+        z  = sigmoid(W_z x + U_z h + b_z)            update gate
+        r  = sigmoid(W_r x + U_r h + b_r)            reset gate
+        h~ = tanh(W x + b + r * (U h + b_u))         candidate state
+        h' = (1 - z) * h + z * h~
+    Two conventions, said out loud: z weights the *new* candidate, as in Chung et al. 2014
+    (arXiv:1412.3555); Cho's paper and PyTorch write h' = z * h + (1 - z) * h~ (their z is our
+    1 - z). And the reset gate scales U h after the matmul (PyTorch/cuDNN) rather than h
+    before it (Cho's Eq. 8): then one (B, H) @ (H, 3H) matmul per step serves all three gates.
+
+    The states of all T steps are computed anyway, so training reads out every one of them
+    (`every_target`, a char-RNN's loss) instead of only the last like the MLP: T targets for
+    the price of one window.
+    """
+
+    every_target = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        H = config.n_hidden
+        self.w_x = nn.Linear(config.n_embd, 3 * H)  # [W_z; W_r; W] and their biases
+        self.w_h = nn.Linear(H, 3 * H)  # [U_z; U_r; U] and their biases
+        self.init_weights()
+        # uniform(+-1/sqrt(fan_in)) on both sides, PyTorch's nn.GRU default
+        for lin in (self.w_x, self.w_h):
+            nn.init.uniform_(lin.weight, -lin.in_features ** -0.5, lin.in_features ** -0.5)
+            nn.init.zeros_(lin.bias)
+
+    def cell(self, gx, h):
+        """One step: gx = W x + b for all gates (B, 3H), h (B, H) -> the next state (B, H)."""
+        gz, gr, gn = gx.chunk(3, dim=-1)
+        hz, hr, hn = self.w_h(h).chunk(3, dim=-1)  # (B, H) @ (H, 3H) -> 3 x (B, H)
+        z = torch.sigmoid(gz + hz)
+        r = torch.sigmoid(gr + hr)
+        candidate = torch.tanh(gn + r * hn)
+        return h + z * (candidate - h)  # = (1 - z) * h + z * candidate
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        gx = self.w_x(self.wte(idx))  # (B, T, C) @ (C, 3H) -> (B, T, 3H): inputs of all steps
+        h = gx.new_zeros(B, self.config.n_hidden)  # h_0 = 0
+        states = []
+        for t in range(T):  # the recurrence: step t needs h from step t-1
+            h = self.cell(gx[:, t], h)
+            states.append(h)
+        if targets is not None and targets.dim() == 2:  # a target after every prefix
+            return self.readout(torch.stack(states, dim=1), targets)  # (B, T, H)
+        return self.readout(h, targets)
+
+
+# ---- Appendix: from gpt.py — sampling, unchanged ------------------------------
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, V) logits -> (B, 1) ids.
+
+    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
+    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
+    whose probabilities sum to at least p. Both may be combined (top-k first).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# ---- Appendix: data formats and tokenizers (characters or a bpe.py file) ----
+class Split(NamedTuple):
+    """One of train/val/test: a token stream and the positions it is scored on."""
+
+    tokens: torch.Tensor  # (N,) the stream
+    targets: torch.Tensor  # positions p with tokens[p] predicted from tokens[p-block_size:p]
+    ends: torch.Tensor  # where the windows end that score every position (lines: item ends)
+    is_target: torch.Tensor  # (N,) bool, True at `targets`
+
+    def pool(self, every_target):
+        return self.ends if every_target else self.targets
+
+
+def make_split(tokens, targets, ends):
+    # dtype long: an empty list (a split of too little data) would become a float tensor
+    tokens, targets = (torch.as_tensor(t, dtype=torch.long) for t in (tokens, targets))
+    is_target = torch.zeros(len(tokens), dtype=torch.bool)
+    is_target[targets] = True
+    return Split(tokens, targets, torch.as_tensor(ends, dtype=torch.long), is_target)
+
+
+def lines_split(items, block_size, boundary):
+    """Items (lists of ids) -> a Split with every context inside one item. Each item is laid
+    down after `block_size` boundary tokens, so its first context is all boundary (makemore pads
+    with '.'); its targets are its own tokens plus the boundary that follows it (the next item's
+    padding), which teaches the model to stop. For a model that scores every position, one
+    window per item: it starts at the boundary just before the item, so it sees each target
+    once (items up to block_size - 1 tokens) and nothing of what follows. (A window that
+    *ended* at the item's end would give the length away in its count of leading boundaries.)
+    """
+    tokens, targets, ends = [], [], []
+    for ids in items:
+        tokens += [boundary] * block_size
+        start = len(tokens)
+        targets += range(start, start + len(ids) + 1)
+        ends.append(start - 1 + block_size)  # the window is tokens[start - 1:end]
+        tokens += ids
+    tokens += [boundary] * block_size  # the last item's closing boundary and window
+    return make_split(tokens, targets, ends)
+
+
+def guess_format(text):
+    """lines when nearly every line is one short word (a list of names), else text."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    words = sum(len(ln.split()) == 1 and len(ln) <= 32 for ln in lines)
+    return "lines" if lines and words >= 0.9 * len(lines) else "text"
+
+
+def load_bpe(path):
+    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
+
+    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
+    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
+    "vocab_size": int}); `path` may name either file or the bare prefix.
+    """
+    import base64
+    import tiktoken
+
+    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
+    try:
+        meta = json.loads(Path(prefix + ".json").read_text())
+        lines = Path(prefix + ".tiktoken").read_text().splitlines()
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (ln.split() for ln in lines if ln)}
+    except (OSError, ValueError) as e:
+        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
+    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
+    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
+                             mergeable_ranks=ranks, special_tokens=meta["special"])
+
+
+class Tokenizer:
+    """Characters or a bpe.py tokenizer, built from the plain data the checkpoint keeps.
+    `boundary` marks where a line (a name) starts and ends: the newline, id 0, for characters;
+    the first special token (e.g. <|endoftext|>) for BPE."""
+
+    def __init__(self, state):
+        self.state = state  # {"kind": "char", "chars"} or {"kind": "tiktoken", ...}
+        if state["kind"] == "char":
+            self.itos = state["chars"]
+            self.stoi = {c: i for i, c in enumerate(self.itos)}
+            self.vocab_size, self.boundary = len(self.itos), 0
+        else:
+            ranks = {base64.b64decode(t): rank for rank, t in enumerate(state["ranks_b64"])}
+            self.enc = tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                                         mergeable_ranks=ranks, special_tokens=state["special"])
+            if not state["special"]:
+                die("--tokenizer: this tokenizer has no special token (e.g. <|endoftext|>), "
+                    "which mlp.py needs to mark line boundaries and to start samples")
+            self.vocab_size, self.boundary = self.enc.n_vocab, next(iter(state["special"].values()))
+
+    @classmethod
+    def from_chars(cls, text):
+        # the newline goes first so that it is id 0 whatever else the text holds
+        return cls({"kind": "char", "chars": "\n" + "".join(sorted(set(text) - {"\n"}))})
+
+    @classmethod
+    def from_bpe(cls, enc):
+        # tiktoken keeps the ranks in _mergeable_ranks (its README reads it the same way)
+        ranked = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
+        return cls({"kind": "tiktoken", "name": enc.name, "pat_str": enc._pat_str,
+                    "ranks_b64": [base64.b64encode(b).decode() for b, _ in ranked],
+                    "special": dict(enc._special_tokens)})
+
+    def encode(self, text):
+        if self.state["kind"] != "char":
+            return self.enc.encode_ordinary(text)
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            die(f"characters {unknown} are not in the vocabulary of this run; leave them out")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        if self.state["kind"] != "char":
+            return self.enc.decode(ids)
+        return "".join(self.itos[i] for i in ids)
+
+
+# ---- Appendix: bookkeeping — resume, checkpoint, log record, final report -----
+RESUME_KEYS = ("config", "model_args", "optimizer", "iter", "best_val_loss", "rng", "tokenizer",
+               "elapsed_s")
+
+
+def restore(ckpt, ckpt_path, model, optimizer, data_gen, mc, tok, max_iters):
+    """A resumed run -> (start_iter, best_val_loss, t_origin: the clock's zero, moved back)."""
+    if ckpt is None:
+        return 0, float("inf"), time.time()
+    if max_iters < ckpt["iter"]:
+        die(f"--max-iters {max_iters}: the checkpoint is at iter {ckpt['iter']}; pass "
+            f"--max-iters {ckpt['iter']} or more to continue it")
+    if ckpt["model_args"] != dataclasses.asdict(mc) or ckpt["tokenizer"] != tok.state:
+        die(f"{ckpt_path} was trained with another model or data ({ckpt['model_args']}); "
+            "resume with the flags of that run")
+    load_weights(model, ckpt["model"], ckpt_path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, best_val, elapsed_before = (ckpt[k] for k in ("iter", "best_val_loss",
+                                                                  "elapsed_s"))
+        # the RNG states go last: building the model above drew from the global generator
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        data_gen.set_state(ckpt["rng"]["data"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        die(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {str(e)[:200]})")
+    print(f"resumed from {ckpt_path} at iter {start_iter}")
+    return start_iter, best_val, time.time() - elapsed_before
+
+
+def save_run(path, cfg, mc, model, optimizer, step, best_val, data_state, tok, elapsed):
+    """Everything --resume needs; `data_state` draws the batch in hand, so none is skipped."""
+    save_checkpoint({
+        "script": "mlp.py", "version": 1, "config": dataclasses.asdict(cfg),
+        "model_args": dataclasses.asdict(mc), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if model.lm_head.weight.is_cuda else [],
+                "data": data_state},
+        "tokenizer": tok.state, "elapsed_s": elapsed,
+    }, path)
+
+
+def log_step(log_path, cfg, step, lossf, lr, t_log, iters_timed, targets_timed, t_origin):
+    """One training record, printed and in log.jsonl: the steps since t_log, timed."""
+    if targets_timed.is_cuda:  # a tensor on the device: wait for it before reading the clock
+        torch.cuda.synchronize()
+    ms = (time.time() - t_log) * 1000 / iters_timed
+    tokens_per_s = float(targets_timed) / (time.time() - t_log)  # targets predicted
+    eta = (cfg.max_iters - step) * ms / 1000  # with --max-time: whichever ends first
+    eta = min(eta, cfg.max_time - (time.time() - t_origin)) if cfg.max_time > 0 else eta
+    print(f"iter {step}/{cfg.max_iters} | loss {lossf:.4f} | lr {lr:.1e} | {ms:.1f} ms | "
+          f"{tokens_per_s / 1000:.1f}k tok/s | eta {format_eta(eta)}")
+    append_jsonl(log_path, {"iter": step, "loss": lossf, "lr": lr, "ms_per_iter": ms,
+                            "tokens_per_s": tokens_per_s, "elapsed_s": time.time() - t_origin})
+
+
+def final_losses(model, splits, cfg, device, ctx):
+    """Val/test loss over every window, or over `final_eval_max` evenly spaced ones. Lines:
+    every target once (GRU: of items up to block_size - 1 tokens). Text, GRU: the windows
+    overlap, each position counts with every context length from 1 to block_size."""
+    losses = {}
+    for name in ("val", "test"):
+        pool = splits[name].pool(model.every_target)
+        if len(pool) > cfg.final_eval_max:
+            pool = pool[torch.linspace(0, len(pool) - 1, cfg.final_eval_max).long()]
+        losses[name] = evaluate(model, splits[name], pool, cfg, device, ctx)
+    return losses
+
+
+def finish(model, tok, fmt, splits, cfg, step, best_val, t_origin, out_dir, device, ctx):
+    """Val/test loss over the whole splits, samples (printed, samples.txt), figures, done record."""
+    train_s = time.time() - t_origin
+    final = final_losses(model, splits, cfg, device, ctx)
+    print(f"final: val loss {final['val']:.4f} | test loss {final['test']:.4f} | "
+          f"{step} iters in {format_eta(train_s)}")
+    samples = make_samples(model, tok, fmt, cfg, device)
+    print(join_samples(samples, fmt), end="")
+    (out_dir / "samples.txt").write_text(join_samples(samples, fmt))
+    if cfg.plot:
+        plot_run(model, tok, out_dir / "log.jsonl", out_dir)
+    done = {"event": "done", "model": model.config.model, "test_loss": final["test"],
+            "val_loss": final["val"], "best_val_loss": best_val, "iters": step,
+            "train_s": train_s, "elapsed_s": time.time() - t_origin,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    append_jsonl(out_dir / "log.jsonl", done)
+    return done
+
+
+def make_samples(model, tok, fmt, cfg, device):
+    """`cfg.num_samples` texts: names cut at their closing boundary, or text continuations."""
+    prompt = tok.encode(cfg.prompt)
+    # start as lines start in training: after block_size boundaries (MLP) or one (GRU windows)
+    pad = 1 if model.every_target else model.config.block_size
+    start = torch.tensor([[tok.boundary] * pad + prompt] * cfg.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.eval()
+    out = generate(model, start, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                   generator)
+    samples = []
+    for row in out[:, pad:].tolist():
+        if fmt == "lines" and tok.boundary in row[len(prompt):]:  # per-row stop
+            row = row[:row.index(tok.boundary, len(prompt))]
+        samples.append(tok.decode(row))
+    return samples
+
+
+def join_samples(samples, fmt):
+    """One name a line; text samples, which hold newlines of their own, between rules."""
+    return "".join(s + ("\n" if fmt == "lines" else "\n" + "-" * 40 + "\n") for s in samples)
+
+
+def sample_only(cfg, out_dir, device):
+    """--sample-only: rebuild tokenizer and model from the checkpoint and print samples."""
+    path = out_dir / "ckpt.pt"
+    ckpt = load_checkpoint(path, ["mlp.py"], ("config", "model_args", "tokenizer"))
+    try:
+        tok, mc = Tokenizer(ckpt["tokenizer"]), ModelConfig(**ckpt["model_args"])
+    except (KeyError, TypeError) as e:  # another version's tokenizer or model_args
+        die(f"{path} does not fit this mlp.py ({type(e).__name__}: {e})")
+    model = build_model(mc).to(device)
+    load_weights(model, ckpt["model"], path)
+    samples = make_samples(model, tok, ckpt["config"]["format"], cfg, device)
+    print(join_samples(samples, ckpt["config"]["format"]), end="")
+    return {"samples": samples}
+
+
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
+# what each flag may be (docs/design.md section 6): a predicate and the text the error shows;
+# `lambda v, c:` rules also see the other flags. Free text and --device/--dtype aside.
+RULES = {
+    "block_size": (lambda v: v >= 1, "an integer >= 1"),
+    "n_embd": (lambda v: v >= 1, "an integer >= 1"),
+    "n_hidden": (lambda v: v >= 1, "an integer >= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
+    "final_eval_max": (lambda v: v >= 1, "an integer >= 1"),
+    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+    "plot": (lambda v: not v or importlib.util.find_spec("matplotlib") is not None,
+             "--no-plot: it needs matplotlib (pip install matplotlib)"),
+}
+CHOICES = {"model": ("mlp", "gru"), "format": ("auto", "lines", "text")}
+
+
+# -------------------------------------------------------------------------------
 # Plumbing (the same in every script; tests/test_copies.py keeps the copies identical)
 # -------------------------------------------------------------------------------
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads land here (gitignored)
+DATASETS = {  # name -> (canonical URL, file name in data/, SHA-256)
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    "names": (
+        "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
+        "names.txt",
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
+    ),
+}
+
+
 def die(msg):
     """A mistake of the user's: one line on stderr, exit 2, no traceback (docs/design.md 6)."""
     print(f"error: {msg}", file=sys.stderr)
