@@ -1,12 +1,10 @@
 """GPT: a decoder-only transformer language model, trained from scratch or from OpenAI's GPT-2.
 
 Tokens are embedded, given a position (learned or sinusoidal), and pass through n_layer pre-LN
-blocks of causal multi-head self-attention and a 4x MLP; a final LayerNorm and a linear head
-tied to the token embedding predict the next token (Radford et al. 2018/2019, "Language Models
-are Unsupervised Multitask Learners"; Vaswani et al. 2017, arXiv:1706.03762). One file holds
-what nanoGPT splits over model.py, train.py and sample.py: data + cached tokenization, the
-model, AdamW with warmup + cosine decay, gradient accumulation, mixed precision, DDP,
-checkpoint/resume, sampling, and loading OpenAI's GPT-2 weights from a safetensors file.
+blocks of causal multi-head self-attention and a 4x MLP; a final LayerNorm and a linear head tied
+to the token embedding predict the next token (Radford et al. 2018/2019, "Language Models are
+Unsupervised Multitask Learners"; Vaswani et al. 2017, arXiv:1706.03762). One file holds what
+nanoGPT splits over model.py, train.py and sample.py, and loads OpenAI's GPT-2 weights.
 
 Run:
   python gpt.py                                  # CPU: nanoGPT's README recipe, char-level
@@ -18,14 +16,7 @@ Run:
   python gpt.py --init-from gpt2 --block-size 256 --max-iters 20 --learning-rate 3e-5 --min-lr 3e-6
   python gpt.py --resume --max-iters 4000        # continue a run with its saved settings
 
-Result (CPU default = nanoGPT's README recipe: 4 layers, 4 heads, 128 dims, block 64, batch 12,
-2000 iters, 0.80M parameters): val loss 1.903 at iter 2000 (1.902 on the whole val split;
-7 seeds: 1.910 +- 0.014), reached after 134 s (2m14s, evals included; 143 s for the whole
-command with the final samples) on a quiet 2-core CPU. nanoGPT's train.py with the same
-recipe on the same machine: val 1.8857 (its one seed) in 2m16s. Model, init, optimizer and
-schedule follow nanoGPT's line for line: given nanoGPT's random numbers (every batch from
-the global RNG) this file prints 1.8857 too. It draws batches from its own generator
-instead, so that resume and DDP are exact, and evaluates on fixed batches (README, gpt.py).
+Result: CPU default, val loss 1.903 at iter 2000 in 2m14s (nanoGPT: 1.8857); see docs/gpt.md.
 
 Simplifications: one text file per run (no sharded corpora), the vocabulary is not padded to
 a multiple of 64, evaluation runs on rank 0 only, and the KV cache is left to llama.py.
@@ -117,42 +108,10 @@ class Config:
 # from scratch only; a resumed run keeps its saved config, --init-from runs size their own)
 GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
                   max_iters=5000, eval_iters=200, log_interval=10, compile=True)
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
-# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
-RULES = {
-    "init_from": (lambda v: v in ("scratch", *GPT2_SIZES) or Path(v, "config.json").is_file(),
-                  "scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder with "
-                  "config.json and model.safetensors"),
-    "n_layer": (lambda v: v >= 1, "an integer >= 1"),
-    "n_head": (lambda v: v >= 1, "an integer >= 1"),
-    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0,
-               "a positive multiple of --n-head {c.n_head}"),
-    "block_size": (lambda v: v >= 1, "an integer >= 1"),
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "learning_rate": (lambda v: v > 0, "a number > 0"),
-    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
-               "a number in [0, --learning-rate {c.learning_rate}]"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "lr_decay_iters": (lambda v: v >= 0, "an integer >= 0 (0 = --max-iters)"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_k": (lambda v: v >= 0, "an integer >= 1, or 0 (off)"),
-    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-}
-CHOICES = {"pos": ("learned", "sinusoidal"), "gelu": ("exact", "tanh")}
+
+# what --resume needs from the checkpoint (load_checkpoint names the first one missing)
+RESUME_KEYS = ("config", "model_args", "optimizer", "scaler", "iter", "best_val_loss", "rng",
+               "tokenizer")
 
 
 @dataclass
@@ -344,93 +303,23 @@ class GPT(nn.Module):
         return flops_per_token * T * fwdbwd_per_iter / dt / peak
 
 
-# OpenAI's released GPT-2 sizes (Radford et al. 2019, Table 2); all have 1024 positions and the
-# 50257-token BPE vocabulary, biases, learned positions and tanh-GELU
-GPT2_SIZES = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Extend each row of idx (B, T0) by max_new_tokens sampled tokens -> (B, T0 + new).
 
-
-def pretrained_config(init_from):
-    """`--init-from NAME|DIR` -> (ModelConfig, path of model.safetensors).
-
-    A NAME is downloaded once from Hugging Face into data/; a DIR is in Hugging Face's layout
-    (config.json with n_layer, n_head, n_embd, n_positions, vocab_size + model.safetensors).
+    Without a KV cache every step reruns the (cropped) context: O(T^2) work, plain to read.
     """
-    if init_from in GPT2_SIZES:
-        hf = dict(GPT2_SIZES[init_from], n_positions=1024, vocab_size=50257)
-        url = f"https://huggingface.co/openai-community/{init_from}/resolve/main/model.safetensors"
-        path = download(url, DATA_DIR / f"{init_from}.safetensors",
-                        way_out="--init-from DIR (a folder with config.json and model.safetensors)")
-    else:  # a folder (check_config made sure it has a config.json)
-        hf = json.loads((Path(init_from) / "config.json").read_text())
-        path = Path(init_from) / "model.safetensors"
-    try:
-        config = ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                             bias=True, pos="learned", gelu="tanh")
-    except KeyError as e:
-        die(f"--init-from {init_from}: config.json lacks {e}")
-    return config, path
-
-
-def load_gpt2_weights(model, tensors):
-    """Copy GPT-2 weights (Hugging Face names, with or without the `transformer.` prefix) into
-    `model`, whose names are the same. HF's GPT-2 keeps c_attn, c_proj and c_fc in Conv1D
-    layers with weight (in, out), the transpose of nn.Linear's (out, in)."""
-    ours = model.state_dict()
-    loaded = set()
-    for name, tensor in tensors.items():
-        key = "transformer." + name.removeprefix("transformer.")
-        # the causal-mask buffers and the output layer (tied to wte) carry no new weights
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue
-        if key not in ours:
-            die(f"unexpected tensor {name} in the GPT-2 weights")
-        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
-        if key == "transformer.wpe.weight":
-            # a shorter context keeps the first positions
-            tensor = tensor[: model.config.block_size]
-        if tensor.shape != ours[key].shape:
-            die(f"GPT-2 tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the model expects {tuple(ours[key].shape)}")
-        ours[key].copy_(tensor)
-        loaded.add(key)
-    missing = sorted(set(ours) - loaded - {"lm_head.weight"})
-    if missing:
-        die(f"the GPT-2 weights lack {len(missing)} tensors, e.g. {missing[0]}")
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.config.block_size:]  # (B, <= block_size)
+        logits, _ = model(context)  # (B, T, V)
+        next_id = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
 
 
 # -------------------------------------------------------------------------------
 # Data
 # -------------------------------------------------------------------------------
-def load_bpe(path):
-    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
-
-    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
-    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
-    "vocab_size": int}); `path` may name either file or the bare prefix.
-    """
-    import base64
-    import tiktoken
-
-    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
-    try:
-        meta = json.loads(Path(prefix + ".json").read_text())
-        lines = Path(prefix + ".tiktoken").read_text().splitlines()
-        ranks = {base64.b64decode(tok): int(rank)
-                 for tok, rank in (ln.split() for ln in lines if ln)}
-    except (OSError, ValueError) as e:
-        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
-    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
-    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
-                             mergeable_ranks=ranks, special_tokens=meta["special"])
-
-
 class CharTokenizer:
     """nanoGPT's shakespeare_char tokenizer: one id per distinct character, in sorted order.
 
@@ -454,15 +343,6 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
 
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 BPE (50257 tokens); its two files are fetched once into tiktoken's cache."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline with an empty cache: requests/urllib errors, not one class
-        die(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect once, or set "
-            f"TIKTOKEN_CACHE_DIR to a folder that holds its files")
-
-
 def load_tokenizer(name, text):
     """`--tokenizer char|gpt2|PATH`; the char vocabulary is the set of characters in `text`."""
     if name == "char":
@@ -470,26 +350,6 @@ def load_tokenizer(name, text):
     if name == "gpt2":
         return gpt2_tokenizer()
     return load_bpe(name)
-
-
-def tokenizer_state(tokenizer):
-    """The tokenizer as plain data for the checkpoint (docs/design.md section 4)."""
-    if isinstance(tokenizer, CharTokenizer):
-        return {"kind": "char", "chars": tokenizer.chars}
-    # tiktoken has no public accessor for its ranks and pattern; these attributes are stable
-    ranks = sorted(tokenizer._mergeable_ranks.items(), key=lambda item: item[1])
-    return {"kind": "tiktoken", "name": tokenizer.name, "pat_str": tokenizer._pat_str,
-            "ranks_b64": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
-            "special": dict(tokenizer._special_tokens)}
-
-
-def tokenizer_from_state(state):
-    """Inverse of `tokenizer_state`: no file or network needed to sample from a checkpoint."""
-    if state["kind"] == "char":
-        return CharTokenizer(state["chars"])
-    ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["ranks_b64"])}
-    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
-                             mergeable_ranks=ranks, special_tokens=state["special"])
 
 
 def load_tokens(path, text, tokenizer):
@@ -560,18 +420,8 @@ class TrainBatches:
 
 
 # -------------------------------------------------------------------------------
-# Training
+# Training and main
 # -------------------------------------------------------------------------------
-def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / (warmup_iters + 1)
-    if step >= lr_decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
 def make_optimizer(model, cfg, device_type):
     """AdamW (Loshchilov & Hutter 2019) with weight decay on the matrices (embeddings, Linear
     weights) only; biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
@@ -616,59 +466,23 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
     torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
-
-    # data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
-    path = resolve_data(cfg.data)
-    text = read_text(path)
-    if ckpt is not None:
-        tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    else:
-        tokenizer = (gpt2_tokenizer() if cfg.init_from != "scratch"
-                     else load_tokenizer(cfg.tokenizer, text))
-    data = load_tokens(path, text, tokenizer)
-    raw_model = build_model(cfg, given, ckpt, tokenizer.n_vocab).to(device)
-    block_size = raw_model.config.block_size
-    if len(data["val"]) <= block_size:
-        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
-            f"--block-size {block_size} + 1; use more text or a smaller --block-size")
-    if master:
-        print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
-              f"{tokenizer.n_vocab}; model: {raw_model.num_params() / 1e6:.2f}M parameters "
-              f"({dataclasses.asdict(raw_model.config)})")
-
+    tokenizer, data, raw_model = load_data_and_model(cfg, given, ckpt, device, master)
     # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if ddp:
         model = DDP(model,
                     device_ids=[torch.device(device).index] if device_type == "cuda" else None)
     optimizer = make_optimizer(raw_model, cfg, device_type)
-    # fp16 needs loss scaling
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16: loss scaling
     autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
                                   enabled=dtype != "float32")
-    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank,
-                           world_size)
-    start_iter, best_val_loss = 0, float("inf")
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
-            batches.generator.set_state(ckpt["rng"]["data"])
-            if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
-                torch.set_rng_state(ckpt["rng"]["torch"])
-                if device_type == "cuda" and ckpt["rng"]["cuda"]:
-                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
-                f"{str(e)[:200]})")
-
+    batches = TrainBatches(data["train"], raw_model.config.block_size, cfg.batch_size, cfg.seed,
+                           device, rank, world_size)
+    start_iter, best_val_loss = restore(ckpt, cfg, optimizer, scaler, batches, master, device)
     out_dir = Path(cfg.out_dir)
     if master:  # the first write to --out-dir: every check has passed
         log = RunLog(out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
     lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
-    flops = peak_flops(device)
     metrics = {}
     X, Y = batches.next()  # the first batch; from here on the next one is fetched before backward
     t_start = t_last = time.perf_counter()
@@ -680,34 +494,13 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
         if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
             losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
                                    device, autocast)
-            if not all(math.isfinite(v) for v in losses.values()):
-                die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
-                    f"{out_dir} is kept (try a lower --learning-rate)")
+            metrics = log_eval(log, step, losses, t_start, out_dir)
             best_val_loss = min(best_val_loss, losses["val"])
-            elapsed = time.perf_counter() - t_start
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(elapsed, 3)}
-            log.write(metrics)
-            save_checkpoint({
-                "script": "gpt.py",
-                "version": 1,
-                "config": dataclasses.asdict(cfg),
-                "model_args": dataclasses.asdict(raw_model.config),
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "iter": step,
-                "best_val_loss": best_val_loss,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": [torch.cuda.get_rng_state(device)] if device_type == "cuda" else [],
-                        "data": batches.state},
-                "tokenizer": tokenizer_state(tokenizer),
-            }, out_dir / "ckpt.pt")
+            save_checkpoint(checkpoint(cfg, raw_model, optimizer, scaler, step, best_val_loss,
+                                       batches, tokenizer, device), out_dir / "ckpt.pt")
             t_last, last_timed = time.perf_counter(), step
         if last_step:
             break
-
         # one optimizer step over `accum` micro-batches per process
         lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
         for group in optimizer.param_groups:
@@ -731,151 +524,30 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
         optimizer.zero_grad(set_to_none=True)
 
         if step % cfg.log_interval == 0:
-            if ddp:  # the loss of the whole global batch, the same number on every rank
-                dist.all_reduce(step_loss)
-                step_loss /= world_size
-            loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
-            if not math.isfinite(loss_value):
-                die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
-                    f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
+            lossf = global_loss(step_loss, world_size, step, out_dir)  # a float, as in nanoGPT
             now = time.perf_counter()
             dt = (now - t_last) / (step + 1 - last_timed)
             t_last, last_timed = now, step + 1
             if master:
-                record = {"iter": step, "loss": loss_value, "lr": lr,
-                          "ms_per_iter": round(1000 * dt, 3),
-                          "tokens_per_s": round(tokens_per_iter / dt, 1),
-                          "elapsed_s": round(now - t_start, 3)}
-                line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
-                        f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
-                        f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
-                if flops is not None:
-                    record["mfu"] = raw_model.estimate_mfu(cfg.batch_size * accum, dt, flops)
-                    line += f" | mfu {100 * record['mfu']:.1f}%"
-                log.write(record)
-                print(line)
-
+                log_step(log, raw_model, cfg, accum, step, lossf, lr, dt, now - t_start, device)
     if master:
-        raw_model.eval()
-        with autocast:
-            ids, _ = write_samples(raw_model, tokenizer, cfg, device, out_dir)
-        if cfg.plot:
-            write_figures(raw_model, tokenizer, ids[0, : min(48, block_size)], out_dir)
+        write_samples(raw_model, tokenizer, cfg, device, out_dir, autocast)
         metrics = dict(metrics, best_val_loss=best_val_loss, params=raw_model.num_params(),
                        elapsed_s=round(time.perf_counter() - t_start, 3))
         log.write({"event": "done", **metrics})
     return metrics
 
 
-# -------------------------------------------------------------------------------
-# Generation
-# -------------------------------------------------------------------------------
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from (B, V) logits -> (B, 1) ids.
-
-    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
-    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
-    whose probabilities sum to at least p. Both may be combined (top-k first).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Extend each row of idx (B, T0) by max_new_tokens sampled tokens -> (B, T0 + new).
-
-    Without a KV cache every step reruns the (cropped) context: O(T^2) work, plain to read.
-    """
-    for _ in range(max_new_tokens):
-        context = idx[:, -model.config.block_size:]  # (B, <= block_size)
-        logits, _ = model(context)  # (B, T, V)
-        next_id = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat((idx, next_id), dim=1)
-    return idx
-
-
-def write_samples(model, tokenizer, cfg, device, out_dir):
-    """Draw cfg.num_samples continuations of cfg.prompt, print them, save samples.txt.
-
-    Returns the token ids (num_samples, T) and the decoded texts (prompt included)."""
-    prompt = tokenizer.encode_ordinary(cfg.prompt)
-    if not prompt:
-        die("--prompt is empty; give at least one character to continue")
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long,
-                       device=device)  # (num_samples, T0)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
-                   generator)
-    texts = [tokenizer.decode(row.tolist()) for row in ids]
-    separator = "\n" + "-" * 40 + "\n"
-    print(separator.join(texts))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "samples.txt").write_text(separator.join(texts) + "\n")
-    return ids, texts
-
-
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-def build_model(cfg, given, ckpt, vocab_size):
-    """The raw GPT: from a checkpoint, from GPT-2 weights (--init-from) or freshly initialised."""
-    if ckpt is not None:
-        try:
-            config = ModelConfig(**ckpt["model_args"])
-        except TypeError as e:  # another version's model_args
-            die(f"the checkpoint in {cfg.out_dir} does not fit this gpt.py ({e})")
-        model = GPT(dataclasses.replace(config, dropout=cfg.dropout, sdpa=cfg.sdpa))
-        load_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
-        return model
-    if cfg.init_from != "scratch":
-        config, path = pretrained_config(cfg.init_from)
-        if vocab_size > config.vocab_size:
-            die(f"--init-from {cfg.init_from}: its {config.vocab_size}-token vocabulary is smaller "
-                f"than the gpt2 tokenizer's {vocab_size}")
-        # a --block-size given on the command line crops the 1024 positions (cheaper fine-tuning)
-        block_size = (min(cfg.block_size, config.block_size) if "block_size" in given
-                      else config.block_size)
-        model = GPT(dataclasses.replace(config, block_size=block_size, dropout=cfg.dropout,
-                                        sdpa=cfg.sdpa))
-        load_gpt2_weights(model, read_safetensors(path))
-        return model
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name != "vocab_size"}
-    return GPT(ModelConfig(vocab_size=vocab_size, **fields))
-
-
-# what --resume needs from the checkpoint (load_checkpoint names the first one missing)
-RESUME_KEYS = ("config", "model_args", "optimizer", "scaler", "iter", "best_val_loss", "rng",
-               "tokenizer")
-
-
 def sample_only(cfg, given, device, dtype):
-    """--sample-only: continue --prompt with the checkpoint in --out-dir or the --init-from
-    weights."""
+    """--sample-only: continue --prompt with the --out-dir checkpoint or the --init-from weights."""
     out_dir = Path(cfg.out_dir)
     ckpt = (None if cfg.init_from != "scratch" else
             load_checkpoint(out_dir / "ckpt.pt", ["gpt.py"], ("model_args", "tokenizer")))
     tokenizer = gpt2_tokenizer() if ckpt is None else tokenizer_from_state(ckpt["tokenizer"])
     model = build_model(cfg, given, ckpt, tokenizer.n_vocab).to(device).eval()
-    device_type = device.split(":")[0]
-    with torch.amp.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
-        ids, texts = write_samples(model, tokenizer, cfg, device, out_dir)
-    if cfg.plot:
-        write_figures(model, tokenizer, ids[0, : min(48, model.config.block_size)], out_dir)
-    return {"samples": texts}
+    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    return {"samples": write_samples(model, tokenizer, cfg, device, out_dir, autocast)}
 
 
 def main(argv=None):
@@ -917,6 +589,333 @@ def main(argv=None):
     finally:
         if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
             dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------
+# Appendix: from mlp.py — the bpe.py tokenizer loader, the LR schedule and sampling, unchanged
+# -------------------------------------------------------------------------------
+def load_bpe(path):
+    """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
+
+    bpe.py writes `<prefix>.tiktoken` (tiktoken's own rank file: base64 token bytes and rank
+    per line) and `<prefix>.json` ({"pattern": str|null, "special": {str: id},
+    "vocab_size": int}); `path` may name either file or the bare prefix.
+    """
+    import base64
+    import tiktoken
+
+    prefix = re.sub(r"\.(tiktoken|json)$", "", str(path))
+    try:
+        meta = json.loads(Path(prefix + ".json").read_text())
+        lines = Path(prefix + ".tiktoken").read_text().splitlines()
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (ln.split() for ln in lines if ln)}
+    except (OSError, ValueError) as e:
+        die(f"--tokenizer {path}: cannot read a bpe.py tokenizer there ({e})")
+    pattern = meta["pattern"] if meta["pattern"] is not None else r"[\s\S]+"  # null = no pre-split
+    return tiktoken.Encoding(name=Path(prefix).name, pat_str=pattern,
+                             mergeable_ranks=ranks, special_tokens=meta["special"])
+
+
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, V) logits -> (B, 1) ids.
+
+    temperature 0 = argmax (greedy). top_k keeps the k most likely tokens; top_p (nucleus,
+    Holtzman et al. 2019, arXiv:1904.09751) keeps the smallest set of most likely tokens
+    whose probabilities sum to at least p. Both may be combined (top-k first).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)  # (B, k), sorted descending
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# -------------------------------------------------------------------------------
+# Appendix: extra — OpenAI's GPT-2 weights (--init-from NAME|DIR)
+# -------------------------------------------------------------------------------
+# OpenAI's released GPT-2 sizes (Radford et al. 2019, Table 2); all have 1024 positions and the
+# 50257-token BPE vocabulary, biases, learned positions and tanh-GELU
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def pretrained_config(init_from):
+    """`--init-from NAME|DIR` -> (ModelConfig, path of model.safetensors).
+
+    A NAME is downloaded once from Hugging Face into data/; a DIR is in Hugging Face's layout
+    (config.json with n_layer, n_head, n_embd, n_positions, vocab_size + model.safetensors).
+    """
+    if init_from in GPT2_SIZES:
+        hf = dict(GPT2_SIZES[init_from], n_positions=1024, vocab_size=50257)
+        url = f"https://huggingface.co/openai-community/{init_from}/resolve/main/model.safetensors"
+        path = download(url, DATA_DIR / f"{init_from}.safetensors",
+                        way_out="--init-from DIR (a folder with config.json and model.safetensors)")
+    else:  # a folder (check_config made sure it has a config.json)
+        hf = json.loads((Path(init_from) / "config.json").read_text())
+        path = Path(init_from) / "model.safetensors"
+    try:
+        config = ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                             bias=True, pos="learned", gelu="tanh")
+    except KeyError as e:
+        die(f"--init-from {init_from}: config.json lacks {e}")
+    return config, path
+
+
+def load_gpt2_weights(model, tensors):
+    """Copy GPT-2 weights (Hugging Face names, with or without the `transformer.` prefix) into
+    `model`, whose names are the same. HF's GPT-2 keeps c_attn, c_proj and c_fc in Conv1D
+    layers with weight (in, out), the transpose of nn.Linear's (out, in)."""
+    ours = model.state_dict()
+    loaded = set()
+    for name, tensor in tensors.items():
+        key = "transformer." + name.removeprefix("transformer.")
+        # the causal-mask buffers and the output layer (tied to wte) carry no new weights
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue
+        if key not in ours:
+            die(f"unexpected tensor {name} in the GPT-2 weights")
+        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
+        if key == "transformer.wpe.weight":
+            # a shorter context keeps the first positions
+            tensor = tensor[: model.config.block_size]
+        if tensor.shape != ours[key].shape:
+            die(f"GPT-2 tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(ours[key].shape)}")
+        ours[key].copy_(tensor)
+        loaded.add(key)
+    missing = sorted(set(ours) - loaded - {"lm_head.weight"})
+    if missing:
+        die(f"the GPT-2 weights lack {len(missing)} tensors, e.g. {missing[0]}")
+
+
+# -------------------------------------------------------------------------------
+# Appendix: bookkeeping — data and model, restore, checkpoint, log records, samples
+# -------------------------------------------------------------------------------
+def load_data_and_model(cfg, given, ckpt, device, master):
+    """The tokenizer (a resumed run keeps its own, --init-from implies gpt2), the token ids of
+    --data ({"train", "val"}) and the raw GPT on `device`; rank 0 prints their sizes."""
+    path = resolve_data(cfg.data)
+    text = read_text(path)
+    tokenizer = (tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None else
+                 load_tokenizer("gpt2" if cfg.init_from != "scratch" else cfg.tokenizer, text))
+    data = load_tokens(path, text, tokenizer)
+    model = build_model(cfg, given, ckpt, tokenizer.n_vocab).to(device)
+    if len(data["val"]) <= model.config.block_size:
+        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
+            f"--block-size {model.config.block_size} + 1; use more text or a smaller --block-size")
+    if master:
+        print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
+              f"{tokenizer.n_vocab}; model: {model.num_params() / 1e6:.2f}M parameters "
+              f"({dataclasses.asdict(model.config)})")
+    return tokenizer, data, model
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50257 tokens); its two files are fetched once into tiktoken's cache."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline with an empty cache: requests/urllib errors, not one class
+        die(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); connect once, or set "
+            f"TIKTOKEN_CACHE_DIR to a folder that holds its files")
+
+
+def tokenizer_state(tokenizer):
+    """The tokenizer as plain data for the checkpoint (docs/design.md section 4)."""
+    if isinstance(tokenizer, CharTokenizer):
+        return {"kind": "char", "chars": tokenizer.chars}
+    # tiktoken has no public accessor for its ranks and pattern; these attributes are stable
+    ranks = sorted(tokenizer._mergeable_ranks.items(), key=lambda item: item[1])
+    return {"kind": "tiktoken", "name": tokenizer.name, "pat_str": tokenizer._pat_str,
+            "ranks_b64": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
+            "special": dict(tokenizer._special_tokens)}
+
+
+def tokenizer_from_state(state):
+    """Inverse of `tokenizer_state`: no file or network needed to sample from a checkpoint."""
+    if state["kind"] == "char":
+        return CharTokenizer(state["chars"])
+    ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["ranks_b64"])}
+    return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                             mergeable_ranks=ranks, special_tokens=state["special"])
+
+
+def build_model(cfg, given, ckpt, vocab_size):
+    """The raw GPT: from a checkpoint, from GPT-2 weights (--init-from) or freshly initialised."""
+    if ckpt is not None:
+        try:
+            config = ModelConfig(**ckpt["model_args"])
+        except TypeError as e:  # another version's model_args
+            die(f"the checkpoint in {cfg.out_dir} does not fit this gpt.py ({e})")
+        model = GPT(dataclasses.replace(config, dropout=cfg.dropout, sdpa=cfg.sdpa))
+        load_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
+        return model
+    if cfg.init_from != "scratch":
+        config, path = pretrained_config(cfg.init_from)
+        if vocab_size > config.vocab_size:
+            die(f"--init-from {cfg.init_from}: its {config.vocab_size}-token vocabulary is smaller "
+                f"than the gpt2 tokenizer's {vocab_size}")
+        # a --block-size given on the command line crops the 1024 positions (cheaper fine-tuning)
+        block_size = (min(cfg.block_size, config.block_size) if "block_size" in given
+                      else config.block_size)
+        model = GPT(dataclasses.replace(config, block_size=block_size, dropout=cfg.dropout,
+                                        sdpa=cfg.sdpa))
+        load_gpt2_weights(model, read_safetensors(path))
+        return model
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name != "vocab_size"}
+    return GPT(ModelConfig(vocab_size=vocab_size, **fields))
+
+
+def restore(ckpt, cfg, optimizer, scaler, batches, master, device):
+    """--resume: the saved optimizer, scaler, data and RNG states -> (iter, best_val_loss)."""
+    if ckpt is None:
+        return 0, float("inf")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        batches.generator.set_state(ckpt["rng"]["data"])
+        if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.split(":")[0] == "cuda" and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
+            f"{str(e)[:200]})")
+    return ckpt["iter"], ckpt["best_val_loss"]  # load_checkpoint made sure both are there
+
+
+def checkpoint(cfg, model, optimizer, scaler, step, best_val_loss, batches, tokenizer, device):
+    """What ckpt.pt holds (docs/design.md section 4): enough for a bit-exact --resume."""
+    return {"script": "gpt.py", "version": 1, "config": dataclasses.asdict(cfg),
+            "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": step,
+            "best_val_loss": best_val_loss,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else [],
+                    "data": batches.state},
+            "tokenizer": tokenizer_state(tokenizer)}
+
+
+def log_eval(log, step, losses, t_start, out_dir):
+    """An evaluation: stop on a non-finite loss, else print and log it; returns the record."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
+            f"{out_dir} is kept (try a lower --learning-rate)")
+    metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
+               "elapsed_s": round(time.perf_counter() - t_start, 3)}
+    print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    log.write(metrics)
+    return metrics
+
+
+def global_loss(step_loss, world_size, step, out_dir):
+    """The step's loss as a float, a non-finite one stopping the run (on every rank)."""
+    if world_size > 1:  # the loss of the whole global batch, the same number on every rank
+        dist.all_reduce(step_loss)
+        step_loss /= world_size
+    loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
+    if not math.isfinite(loss_value):
+        die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
+            f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
+    return loss_value
+
+
+def log_step(log, model, cfg, accum, step, loss_value, lr, dt, elapsed, device):
+    """A training step's log record and console line (MFU on a GPU of known peak FLOP/s)."""
+    flops = peak_flops(device)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model.config.block_size
+    record = {"iter": step, "loss": loss_value, "lr": lr, "ms_per_iter": round(1000 * dt, 3),
+              "tokens_per_s": round(tokens_per_iter / dt, 1), "elapsed_s": round(elapsed, 3)}
+    line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
+            f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
+            f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
+    if flops is not None:
+        record["mfu"] = model.estimate_mfu(cfg.batch_size * accum, dt, flops)
+        line += f" | mfu {100 * record['mfu']:.1f}%"
+    log.write(record)
+    print(line)
+
+
+def write_samples(model, tokenizer, cfg, device, out_dir, autocast):
+    """cfg.num_samples continuations of cfg.prompt, printed and saved (+ figures with --plot)."""
+    model.eval()
+    prompt = tokenizer.encode_ordinary(cfg.prompt)
+    if not prompt:
+        die("--prompt is empty; give at least one character to continue")
+    idx = torch.tensor([prompt] * cfg.num_samples, device=device)  # (num_samples, T0), int64
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    with autocast:
+        ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                       cfg.top_p, generator)
+    texts = [tokenizer.decode(row.tolist()) for row in ids]
+    separator = "\n" + "-" * 40 + "\n"
+    print(separator.join(texts))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "samples.txt").write_text(separator.join(texts) + "\n")
+    if cfg.plot:
+        write_figures(model, tokenizer, ids[0, : min(48, model.config.block_size)], out_dir)
+    return texts
+
+
+# -------------------------------------------------------------------------------
+# Appendix: flag rules — RULES, CHOICES, check_config
+# -------------------------------------------------------------------------------
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
+# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
+# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
+RULES = {
+    **dict.fromkeys(("n_layer", "n_head", "block_size", "batch_size", "gradient_accumulation_steps",
+                     "eval_interval", "eval_iters", "log_interval", "num_samples",
+                     "max_new_tokens"), (lambda v: v >= 1, "an integer >= 1")),
+    **dict.fromkeys(("max_iters", "warmup_iters"), (lambda v: v >= 0, "an integer >= 0")),
+    **dict.fromkeys(("beta1", "beta2"), (lambda v: 0 <= v < 1, "a number in [0, 1)")),
+    "init_from": (lambda v: v in ("scratch", *GPT2_SIZES) or Path(v, "config.json").is_file(),
+                  "scratch, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder with "
+                  "config.json and model.safetensors"),
+    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0,
+               "a positive multiple of --n-head {c.n_head}"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    "lr_decay_iters": (lambda v: v >= 0, "an integer >= 0 (0 = --max-iters)"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 1, or 0 (off)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+}
+CHOICES = {"pos": ("learned", "sinusoidal"), "gelu": ("exact", "tanh")}
 
 
 # -------------------------------------------------------------------------------

@@ -1,16 +1,12 @@
 """Llama: gpt.py modernised with RMSNorm, rotary positions, SwiGLU and grouped-query attention.
 
-The decoder-only transformer of gpt.py with the changes that Llama (Touvron et al. 2023,
-arXiv:2302.13971) made standard: RMSNorm instead of LayerNorm (arXiv:1910.07467), rotary
-position embeddings on queries and keys instead of a learned position table (RoFormer,
+gpt.py's decoder-only transformer with what Llama (Touvron et al. 2023, arXiv:2302.13971) made
+standard: RMSNorm (arXiv:1910.07467), rotary position embeddings on queries and keys (RoFormer,
 arXiv:2104.09864), a SwiGLU MLP (arXiv:2002.05202), grouped-query attention (GQA,
-arXiv:2305.13245), no biases, an untied LM head. The tokenizer is byte-level (UTF-8 bytes
-0..255 + special tokens), so Shakespeare, the task world of sft.py and code all encode without
-a vocabulary mismatch; sft.py, reward.py, dpo.py, ppo.py and grpo.py copy this model and read
-its checkpoints. For inference: a preallocated KV cache, sliding-window attention with attention
-sinks and a rolling cache that streams past block_size in constant memory (StreamingLLM,
-arXiv:2309.17453), int8 weight-only quantization and a generation benchmark. Each ablation
-toggle (--norm, --pos, --mlp) puts one piece of gpt.py back.
+arXiv:2305.13245), no biases, an untied head. Tokens are UTF-8 bytes (+ specials), so sft.py's
+task world encodes too; sft.py to grpo.py copy this model. For inference: a KV cache, a sliding
+window with attention sinks and a rolling cache that streams past block_size in constant memory
+(StreamingLLM, arXiv:2309.17453), int8 weights, a benchmark. --norm/--pos/--mlp: gpt.py's pieces.
 
 Run:
   python llama.py                                  # CPU: 4 layers, 96 dims, Shakespeare bytes
@@ -22,19 +18,9 @@ Run:
   python llama.py --window 32 --sinks 4            # sliding window + sinks, trained and streamed
   python llama.py --norm layernorm --pos learned --mlp gelu --max-time 60  # gpt.py's pieces
 
-Result (CPU default: 4 layers, 4 heads, 96 dims, block 64, batch 16, lr 3e-3, 800 iters,
-0.50M parameters): val loss 1.8731 at iter 700, 53 s into the run on a quiet 2-core CPU
-(elapsed_s in log.jsonl, evaluations included; the first eval <= nanoGPT's char-level 1.886,
-which nanoGPT's recipe reaches in 2m16s here: 0.39x the time), 1.8535 at iter 800 (61 s).
-int8 weights: 1.93 -> 0.59 MiB, val loss +0.0001.
---bench at 512 new tokens: with --block-size 1024 (a fresh model; the context grows to 1024)
-the KV cache generates 8.5x faster than recomputing (328 vs 39 tok/s); with the default
-block 64 the cache-free path only ever reruns 64 tokens and the gain is 1.2x (301 vs 246
-tok/s). A stream of 10 x block_size tokens (10,240) keeps memory (285 MiB) and ms/token flat.
-
-Simplifications: one text file per run, split 90/10; evaluation runs on rank 0 only; a plain
-KV cache that fills up restarts from the last half block (a windowed model streams instead);
-int8 is for inference only (weights quantized after training, activations stay float).
+Result: val loss 1.8731 at iter 700 of the CPU default, 53 s on 2 cores (docs/llama.md: more).
+Simplifications: one text file, split 90/10; evaluation on rank 0 only; a full plain KV cache
+restarts from its last half block; int8 weights are for inference only, quantized after training.
 """
 import argparse
 import base64
@@ -70,9 +56,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-# -------------------------------------------------------------------------------
-# Config
-# -------------------------------------------------------------------------------
 @dataclass
 class Config:
     data: str = "shakespeare"  # dataset name (shakespeare, names) or path to a text file
@@ -127,59 +110,10 @@ class Config:
     plot: bool = False  # write loss.png (and grad_norms.png with --log-grad-norms) (matplotlib)
 
 
-# gpt.py's GPU preset (nanoGPT's shakespeare_char config), with GQA: applied on CUDA to every
-# field not given
+# gpt.py's GPU preset (nanoGPT's shakespeare_char) with GQA, for every field not given on CUDA
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64,
                   dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
                   eval_interval=250, eval_iters=200, log_interval=10, compile=True)
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
-# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
-RULES = {
-    "n_layer": (lambda v: v >= 1, "an integer >= 1"),
-    "n_head": (lambda v: v >= 1, "an integer >= 1"),
-    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
-                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
-    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0,
-               "a positive multiple of --n-head {c.n_head}"),
-    "block_size": (lambda v: v >= 1, "an integer >= 1"),
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "pos": (lambda v, c: v != "rope" or (c.n_embd // c.n_head) % 2 == 0,
-            "learned or none: rope turns pairs of dimensions, and the head size "
-            "--n-embd/--n-head ({c.n_embd}/{c.n_head}) is odd"),
-    "rope_theta": (lambda v: v > 0, "a number > 0"),
-    "window": (lambda v, c: 0 <= v <= c.block_size - c.sinks and not (v and c.pos == "learned"),
-               "an integer in 0..--block-size {c.block_size} - --sinks {c.sinks}, and 0 with "
-               "--pos learned (a learned position table ends at block_size)"),
-    "sinks": (lambda v, c: v >= 0 and (v == 0 or c.window > 0),
-              "0, or an integer >= 1 with --window (without a window every position is visible)"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
-    "learning_rate": (lambda v: v > 0, "a number > 0"),
-    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
-               "a number in [0, --learning-rate {c.learning_rate}]"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "lr_decay_iters": (lambda v: v >= 0, "an integer >= 0 (0 = --max-iters)"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_k": (lambda v: v >= 0, "an integer >= 1, or 0 (off)"),
-    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "quantize": (lambda v, c: v != "int8" or c.sample_only or c.bench,
-                 "none: int8 is for inference, add --sample-only or --bench"),
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-}
-CHOICES = {"norm": ("rmsnorm", "layernorm"), "pos": ("rope", "learned", "none"),
-           "mlp": ("swiglu", "gelu"), "quantize": ("none", "int8")}
 
 
 @dataclass
@@ -205,9 +139,6 @@ class ModelConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
 
 
-# -------------------------------------------------------------------------------
-# Model
-# -------------------------------------------------------------------------------
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 
 
@@ -568,47 +499,207 @@ class Llama(nn.Module):
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
 
-class Int8Linear(nn.Module):
-    """NEW vs gpt.py: an nn.Linear with int8 weights, for inference (--quantize int8).
+def prefill(model, idx, cache):
+    """NEW vs gpt.py: run a prompt idx (B, T) into the cache -> logits (B, V) of its last token.
 
-    Per-output-channel symmetric quantization: row j of W gets the scale s_j = max|W_j| / 127
-    and stores q_j = round(W_j / s_j) in [-127, 127], so |W - s q| <= s/2 elementwise (round
-    to nearest; nothing is clipped). The matmul runs on q cast to the activations' dtype and
-    the scales multiply its output, x (s q)^T = (x q^T) * s column by column: the weights take
-    1 byte instead of 4 and are never stored dequantized.
+    One chunk may not wrap a rolling buffer (its first tokens would lose keys they still
+    need), so what does not fit the free slots goes in one token at a time.
     """
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
-        self.register_buffer("scale", scale)
-
-    def forward(self, x):
-        # (B, T, in) -> (B, T, out)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+    n = max(1, cache.capacity - cache.seen)
+    logits, _ = model(idx[:, :n], cache=cache)
+    for t in range(n, idx.size(1)):
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+    return logits[:, -1, :]
 
 
-def quantize_int8(model):
-    """Replace every nn.Linear of `model`, in place, by an Int8Linear (embeddings and norms
-    stay float; a tied LM head becomes an int8 copy beside the float embedding)."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear(child))
+@torch.no_grad()
+def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+           kv_cache=True):
+    """Yield the next token ids (B, 1) after idx (B, T0), one step at a time.
+
+    NEW vs gpt.py: with kv_cache the prompt is prefilled into a KVCache and every step feeds
+    one token. A plain cache that fills up restarts from the last block_size/2 tokens (one
+    prefill per block_size/2 new tokens); a model with a window streams on in its rolling
+    cache. Without the cache every step reruns the context, cropped to block_size (a windowed
+    model is not cropped: its mask bounds the attention, so both ways agree at any length).
+    """
+    cfg = model.config
+    cache = None
+    for _ in range(max_new_tokens):
+        if not kv_cache:
+            context = idx if cfg.window else idx[:, -cfg.block_size:]  # (B, <= block_size)
+            logits = model(context)[0][:, -1, :]
+        elif cache is None or cache.full:
+            keep = cfg.block_size if cache is None else cfg.block_size // 2
+            cache = KVCache(cfg, idx.size(0))
+            logits = prefill(model, idx if cfg.window else idx[:, -keep:], cache)
         else:
-            quantize_int8(child)
-    return model
+            logits = model(idx[:, -1:], cache=cache)[0][:, -1, :]  # (B, V)
+        next_id = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+        yield next_id
 
 
-def model_bytes(model):
-    """Bytes of the parameters and saved buffers (a tied matrix once; RoPE tables excluded)."""
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
-    return sum(t.nbytes for t in tensors.values())
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             kv_cache=True):
+    """Extend each row of idx (B, T0) by max_new_tokens sampled tokens -> (B, T0 + new).
+
+    Any batch size, temperature 0 = greedy; see `stream` for the cache and the context.
+    """
+    new = stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
+    return torch.cat([idx, *new], dim=1)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
+    """Mean loss over `eval_iters` batches of each split, in eval mode (no dropout).
+
+    The batches come from a generator seeded afresh on every call: each evaluation scores the
+    same windows (curves compare like with like) and the training RNG is left untouched.
+    """
+    model.eval()
+    out = {}
+    for split, tokens in data.items():
+        generator = torch.Generator().manual_seed(seed)
+        losses = torch.zeros(eval_iters, device=device)
+        for k in range(eval_iters):
+            x, y = get_batch(tokens, model.config.block_size, batch_size, generator, device)
+            with autocast:
+                losses[k] = model(x, y)[1]
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def train(cfg, ckpt, device, dtype, rank, world_size):
+    """gpt.py's training loop (nanoGPT's train.py); returns the final metrics (rank 0)."""
+    master, ddp, device_type = rank == 0, world_size > 1, device.split(":")[0]
+    torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
+    tokenizer, data, raw_model = prepare(cfg, ckpt, device, world_size, master)
+    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps per process
+    # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if ddp:
+        # NEW vs gpt.py: the RoPE tables are constants, nothing to broadcast before a forward
+        ids = [torch.device(device).index] if device_type == "cuda" else None
+        model = DDP(model, device_ids=ids, broadcast_buffers=False)
+    optimizer = make_optimizer(raw_model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16: loss scaling
+    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    batches = TrainBatches(data["train"], raw_model.config.block_size, cfg.batch_size, cfg.seed,
+                           device, rank, world_size)
+    start_iter, best_val_loss = restore(cfg, ckpt, optimizer, scaler, batches, master, device)
+    out_dir = Path(cfg.out_dir)
+    if master:  # the first write to --out-dir: every check has passed
+        log = RunLog(out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
+    flops, metrics = peak_flops(device), {}
+    X, Y = batches.next()  # the first batch; from here on the next one is fetched before backward
+    t_start = t_last = time.perf_counter()
+    last_timed = start_iter  # ms/iter averages over the steps since this one (evals excluded)
+    for step in range(start_iter, cfg.max_iters + 1):
+        # NEW vs gpt.py: --max-time ends the run like the last step (final eval, checkpoint)
+        clock = run_clock(t_start, cfg, ddp, device)  # seconds since training started
+        last_step = step == cfg.max_iters or (cfg.max_time > 0 and clock >= cfg.max_time)
+        # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
+        resumed_here = ckpt is not None and step == start_iter
+        if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
+            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
+                                   device, autocast)
+            best_val_loss = min(best_val_loss, losses["val"])
+            metrics = eval_record(step, losses, t_start, out_dir)  # printed; stops if not finite
+            log.write(metrics)
+            save_checkpoint(checkpoint_dict(cfg, raw_model, optimizer, scaler, step, best_val_loss,
+                                            batches, tokenizer, device), out_dir / "ckpt.pt")
+            t_last, last_timed = time.perf_counter(), step
+        if last_step:
+            break
+        # one optimizer step over `accum` micro-batches per process
+        lr = set_lr(optimizer, step, clock, cfg)  # NEW vs gpt.py: follows the clock (--max-time)
+        step_loss = torch.zeros((), device=device)
+        for micro_step in range(accum):
+            # DDP all-reduces gradients during backward; only the last micro-step needs that
+            sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(X, Y)
+                    loss = loss / accum  # gradients add up over micro-steps: this makes them a mean
+                X, Y = batches.next()  # fetched while the device still works on the forward pass
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if cfg.grad_clip > 0 or cfg.log_grad_norms:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        # NEW vs gpt.py: per-layer gradient norms (before clipping) on the logged steps
+        norms = (layer_grad_norms(raw_model)
+                 if cfg.log_grad_norms and step % cfg.log_interval == 0 else None)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_interval == 0:
+            loss_value = global_loss(step_loss, step, ddp, world_size, out_dir)  # syncs the device
+            now = time.perf_counter()
+            dt = (now - t_last) / (step + 1 - last_timed)
+            t_last, last_timed = now, step + 1
+            if master:
+                log_step(log, cfg, raw_model, step, loss_value, lr, dt, now - t_start, norms,
+                         flops, accum)
+    if master:  # samples, figures and the `done` record
+        metrics = finish(cfg, raw_model, tokenizer, device, autocast, log, metrics, best_val_loss,
+                         t_start)
+    return metrics
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    ckpt = None
+    if cfg.resume and not cfg.sample_only:
+        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["llama.py"], RESUME_KEYS)
+        cfg = resume_config(cfg, given, ckpt)  # continue with the saved settings
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda") and world_size > 1:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
+        torch.cuda.set_device(device)
+    if device.startswith("cuda") and ckpt is None:
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    if rank == 0:
+        print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
+              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
+    if cfg.sample_only:
+        return sample_only(cfg, device, dtype)
+    if cfg.bench:
+        return run_bench(cfg, device, dtype)
+    if ckpt is None:
+        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    ddp = world_size > 1  # torchrun started this process as one of world_size ranks
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        metrics = train(cfg, ckpt, device, dtype, rank, world_size)
+        if ddp:  # rank 0 writes samples and figures last; the others wait for it
+            dist.barrier()
+        return metrics
+    except torch.OutOfMemoryError:
+        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
+            f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
+    finally:
+        if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
+            dist.destroy_process_group()
 
 
 # -------------------------------------------------------------------------------
-# Data
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------
+# Appendix: from gpt.py — tokenizers, data, optimizer, sampling (the byte tokenizer is NEW)
 # -------------------------------------------------------------------------------
 def load_bpe(path):
     """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
@@ -784,9 +875,6 @@ class TrainBatches:
                          self.rank, self.world_size)
 
 
-# -------------------------------------------------------------------------------
-# Training
-# -------------------------------------------------------------------------------
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
     if step < warmup_iters:
@@ -808,27 +896,6 @@ def make_optimizer(model, cfg, device_type):
                              fused=device_type == "cuda")
 
 
-@torch.no_grad()
-def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
-    """Mean loss over `eval_iters` batches of each split, in eval mode (no dropout).
-
-    The batches come from a generator seeded afresh on every call: each evaluation scores the
-    same windows (curves compare like with like) and the training RNG is left untouched.
-    """
-    model.eval()
-    out = {}
-    for split, tokens in data.items():
-        generator = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters, device=device)
-        for k in range(eval_iters):
-            x, y = get_batch(tokens, model.config.block_size, batch_size, generator, device)
-            with autocast:
-                losses[k] = model(x, y)[1]
-        out[split] = losses.mean().item()
-    model.train()
-    return out
-
-
 def layer_grad_norms(model):
     """NEW vs gpt.py: the L2 norm of the gradient of each block ("h.0", "h.1", ...) and of the
     embedding, final norm and head, for --log-grad-norms: a layer whose gradients vanish or
@@ -842,188 +909,6 @@ def layer_grad_norms(model):
     return {group: round(math.sqrt(s), 6) for group, s in squares.items()}
 
 
-def train(cfg, ckpt, device, dtype, rank, world_size):
-    """gpt.py's training loop (nanoGPT's train.py); returns the final metrics (rank 0)."""
-    master, ddp, device_type = rank == 0, world_size > 1, device.split(":")[0]
-    if cfg.gradient_accumulation_steps % world_size:
-        die(f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple "
-            f"of the {world_size} processes")
-    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps per process
-    torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
-
-    # data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
-    path = resolve_data(cfg.data)
-    text = read_text(path)
-    tokenizer = (tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None
-                 else load_tokenizer(cfg.tokenizer))
-    data = load_tokens(path, text, tokenizer)
-    raw_model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device)
-    block_size = raw_model.config.block_size
-    if len(data["val"]) <= block_size:
-        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
-            f"--block-size {block_size} + 1; use more text or a smaller --block-size")
-    if master:
-        print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
-              f"{tokenizer.n_vocab}; model: {raw_model.num_params() / 1e6:.2f}M parameters "
-              f"({dataclasses.asdict(raw_model.config)})")
-
-    # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if ddp:
-        # NEW vs gpt.py: the RoPE tables are constants, nothing to broadcast before a forward
-        model = DDP(model,
-                    device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
-    optimizer = make_optimizer(raw_model, cfg, device_type)
-    # fp16 needs loss scaling
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
-                                  enabled=dtype != "float32")
-    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank,
-                           world_size)
-    start_iter, best_val_loss = 0, float("inf")
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
-            batches.generator.set_state(ckpt["rng"]["data"])
-            if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
-                torch.set_rng_state(ckpt["rng"]["torch"])
-                if device_type == "cuda" and ckpt["rng"]["cuda"]:
-                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
-                f"{str(e)[:200]})")
-
-    out_dir = Path(cfg.out_dir)
-    if master:  # the first write to --out-dir: every check has passed
-        log = RunLog(out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
-    lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
-    flops = peak_flops(device)
-    metrics = {}
-    X, Y = batches.next()  # the first batch; from here on the next one is fetched before backward
-    t_start = t_last = time.perf_counter()
-    last_timed = start_iter  # ms/iter averages over the steps since this one (evals excluded)
-    for step in range(start_iter, cfg.max_iters + 1):
-        # NEW vs gpt.py: --max-time ends the run like the last step (final eval, checkpoint)
-        clock = time.perf_counter() - t_start  # seconds since training started
-        if ddp and cfg.max_time > 0:  # one clock for all processes: same last step, same lr
-            shared = torch.tensor(clock, dtype=torch.float64, device=device)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            clock = shared.item()
-        out_of_time = cfg.max_time > 0 and clock >= cfg.max_time
-        last_step = step == cfg.max_iters or out_of_time
-        # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
-        resumed_here = ckpt is not None and step == start_iter
-        if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
-            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
-                                   device, autocast)
-            if not all(math.isfinite(v) for v in losses.values()):
-                die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
-                    f"{out_dir} is kept (try a lower --learning-rate)")
-            best_val_loss = min(best_val_loss, losses["val"])
-            elapsed = time.perf_counter() - t_start
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(elapsed, 3)}
-            log.write(metrics)
-            save_checkpoint({
-                "script": "llama.py",
-                "version": 1,
-                "config": dataclasses.asdict(cfg),
-                "model_args": dataclasses.asdict(raw_model.config),
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "iter": step,
-                "best_val_loss": best_val_loss,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": [torch.cuda.get_rng_state(device)] if device_type == "cuda" else [],
-                        "data": batches.state},
-                "tokenizer": tokenizer_state(tokenizer),
-            }, out_dir / "ckpt.pt")
-            t_last, last_timed = time.perf_counter(), step
-        if last_step:
-            break
-
-        # one optimizer step over `accum` micro-batches per process
-        # NEW vs gpt.py: under --max-time the cosine follows the clock too (whichever is further
-        # along), so the learning rate has decayed when the budget runs out (Li et al. 2020,
-        # "Budgeted training", arXiv:1905.04753)
-        progress = step
-        if cfg.max_time > 0 and step >= cfg.warmup_iters:  # warmup always counts steps
-            progress = max(step, int(lr_decay_iters * clock / cfg.max_time))
-        lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro_step in range(accum):
-            # DDP all-reduces gradients during backward; only the last micro-step needs that
-            sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(X, Y)
-                    loss = loss / accum  # gradients add up over micro-steps: this makes them a mean
-                X, Y = batches.next()  # fetched while the device still works on the forward pass
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip > 0 or cfg.log_grad_norms:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        # NEW vs gpt.py: per-layer gradient norms (before clipping) on the logged steps
-        norms = (layer_grad_norms(raw_model)
-                 if cfg.log_grad_norms and step % cfg.log_interval == 0 else None)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-        if step % cfg.log_interval == 0:
-            if ddp:  # the loss of the whole global batch, the same number on every rank
-                dist.all_reduce(step_loss)
-                step_loss /= world_size
-            loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
-            if not math.isfinite(loss_value):
-                die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
-                    f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
-            now = time.perf_counter()
-            dt = (now - t_last) / (step + 1 - last_timed)
-            t_last, last_timed = now, step + 1
-            if master:
-                record = {"iter": step, "loss": loss_value, "lr": lr,
-                          "ms_per_iter": round(1000 * dt, 3),
-                          "tokens_per_s": round(tokens_per_iter / dt, 1),
-                          "elapsed_s": round(now - t_start, 3)}
-                line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
-                        f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
-                        f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
-                if norms is not None:
-                    record["grad_norms"] = norms
-                if flops is not None:
-                    record["mfu"] = raw_model.estimate_mfu(cfg.batch_size * accum, dt, flops)
-                    line += f" | mfu {100 * record['mfu']:.1f}%"
-                log.write(record)
-                print(line)
-
-    if master:
-        raw_model.eval()
-        with autocast:
-            write_samples(raw_model, tokenizer, cfg, device, out_dir)
-        if cfg.plot:
-            write_figures(out_dir, raw_model.config)
-        metrics = dict(metrics, best_val_loss=best_val_loss, params=raw_model.num_params(),
-                       elapsed_s=round(time.perf_counter() - t_start, 3))
-        log.write({"event": "done", **metrics})
-    return metrics
-
-
-# -------------------------------------------------------------------------------
-# Generation & evaluation
-# -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
 
@@ -1047,57 +932,6 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
-def prefill(model, idx, cache):
-    """NEW vs gpt.py: run a prompt idx (B, T) into the cache -> logits (B, V) of its last token.
-
-    One chunk may not wrap a rolling buffer (its first tokens would lose keys they still
-    need), so what does not fit the free slots goes in one token at a time.
-    """
-    n = max(1, cache.capacity - cache.seen)
-    logits, _ = model(idx[:, :n], cache=cache)
-    for t in range(n, idx.size(1)):
-        logits, _ = model(idx[:, t:t + 1], cache=cache)
-    return logits[:, -1, :]
-
-
-@torch.no_grad()
-def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-           kv_cache=True):
-    """Yield the next token ids (B, 1) after idx (B, T0), one step at a time.
-
-    NEW vs gpt.py: with kv_cache the prompt is prefilled into a KVCache and every step feeds
-    one token. A plain cache that fills up restarts from the last block_size/2 tokens (one
-    prefill per block_size/2 new tokens); a model with a window streams on in its rolling
-    cache. Without the cache every step reruns the context, cropped to block_size (a windowed
-    model is not cropped: its mask bounds the attention, so both ways agree at any length).
-    """
-    cfg = model.config
-    cache = None
-    for _ in range(max_new_tokens):
-        if not kv_cache:
-            context = idx if cfg.window else idx[:, -cfg.block_size:]  # (B, <= block_size)
-            logits = model(context)[0][:, -1, :]
-        elif cache is None or cache.full:
-            keep = cfg.block_size if cache is None else cfg.block_size // 2
-            cache = KVCache(cfg, idx.size(0))
-            logits = prefill(model, idx if cfg.window else idx[:, -keep:], cache)
-        else:
-            logits = model(idx[:, -1:], cache=cache)[0][:, -1, :]  # (B, V)
-        next_id = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat((idx, next_id), dim=1)
-        yield next_id
-
-
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-             kv_cache=True):
-    """Extend each row of idx (B, T0) by max_new_tokens sampled tokens -> (B, T0 + new).
-
-    Any batch size, temperature 0 = greedy; see `stream` for the cache and the context.
-    """
-    new = stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
-    return torch.cat([idx, *new], dim=1)
-
-
 def write_samples(model, tokenizer, cfg, device, out_dir):
     """Draw cfg.num_samples continuations of cfg.prompt, print them, save samples.txt.
 
@@ -1119,6 +953,82 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     return ids, texts
 
 
+# -------------------------------------------------------------------------------
+# Appendix: extra — int8 weight-only quantization and the generation benchmark
+# -------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """NEW vs gpt.py: an nn.Linear with int8 weights, for inference (--quantize int8).
+
+    Per-output-channel symmetric quantization: row j of W gets the scale s_j = max|W_j| / 127
+    and stores q_j = round(W_j / s_j) in [-127, 127], so |W - s q| <= s/2 elementwise (round
+    to nearest; nothing is clipped). The matmul runs on q cast to the activations' dtype and
+    the scales multiply its output, x (s q)^T = (x q^T) * s column by column: the weights take
+    1 byte instead of 4 and are never stored dequantized.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        # (B, T, in) -> (B, T, out)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+def quantize_int8(model):
+    """Replace every nn.Linear of `model`, in place, by an Int8Linear (embeddings and norms
+    stay float; a tied LM head becomes an int8 copy beside the float embedding)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+    return model
+
+
+def model_bytes(model):
+    """Bytes of the parameters and saved buffers (a tied matrix once; RoPE tables excluded)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.nbytes for t in tensors.values())
+
+
+def state_dict_bytes(model):
+    """Bytes of the model's state_dict as torch.save writes it: a weights-only checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def quantization_report(model, tokenizer, cfg, device, autocast):
+    """NEW vs gpt.py: --quantize int8. Bytes, tokens/s and validation loss of the float model,
+    then of the same model with int8 weights (quantized in place)."""
+    path = resolve_data(cfg.data)
+    data = load_tokens(path, path.read_text(encoding="utf-8"), tokenizer)
+    prompt = data["val"][None, : model.config.block_size // 2].to(device)  # (1, T0)
+    report = {"checkpoint_bytes": (Path(cfg.out_dir) / "ckpt.pt").stat().st_size}
+    for kind in ("float", "int8"):
+        if kind == "int8":
+            quantize_int8(model)
+        with autocast:
+            dt = timed_generate(model, prompt, cfg.max_new_tokens, cfg, device)
+            val = estimate_loss(model, {"val": data["val"]}, cfg.batch_size, cfg.eval_iters,
+                                cfg.seed, device, autocast)["val"]
+        report.update({f"{kind}_model_bytes": model_bytes(model), f"{kind}_weights_bytes":
+                       state_dict_bytes(model),
+                       f"{kind}_tokens_per_s": round(cfg.max_new_tokens / dt, 1),
+                       f"{kind}_val_loss": round(val, 4)})
+        print(f"{kind:5s}: parameters+buffers {model_bytes(model) / 2**20:.2f} MiB | weights file "
+              f"{report[f'{kind}_weights_bytes'] / 2**20:.2f} MiB | "
+              f"{cfg.max_new_tokens / dt:.1f} tok/s | val loss {val:.4f}")
+    report["val_loss_change"] = round(report["int8_val_loss"] - report["float_val_loss"], 4)
+    print(f"int8 changes the val loss by {report['val_loss_change']:+.4f}; the training checkpoint "
+          f"(weights + AdamW moments) is {report['checkpoint_bytes'] / 2**20:.2f} MiB")
+    return report
+
+
 def timed_generate(model, idx, n, cfg, device, kv_cache=True):
     """Seconds to generate n tokens after idx (1, T0), sampling as the flags say."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -1133,8 +1043,7 @@ def bench(model, cfg, device, vocab_size):
     """NEW vs gpt.py: --bench. Tokens/s for --max-new-tokens (512) new tokens with the KV cache,
     without it and with a rolling cache (the model's window and sinks, else block_size/2 + 4
     sinks), the prefill time, memory, then a stream of 10 * block_size tokens through the
-    rolling cache with its speed and memory at every tenth. Ends with one JSON line of the
-    numbers."""
+    rolling cache with its speed and memory at every tenth; ends with one JSON line of them."""
     config, new_tokens = model.config, cfg.max_new_tokens
     prompt = torch.randint(vocab_size, (1, config.block_size // 2),  # a random prompt: speed only
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -1182,85 +1091,10 @@ def bench(model, cfg, device, vocab_size):
             memory.append(round(memory_mib(device), 1))
             t_last = time.perf_counter()
     result.update(stream_tokens=n, stream_ms_per_token=ms, stream_memory_mib=memory)
-    print(f"stream of {n} tokens ({n // config.block_size} x block_size), rolling cache, "
-          "per tenth:")
+    print(f"stream of {n} tokens (10 x block_size), rolling cache, per tenth:")
     print(f"  ms/token {ms}\n  memory MiB {memory}")
     print(json.dumps(result))
     return result
-
-
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-# what --resume needs from the checkpoint (load_checkpoint names the first one missing)
-RESUME_KEYS = ("config", "model_args", "optimizer", "scaler", "iter", "best_val_loss", "rng",
-               "tokenizer")
-
-
-def build_model(cfg, ckpt, vocab_size):
-    """The raw Llama: from a checkpoint or freshly initialised."""
-    if ckpt is not None:
-        try:
-            model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]),
-                                              dropout=cfg.dropout))
-            model.load_state_dict(ckpt["model"])
-        except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
-            die(f"the checkpoint in {cfg.out_dir} does not fit this llama.py ({type(e).__name__}: "
-                f"{str(e)[:200]})")
-        return model
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("vocab_size", "norm_eps")}
-    return Llama(ModelConfig(vocab_size=padded_vocab(vocab_size), **fields))
-
-
-def state_dict_bytes(model):
-    """Bytes of the model's state_dict as torch.save writes it: a weights-only checkpoint."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
-
-
-def quantization_report(model, tokenizer, cfg, device, autocast):
-    """NEW vs gpt.py: --quantize int8. Bytes, tokens/s and validation loss of the float model,
-    then of the same model with int8 weights (quantized in place)."""
-    path = resolve_data(cfg.data)
-    data = load_tokens(path, path.read_text(encoding="utf-8"), tokenizer)
-    prompt = data["val"][None, : model.config.block_size // 2].to(device)  # (1, T0)
-    report = {"checkpoint_bytes": (Path(cfg.out_dir) / "ckpt.pt").stat().st_size}
-    for kind in ("float", "int8"):
-        if kind == "int8":
-            quantize_int8(model)
-        with autocast:
-            dt = timed_generate(model, prompt, cfg.max_new_tokens, cfg, device)
-            val = estimate_loss(model, {"val": data["val"]}, cfg.batch_size, cfg.eval_iters,
-                                cfg.seed, device, autocast)["val"]
-        report.update({f"{kind}_model_bytes": model_bytes(model), f"{kind}_weights_bytes":
-                       state_dict_bytes(model),
-                       f"{kind}_tokens_per_s": round(cfg.max_new_tokens / dt, 1),
-                       f"{kind}_val_loss": round(val, 4)})
-        print(f"{kind:5s}: parameters+buffers {model_bytes(model) / 2**20:.2f} MiB | weights file "
-              f"{report[f'{kind}_weights_bytes'] / 2**20:.2f} MiB | "
-              f"{cfg.max_new_tokens / dt:.1f} tok/s | val loss {val:.4f}")
-    report["val_loss_change"] = round(report["int8_val_loss"] - report["float_val_loss"], 4)
-    print(f"int8 changes the val loss by {report['val_loss_change']:+.4f}; the training checkpoint "
-          f"(weights + AdamW moments) is {report['checkpoint_bytes'] / 2**20:.2f} MiB")
-    return report
-
-
-def sample_only(cfg, device, dtype):
-    """--sample-only: continue --prompt with the checkpoint in --out-dir (--quantize int8 first
-    reports what int8 weights cost and save)."""
-    out_dir = Path(cfg.out_dir)
-    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["llama.py"], ("model_args", "tokenizer"))
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device).eval()
-    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
-                                  enabled=dtype != "float32")
-    report = (quantization_report(model, tokenizer, cfg, device, autocast)
-              if cfg.quantize == "int8" else {})
-    with autocast:
-        _, texts = write_samples(model, tokenizer, cfg, device, out_dir)
-    return {**report, "samples": texts}
 
 
 def run_bench(cfg, device, dtype):
@@ -1281,46 +1115,212 @@ def run_bench(cfg, device, dtype):
         return bench(model.to(device).eval(), cfg, device, tokenizer.n_vocab)
 
 
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    ckpt = None
-    if cfg.resume and not cfg.sample_only:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["llama.py"], RESUME_KEYS)
-        cfg = resume_config(cfg, given, ckpt)  # continue with the saved settings
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda") and world_size > 1:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
-        torch.cuda.set_device(device)
-    if device.startswith("cuda") and ckpt is None:
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
-    if rank == 0:
-        print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
-              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
-    if cfg.sample_only:
-        return sample_only(cfg, device, dtype)
-    if cfg.bench:
-        return run_bench(cfg, device, dtype)
+# -------------------------------------------------------------------------------
+# Appendix: bookkeeping — setup, restore, checkpoint, clock, lr, log, report, --sample-only
+# -------------------------------------------------------------------------------
+def prepare(cfg, ckpt, device, world_size, master):
+    """Check --gradient-accumulation-steps against the processes, then -> the tokenizer (a resumed
+    run keeps the checkpoint's), the --data text as {"train", "val"} tokens, the raw model."""
+    if cfg.gradient_accumulation_steps % world_size:
+        die(f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple "
+            f"of the {world_size} processes")
+    path = resolve_data(cfg.data)
+    text = read_text(path)
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else load_tokenizer(cfg.tokenizer)
+    data = load_tokens(path, text, tokenizer)
+    model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device)
+    if len(data["val"]) <= model.config.block_size:
+        die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
+            f"--block-size {model.config.block_size} + 1; use more text or a smaller --block-size")
+    if master:
+        print(f"data: {len(data['train']):,} train / {len(data['val']):,} val tokens, vocabulary "
+              f"{tokenizer.n_vocab}; model: {model.num_params() / 1e6:.2f}M parameters "
+              f"({dataclasses.asdict(model.config)})")
+    return tokenizer, data, model
+
+
+def restore(cfg, ckpt, optimizer, scaler, batches, master, device):
+    """Load --resume's optimizer, scaler and RNG states -> (start_iter, best_val_loss)."""
     if ckpt is None:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    ddp = world_size > 1  # torchrun started this process as one of world_size ranks
-    if ddp:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return 0, float("inf")
     try:
-        metrics = train(cfg, ckpt, device, dtype, rank, world_size)
-        if ddp:  # rank 0 writes samples and figures last; the others wait for it
-            dist.barrier()
-        return metrics
-    except torch.OutOfMemoryError:
-        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
-            f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
-    finally:
-        if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
-            dist.destroy_process_group()
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        batches.generator.set_state(ckpt["rng"]["data"])
+        if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.startswith("cuda") and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+        return ckpt["iter"], ckpt["best_val_loss"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
+            f"{str(e)[:200]})")
+
+
+def checkpoint_dict(cfg, model, optimizer, scaler, step, best, batches, tokenizer, device):
+    """What ckpt.pt holds (docs/design.md section 4): enough to sample and to resume bit-exact."""
+    cuda_rng = [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else []
+    return {"script": "llama.py", "version": 1, "config": dataclasses.asdict(cfg),
+            "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": step,
+            "best_val_loss": best,
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "data": batches.state},
+            "tokenizer": tokenizer_state(tokenizer)}
+
+
+def run_clock(t_start, cfg, ddp, device):
+    """Seconds since t_start; with DDP and --max-time one clock for all: same last step, same lr."""
+    clock = time.perf_counter() - t_start
+    if ddp and cfg.max_time > 0:
+        shared = torch.tensor(clock, dtype=torch.float64, device=device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        clock = shared.item()
+    return clock
+
+
+def set_lr(optimizer, step, clock, cfg):
+    """The step's learning rate, set on every group. NEW vs gpt.py: under --max-time the cosine
+    follows the clock too (whichever is further along), so the learning rate has decayed when
+    the budget runs out (Li et al. 2020, "Budgeted training", arXiv:1905.04753)."""
+    lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    by_clock = cfg.max_time > 0 and step >= cfg.warmup_iters  # warmup always counts steps
+    progress = max(step, int(lr_decay_iters * clock / cfg.max_time)) if by_clock else step
+    lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def eval_record(step, losses, t_start, out_dir):
+    """The evaluation's log record, printed; a non-finite loss stops the run."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
+            f"{out_dir} is kept (try a lower --learning-rate)")
+    print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    return {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
+            "elapsed_s": round(time.perf_counter() - t_start, 3)}
+
+
+def global_loss(step_loss, step, ddp, world_size, out_dir):
+    """The loss of the whole global batch, the same number on every rank; stops if not finite."""
+    if ddp:
+        dist.all_reduce(step_loss)
+        step_loss /= world_size
+    loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
+    if not math.isfinite(loss_value):
+        die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
+            f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
+    return loss_value
+
+
+def log_step(log, cfg, model, step, loss, lr, dt, elapsed, norms, flops, accum):
+    """A training step's record in log.jsonl (docs/design.md section 3) and its printed line."""
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model.config.block_size
+    record = {"iter": step, "loss": loss, "lr": lr, "ms_per_iter": round(1000 * dt, 3),
+              "tokens_per_s": round(tokens_per_iter / dt, 1), "elapsed_s": round(elapsed, 3)}
+    line = (f"iter {step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.1e} | "
+            f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
+            f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
+    if norms is not None:
+        record["grad_norms"] = norms
+    if flops is not None:
+        record["mfu"] = model.estimate_mfu(cfg.batch_size * accum, dt, flops)
+        line += f" | mfu {100 * record['mfu']:.1f}%"
+    log.write(record)
+    print(line)
+
+
+def finish(cfg, model, tokenizer, device, autocast, log, metrics, best_val_loss, t_start):
+    """After training: samples.txt, the --plot figures and the `done` record -> final metrics."""
+    model.eval()
+    with autocast:
+        write_samples(model, tokenizer, cfg, device, Path(cfg.out_dir))
+    if cfg.plot:
+        write_figures(Path(cfg.out_dir), model.config)
+    metrics = dict(metrics, best_val_loss=best_val_loss, params=model.num_params(),
+                   elapsed_s=round(time.perf_counter() - t_start, 3))
+    log.write({"event": "done", **metrics})
+    return metrics
+
+
+def build_model(cfg, ckpt, vocab_size):
+    """The raw Llama: from a checkpoint or freshly initialised."""
+    if ckpt is not None:
+        try:
+            model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]),
+                                              dropout=cfg.dropout))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
+            die(f"the checkpoint in {cfg.out_dir} does not fit this llama.py ({type(e).__name__}: "
+                f"{str(e)[:200]})")
+        return model
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("vocab_size", "norm_eps")}
+    return Llama(ModelConfig(vocab_size=padded_vocab(vocab_size), **fields))
+
+
+# what --resume needs from the checkpoint (load_checkpoint names the first one missing)
+RESUME_KEYS = ("config", "model_args", "optimizer", "scaler", "iter", "best_val_loss", "rng",
+               "tokenizer")
+
+
+def sample_only(cfg, device, dtype):
+    """--sample-only: continue --prompt with the checkpoint in --out-dir (--quantize int8 first
+    reports what int8 weights cost and save)."""
+    out_dir = Path(cfg.out_dir)
+    ckpt = load_checkpoint(out_dir / "ckpt.pt", ["llama.py"], ("model_args", "tokenizer"))
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+    model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device).eval()
+    autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    report = (quantization_report(model, tokenizer, cfg, device, autocast)
+              if cfg.quantize == "int8" else {})
+    with autocast:
+        _, texts = write_samples(model, tokenizer, cfg, device, out_dir)
+    return {**report, "samples": texts}
+
+
+# -------------------------------------------------------------------------------
+# Appendix: flag rules — RULES, CHOICES, check_config
+# -------------------------------------------------------------------------------
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
+# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
+# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
+RULES = {
+    **dict.fromkeys(("n_layer", "n_head", "block_size", "batch_size", "gradient_accumulation_steps",
+                     "eval_interval", "eval_iters", "log_interval", "num_samples",
+                     "max_new_tokens"), (lambda v: v >= 1, "an integer >= 1")),
+    **dict.fromkeys(("max_iters", "warmup_iters"), (lambda v: v >= 0, "an integer >= 0")),
+    **dict.fromkeys(("rope_theta", "learning_rate"), (lambda v: v > 0, "a number > 0")),
+    **dict.fromkeys(("beta1", "beta2"), (lambda v: 0 <= v < 1, "a number in [0, 1)")),
+    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
+                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
+    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0,
+               "a positive multiple of --n-head {c.n_head}"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "pos": (lambda v, c: v != "rope" or (c.n_embd // c.n_head) % 2 == 0,
+            "learned or none: rope turns pairs of dimensions, and the head size "
+            "--n-embd/--n-head ({c.n_embd}/{c.n_head}) is odd"),
+    "window": (lambda v, c: 0 <= v <= c.block_size - c.sinks and not (v and c.pos == "learned"),
+               "an integer in 0..--block-size {c.block_size} - --sinks {c.sinks}, and 0 with "
+               "--pos learned (a learned position table ends at block_size)"),
+    "sinks": (lambda v, c: v >= 0 and (v == 0 or c.window > 0),
+              "0, or an integer >= 1 with --window (without a window every position is visible)"),
+    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    "lr_decay_iters": (lambda v: v >= 0, "an integer >= 0 (0 = --max-iters)"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 1, or 0 (off)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "quantize": (lambda v, c: v != "int8" or c.sample_only or c.bench,
+                 "none: int8 is for inference, add --sample-only or --bench"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+}
+CHOICES = {"norm": ("rmsnorm", "layernorm"), "pos": ("rope", "learned", "none"),
+           "mlp": ("swiglu", "gelu"), "quantize": ("none", "int8")}
 
 
 # -------------------------------------------------------------------------------

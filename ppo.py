@@ -22,14 +22,7 @@ Run:
     python ppo.py --sample-only --prompt "What is 12 + 7?"
     python ppo.py --device cuda             # GPU preset: bigger rollout batches, more steps
 
-Result (the default `python sft.py` checkpoint, 0.887 greedy on its 600 held-out problems):
-    python ppo.py      the reward model is exploited: its score of the greedy answers rises
-                       1.643 -> 1.741 while true accuracy falls 0.887 -> 0.795 (count -> always
-                       "0", compare -> a number next to the larger); KL <= 0.36 nats/response
-                       per 20-step window; 5m52s on one thread of a shared 2-core CPU
-    --reward checker   0.887 -> 0.895 (seed 2: 0.900; compare 0.86 -> 0.90, count stays 0.63);
-                       KL <= 0.23 nats/response; 2m48s on a quiet 2-core CPU
-
+Result: the RM is exploited (accuracy 0.887 -> 0.795); --reward checker 0.895 (docs/ppo.md).
 Simplifications: one response per prompt; the reward model is frozen; one learning rate for
 the policy and the value head.
 """
@@ -112,42 +105,6 @@ class Config:
 # on CUDA, for every field not given: bigger rollout batches and more steps (same model)
 GPU_PRESET = dict(rollout_batch=1024, minibatch_size=256, max_iters=300, eval_interval=25,
                   compile=True)
-# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
-# choices are in CHOICES, cross-field rules in main
-RULES = {
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "families": (lambda v: v == "all" or set(v.split(",")) <= set(TASK_FAMILIES),
-                 "all or a comma list of add, sub, reverse, sort, count, compare"),
-    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "rollout_batch": (lambda v: v >= 2, "an integer >= 2"),
-    "rollout_temperature": (lambda v: v > 0, "a number > 0 (PPO needs a sampling policy)"),
-    "max_response_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "missing_eot_penalty": (lambda v: v >= 0, "a number >= 0"),
-    "init_kl_coef": (lambda v: v >= 0, "a number >= 0"),
-    "target_kl": (lambda v: v > 0, "a number > 0"),
-    "kl_horizon": (lambda v: v >= 1, "an integer >= 1"),
-    "gamma": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "lam": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "ppo_epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "minibatch_size": (lambda v: v >= 1, "an integer >= 1 (and <= --rollout-batch)"),
-    "clip_range": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "clip_range_value": (lambda v: v > 0, "a number > 0"),
-    "vf_coef": (lambda v: v >= 0, "a number >= 0"),
-    "max_approx_kl": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-}
-CHOICES = {"reward": ("rm", "checker"), "critic": ("shared", "separate")}
 
 
 @dataclass
@@ -380,279 +337,327 @@ class ActorCritic(nn.Module):
         return logits, self.v_head(hidden["h"]).squeeze(-1).float()  # (B, T, 1) -> (B, T)
 
 
+def frozen_copy(model):
+    """The reference pi_ref: a separate deep copy of the SFT model, in eval mode, every
+    parameter with requires_grad False (never the policy object itself: the KL would be 0
+    for ever). Dropout is 0 in both, so at the first step log pi = log pi_ref exactly."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 # -------------------------------------------------------------------------------
-# The reward model (copied from reward.py)
+# Data: the task world's problems, rollouts, experience
 # -------------------------------------------------------------------------------
-def build_reward_model(model_args):
-    """The sft.py Llama with its LM head (C -> V) replaced by a scalar head (C -> 1).
-
-    The head reads the residual stream after the final norm; zero-initialised, so every
-    sequence starts at reward 0 and the first loss is exactly ln 2 (a fair coin per pair).
-    Dropout is off (model_args["dropout"] = 0): a reward must be a function of the text, not
-    of a dropout mask (TRL disables it too).
-    """
-    model = Llama(ModelConfig(**dict(model_args, dropout=0.0)))
-    model.lm_head = nn.Linear(model_args["n_embd"], 1, bias=False)  # NEW vs sft.py: (C, 1)
-    nn.init.zeros_(model.lm_head.weight)
-    return model
+def parse_families(spec):
+    """--families: 'all' or a comma list of task families -> a tuple in TASK_FAMILIES order."""
+    if spec == "all":
+        return TASK_FAMILIES
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in TASK_FAMILIES]
+    if unknown or not names:
+        die(f"--families {spec}: expected all or a comma list of {', '.join(TASK_FAMILIES)}")
+    return tuple(f for f in TASK_FAMILIES if f in names)
 
 
-def rm_from_sft(model_args, sft_state):
-    """The reward model initialised from an SFT state dict: the trunk's weights, the new
-    scalar head at zero, and the blocks model_args has beyond the SFT model's (if any) with
-    their output projections at zero, so each starts as the identity on the residual stream.
-
-    Why extra blocks: to judge "47 + 38 = 95" the RM must compare each answer token with the
-    token the SFT model would have written there. That prediction is only complete at the top
-    of the SFT trunk, in the position before; comparing it with the token that follows, then
-    gathering the verdicts at the last token, takes two more attention hops than the trunk
-    has. Two new blocks give them (the held-out pair accuracy table in the README measures it).
-    """
-    model = build_reward_model(model_args)
-    missing, _ = model.load_state_dict({k: v for k, v in sft_state.items()
-                                        if not k.startswith("lm_head.")}, strict=False)
-    n_sft = 1 + max(int(k.split(".")[2]) for k in sft_state if k.startswith("transformer.h."))
-    for block in model.transformer.h[n_sft:]:
-        nn.init.zeros_(block.attn.c_proj.weight)
-        nn.init.zeros_(block.mlp.c_proj.weight)
-    new = {k for k in missing if not any(k.startswith(f"transformer.h.{i}.")
-                                         for i in range(n_sft, model_args["n_layer"]))}
-    assert new == {"lm_head.weight"}, new  # all else comes from SFT
-    return model
-
-
-def pooled_rewards(model, idx, lengths):
-    """Rewards of right-padded sequences idx (B, T) with `lengths` real tokens -> (B,).
-
-    The head runs at every position; the reward is read at position lengths - 1, the last
-    real token (the response's <|endoftext|>), the one that has seen the whole prompt and
-    response. It is picked by the lengths, never by searching for a pad id: with pad == eos
-    that search stops at the first <|endoftext|> (docs/alignment-pitfalls.md section 2). Causal
-    attention keeps the padding, which sits after every real token, from changing the value.
-    """
-    values = model(idx)[0].squeeze(-1)  # (B, T, 1) -> (B, T): a reward at every prefix
-    return values[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B,)
-
-
-def encode_scored(tok, prompt, response):
-    """Prompt (wrapped in the template) + response text -> ids; an <|endoftext|> written in
-    the response becomes its token, as the policy emitted it."""
-    return encode_prompt(tok, prompt) + tok.encode(response, [EOT])
-
-
-def collate_scored(seqs, pad_id):
-    """Right-pad id lists -> idx (B, T) and lengths (B,), the number of real tokens per row."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s)
-    return idx, torch.tensor([len(s) for s in seqs])
+def task_world(cfg, tok, sft_cfg, families, block_size):
+    """The training and the held-out problems -> (train_ex, test_ex), each fits the context."""
+    try:
+        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"],
+                              families)
+        # the held-out set is exactly sft.py's (same seed, difficulty and count), so every
+        # stage of the chain scores the same problems with the same greedy decoding
+        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
+    except (ValueError, KeyError) as e:
+        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
+    random.Random(cfg.seed).shuffle(train_ex)  # make_tasks lists family by family: mix them
+    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
+    budget = max(cfg.max_response_tokens, cfg.eval_max_new_tokens)
+    if longest + budget > block_size:
+        die(f"prompts of {longest} tokens + {budget} response tokens exceed the context of "
+            f"{cfg.init_from} ({block_size} tokens)")
+    return train_ex, test_ex
 
 
 @torch.no_grad()
-def score(model, tok, prompts, responses, device, batch_size=256, ctx=contextlib.nullcontext()):
-    """Rewards of (prompt, response) texts -> a float32 CPU tensor (N,), in batches.
+def sample_responses(policy, tok, examples, temperature, max_new_tokens, batch_size, device, ctx,
+                     generator):
+    """One response per problem, sampled at `temperature` with the KV cache -> a list of
+    (prompt ids, response ids), the response cut after its first <|endoftext|> (a response
+    that never stopped keeps all max_new_tokens). Plain sampling, no top-k/top-p: the
+    log-probs PPO computes are then those of the distribution that drew the tokens (a
+    truncated sampler makes k1 negative and the update off-policy).
 
-    The API ppo.py copies: prompts are instructions (the template is added here), responses
-    the text the policy wrote, ending with <|endoftext|> when it stopped.
+    As sft.py's evaluation, prompts of equal token length are decoded together, so a batch
+    needs no padding and the KV cache no attention mask.
     """
-    seqs = [encode_scored(tok, p, r) for p, r in zip(prompts, responses)]
-    too_long = [len(s) for s in seqs if len(s) > model.config.block_size]
-    if too_long:
-        raise ValueError(f"a scored sequence has {max(too_long)} tokens; the model's context "
-                         f"is {model.config.block_size}")
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        idx, lengths = collate_scored(seqs[i:i + batch_size], tok.special[PAD])
-        with ctx:
-            out.append(pooled_rewards(model, idx.to(device), lengths.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-# -------------------------------------------------------------------------------
-# The task world (copied from sft.py; tests/test_copies.py keeps it identical)
-# -------------------------------------------------------------------------------
-BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
-                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
-
-
-class ByteTokenizer:
-    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
-    special tokens follow (<|endoftext|> = 256).
-
-    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
-    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
-    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
-    character. The members are those of `tiktoken.Encoding` this file uses.
-    """
-
-    name = "byte"
-
-    def __init__(self, special=None):
-        self.special = dict(BYTE_SPECIAL if special is None else special)
-        self.n_vocab = 256 + len(self.special)
-        self.names = {i: s for s, i in self.special.items()}
-
-    def encode_ordinary(self, text):
-        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
-        return list(text.encode("utf-8"))
-
-    def encode(self, text, allowed_special=()):
-        """NEW vs llama.py: as tiktoken's `encode`, the special-token strings listed in
-        allowed_special become their ids; the rest of the text is plain bytes."""
-        if not allowed_special:
-            return self.encode_ordinary(text)
-        ids = []
-        for part in re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text):
-            ids += [self.special[part]] if part in allowed_special else self.encode_ordinary(part)
-        return ids
-
-    def decode(self, ids):
-        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
-        parts, run = [], bytearray()
-        for i in ids:
-            if i < 256:
-                run.append(i)
-            else:
-                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
-                run = bytearray()
-        return "".join(parts) + run.decode("utf-8", errors="replace")
-
-
-TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
-PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-EOT = "<|endoftext|>"  # ends every response; generation stops there
-PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
-TEMPLATE_TOKENS = {"### Instruction:\n": 258, "\n\n### Response:\n": 259}
-
-
-def make_word(rng, length):
-    """A pronounceable pseudo-word: consonants and vowels alternate (no word list needed)."""
-    start = rng.randrange(2)
-    return "".join(rng.choice("aeiou" if (i + start) % 2 else "bcdfghklmnprstvz")
-                   for i in range(length))
-
-
-def make_number(rng, digits):
-    """A number with exactly `digits` digits (1 digit includes 0)."""
-    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
-
-
-def make_task(family, rng, difficulty, think=False):
-    """One problem of `family` at level `difficulty` (1 = easiest) -> {task, prompt, answer}.
-
-    Level L means L-digit numbers (the second operand of + and - has 1..L digits) and words
-    of 2L+1 or 2L+2 letters, so the knob scales every family the same way. With `think`, the
-    answer of a family that needs one carries a worked trace first, '<trace> = <answer>' (the
-    random draws are the same, so the problems are too; `final_answer` reads the answer).
-    """
-    if family in ("add", "sub"):
-        a, b = make_number(rng, difficulty), make_number(rng, rng.randint(1, difficulty))
-        if family == "add":
-            return {"task": family, "prompt": f"What is {a} + {b}?", "answer": str(a + b)}
-        a, b = max(a, b), min(a, b)  # keep the difference non-negative
-        return {"task": family, "prompt": f"What is {a} - {b}?", "answer": str(a - b)}
-    if family == "compare":
-        a = make_number(rng, difficulty)
-        b = make_number(rng, difficulty)
-        while b == a:
-            b = make_number(rng, difficulty)
-        return {"task": family, "prompt": f"Which is larger: {a} or {b}?", "answer": str(max(a, b))}
-    word = make_word(rng, 2 * difficulty + rng.randint(1, 2))
-    if family == "reverse":
-        return {"task": family, "prompt": f"Reverse the word: {word}", "answer": word[::-1]}
-    if family == "sort":
-        return {"task": family, "prompt": f"Sort the letters: {word}",
-                "answer": "".join(sorted(word))}
-    if family == "count":
-        # half the time a letter of the word, so answers are not almost always 0
-        letter = (rng.choice(word) if rng.random() < 0.5
-                  else rng.choice("abcdefghijklmnopqrstuvwxyz"))
-        answer = str(word.count(letter))
-        if think:  # the letter, then a running tally: banana, a -> a: b0a1n1a2n2a3 = 3
-            tally = "".join(f"{c}{word[:i + 1].count(letter)}" for i, c in enumerate(word))
-            answer = f"{letter}: {tally} = {answer}"
-        return {"task": family, "prompt": f"Count the letter {letter} in: {word}",
-                "answer": answer}
-    raise ValueError(f"unknown task family {family!r}; expected one of {TASK_FAMILIES}")
-
-
-def task_split(prompt):
-    """'test' for one prompt in five, 'train' otherwise: a hash of the text decides, so the
-    two splits are disjoint by construction, whatever the seed or the order of generation."""
-    return "test" if int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
-
-
-def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
-    """`n` distinct problems of `split`, an equal share per family, levels from 1..difficulty.
-
-    Rejection sampling: a generated problem is kept only if `task_split` puts it in `split`
-    and its prompt is new. Each example also records its `level` (for the curriculum).
-    """
-    rng = random.Random(seed)
-    out, seen = [], set()
-    for k, family in enumerate(families):
-        quota = n // len(families) + (k < n % len(families))
-        for _ in range(100 * quota + 1000):  # a small task space runs out: stop, don't loop
-            if quota == 0:
-                break
-            level = rng.randint(1, difficulty)
-            ex = make_task(family, rng, level, think)
-            if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
-                seen.add(ex["prompt"])
-                out.append(dict(ex, level=level))
-                quota -= 1
-        if quota:
-            raise ValueError(f"too few distinct {split} problems of {family} at difficulty "
-                             f"{difficulty} for n={n}")
+    eot = tok.special[EOT]
+    groups = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[len(encode_prompt(tok, ex["prompt"]))].append(i)
+    out = [None] * len(examples)
+    for T, members in sorted(groups.items()):
+        for j in range(0, len(members), batch_size):
+            chunk = members[j:j + batch_size]
+            prompts = [encode_prompt(tok, examples[i]["prompt"]) for i in chunk]
+            with ctx:
+                rows = generate_until(policy, torch.tensor(prompts, device=device),
+                                      max_new_tokens, eot, temperature,
+                                      generator=generator)[:, T:].tolist()
+            for i, p, r in zip(chunk, prompts, rows):
+                out[i] = (p, r[:r.index(eot) + 1] if eot in r else r)
     return out
 
 
-def format_prompt(prompt):
-    """The full text the model sees before its answer, up to and including '### Response:\\n'."""
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+def collate_rollouts(prompts, responses, pad_id):
+    """Prompt and response id lists -> idx (B, T) right-padded with pad_id, the action mask
+    (B, T-1) and lengths (B,), the real tokens per row.
+
+    In the shifted frame the response of a row with a prompt of P tokens and R response tokens
+    occupies actions P-1 .. P+R-2 (logits[:, P-1] predicts the first response token). The mask
+    comes from those lengths, so a pad id equal to the <|endoftext|> id would change nothing:
+    the stop token is an action like any other (docs/alignment-pitfalls.md section 4, pad == eos).
+    """
+    idx, lengths = collate_scored([p + r for p, r in zip(prompts, responses)], pad_id)
+    plen = torch.tensor([len(p) for p in prompts])  # (B,)
+    pos = torch.arange(idx.size(1) - 1)[None, :]  # (1, T-1)
+    mask = (pos >= plen[:, None] - 1) & (pos < lengths[:, None] - 1)  # (B, T-1)
+    return idx, mask, lengths
 
 
-def encode_prompt(tok, prompt):
-    """The template around `prompt` -> ids: one id per marker when the tokenizer has the
-    TEMPLATE_TOKENS (sft.py from scratch), the bytes of the markers when not (a llama.py base)."""
-    return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
+@torch.no_grad()
+def make_experience(model, reference, rm, tok, examples, cfg, kl_coef, moments, device, ctx,
+                    generator):
+    """One rollout batch -> the tensors PPO trains on and the step's metrics.
 
-
-def task_tokenizer(template_tokens=True):
-    """A fresh byte tokenizer for the task world; with template_tokens the two markers of the
-    prompt template take the ids of <|reserved_2|> and <|reserved_3|> (TEMPLATE_TOKENS)."""
-    special = dict(BYTE_SPECIAL)
-    if template_tokens:
-        special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
-        special.update(TEMPLATE_TOKENS)
-    return ByteTokenizer(special)
-
-
-def final_answer(text):
-    """The answer a response gives: cut at <|endoftext|>, the text after the last ' = ' (a
-    worked trace ends '... = 3'); a response without a trace is all answer."""
-    return text.split(EOT)[0].rsplit(" = ", 1)[-1]
-
-
-def check_answer(completion, answer):
-    """True when the completion's final answer is exactly the gold one: a different trace that
-    reaches the right answer counts (the trace is the model's working, not the graded part)."""
-    return final_answer(completion).strip() == final_answer(answer).strip()
-
-
-ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+",
-                 "reverse": r"[a-z]+", "sort": r"[a-z]+"}  # what a well-formed answer looks like
-
-
-def follows_format(completion, family):
-    """Format adherence: the (final) answer has the family's shape and <|endoftext|> ends it."""
-    return (EOT in completion
-            and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
+    Sample one response per problem with the current policy, then one forward pass of the
+    policy (old log-probs, values), of the frozen reference (reference log-probs) and of the
+    reward model (score at the last real token), all on the same padded batch at the same
+    temperature; rewards = normalised score at the last action - beta k1 at every action;
+    advantages by GAE, whitened over the batch's valid tokens; returns from the raw ones.
+    """
+    t0 = time.time()
+    pairs = sample_responses(model.policy, tok, examples, cfg.rollout_temperature,
+                             cfg.max_response_tokens, cfg.eval_batch_size, device, ctx, generator)
+    t_sample = time.time() - t0
+    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+    idx, mask, lengths = collate_rollouts(prompts, responses, tok.special[PAD])
+    idx, mask, lengths = idx.to(device), mask.to(device), lengths.to(device)
+    with ctx:
+        logits, values = model(idx)
+        ref_logits = reference(idx)[0]
+    logps = token_logps(logits, idx, cfg.rollout_temperature)  # (B, T-1)
+    ref_logps = token_logps(ref_logits, idx, cfg.rollout_temperature)
+    values = values[:, :-1]  # V(s_t) for the action at t
+    entropy = masked_mean(token_entropy(logits, cfg.rollout_temperature), mask).item()
+    eot = tok.special[EOT]
+    texts = [completion_text(tok, r) for r in responses]
+    correct = torch.tensor([check_answer(t, ex["answer"]) for t, ex in zip(texts, examples)],
+                           dtype=torch.float32)
+    stopped = torch.tensor([eot in r for r in responses])
+    if rm is not None:
+        with ctx:
+            raw = pooled_rewards(rm, idx, lengths).float().cpu()  # (B,) at lengths - 1
+    else:
+        raw = correct.clone()  # the checker: 1 right, 0 wrong
+    scores = raw
+    if cfg.normalize_reward:
+        moments.update(raw)
+        scores = (raw - moments.mean) / moments.std
+    scores = scores - cfg.missing_eot_penalty * (~stopped).float()
+    rewards, kl = compute_rewards(scores.to(device), logps, ref_logps, mask, lengths - 2,
+                                  kl_coef)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    advantages = whiten(advantages, mask)
+    valid_returns, valid_values = returns[mask], values[mask]
+    var_returns = valid_returns.var(unbiased=False)
+    explained = (1 - (valid_returns - valid_values).var(unbiased=False) / var_returns).item() \
+        if var_returns > 0 else 0.0
+    n_tokens = int(mask.sum())
+    metrics = {"rm_score": raw.mean().item(), "score_norm": scores.mean().item(),
+               "rollout_accuracy": correct.mean().item(), "kl": kl.sum(1).mean().item(),
+               "kl_per_token": (kl.sum() / n_tokens).item(), "kl_coef": kl_coef,
+               "entropy": entropy, "response_length": n_tokens / len(examples),
+               "no_eot_rate": 1 - stopped.float().mean().item(),
+               "explained_variance": explained, "value_mean": valid_values.mean().item(),
+               "return_mean": valid_returns.mean().item(),
+               "rollout_tokens_per_s": n_tokens / max(t_sample, 1e-9)}
+    exp = {"idx": idx, "mask": mask, "lengths": lengths, "logps": logps, "values": values,
+           "advantages": advantages, "returns": returns, "scores": raw, "correct": correct,
+           "texts": texts}
+    return exp, metrics
 
 
 # -------------------------------------------------------------------------------
-# The backbone: llama.py's model (copied from sft.py)
+# Training and evaluation
+# -------------------------------------------------------------------------------
+def ppo_update(model, optimizer, scaler, params, exp, cfg, generator, ctx):
+    """ppo_epochs passes over the rollout batch in shuffled minibatches, one clipped PPO step
+    each -> (mean stats over the minibatches, minibatches done, finite). The epochs end early
+    once a minibatch's approx-KL to the rollout policy passes --max-approx-kl: the ratio
+    clip bounds each token, this bounds the batch (OpenAI baselines' target_kl)."""
+    B = exp["idx"].size(0)
+    totals, n_mb = defaultdict(float), 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator).to(exp["idx"].device)
+        for i in range(0, B, cfg.minibatch_size):
+            mb = perm[i:i + cfg.minibatch_size]
+            T = int(exp["lengths"][mb].max())  # crop to the longest row: only padding goes
+            idx = exp["idx"][mb, :T]
+            with ctx:
+                logits, values = model(idx)
+            new_logps = token_logps(logits, idx, cfg.rollout_temperature)
+            old = {k: exp[k][mb, :T - 1] for k in ("logps", "advantages", "values", "returns",
+                                                   "mask")}
+            loss, stats = ppo_loss(new_logps, old["logps"], old["advantages"], values[:, :-1],
+                                   old["values"], old["returns"], old["mask"], cfg.clip_range,
+                                   cfg.clip_range_value, cfg.vf_coef)
+            if not math.isfinite(loss.item()):
+                return dict(totals, loss=loss.item()), n_mb, False
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            totals["loss"] += loss.item()
+            for k, v in stats.items():
+                totals[k] += v
+            n_mb += 1
+            if cfg.max_approx_kl and stats["approx_kl"] > cfg.max_approx_kl:
+                return {k: v / n_mb for k, v in totals.items()}, n_mb, True
+    return {k: v / n_mb for k, v in totals.items()}, n_mb, True
+
+
+def evaluate(model, rm, tok, examples, cfg, device, ctx):
+    """Held-out greedy accuracy per family (sft.py's set and decoding) and, with a reward
+    model, its mean score of those same greedy answers: the two curves of ppo.png."""
+    m = evaluate_tasks(model.policy, tok, examples, cfg.eval_max_new_tokens, cfg.eval_batch_size,
+                       device, ctx)
+    if rm is not None:
+        scores = score(rm, tok, [ex["prompt"] for ex, _ in m["samples"]],
+                       [c for _, c in m["samples"]], device, cfg.eval_batch_size, ctx)
+        m["rm_score_heldout"] = scores.mean().item()
+    return m
+
+
+def train(cfg, model, reference, rm, tok, train_ex, test_ex, moments, sft_ckpt, resumed, device,
+          dtype, ctx, t_start):
+    """The loop, nanoGPT's shape: evaluate and checkpoint every eval_interval steps; a step is one
+    rollout batch and its PPO updates -> (final checkpoint, last evaluation, batch, experience)."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    # ---- optimizer: weight decay on matrices only, as in sft.py ----
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' sampling
+    batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the minibatches' shuffling
+    gens = (sample_gen, batch_gen)
+    before, ev, exp, batch, kl, first = None, None, None, [], 0.0, 0
+    if resumed is not None:  # every state the next step reads, as it was saved
+        before, kl, first = restore(resumed, ckpt_path, model, optimizer, kl_ctl, moments, gens)
+    train_model = torch.compile(model) if cfg.compile else model
+    # the first write to --out-dir: a fresh log, or the resumed one up to its checkpoint
+    log_path = open_log(cfg.out_dir, first if resumed is not None else None)
+    t_last = time.time()
+    for step in range(first, cfg.max_iters + 1):
+        last_step = step == cfg.max_iters
+        # a resumed run's first step was evaluated (and logged) before its checkpoint
+        if (step % cfg.eval_interval == 0 or last_step) and (step > first or resumed is None):
+            ev = evaluate(model, rm, tok, test_ex, cfg, device, ctx)
+            if before is None:  # step 0: the SFT model itself
+                before = {k: ev[k] for k in ("accuracy", "accuracy_by_task", "format_rate")}
+                before["completions"] = {ex["prompt"]: c for ex, c in ev["samples"]}
+            log_eval(log_path, step, ev, t_start)
+            if step > 0:
+                save_checkpoint(checkpoint_dict(cfg, step, model, optimizer, tok, sft_ckpt,
+                                                kl_ctl, kl, before, moments, gens), ckpt_path)
+            t_last = time.time()  # evaluation time is not training time
+        if last_step:
+            break
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = step * cfg.rollout_batch
+        batch = [train_ex[(start + i) % len(train_ex)] for i in range(cfg.rollout_batch)]
+        exp, m = make_experience(model, reference, rm, tok, batch, cfg, kl_ctl.value, moments,
+                                 device, ctx, sample_gen)
+        try:
+            stats, n_mb, finite = ppo_update(train_model, optimizer, scaler, params, exp, cfg,
+                                             batch_gen, ctx)
+        except torch.OutOfMemoryError:
+            die(f"CUDA out of memory at rollout batch {cfg.rollout_batch}; try "
+                f"--minibatch-size {max(1, cfg.minibatch_size // 2)}")
+        check_finite(stats, finite, step, ckpt_path)
+        kl = m["kl"]
+        if cfg.adaptive_kl:
+            kl_ctl.update(kl, cfg.rollout_batch)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        now = time.time()
+        dt, t_last = now - t_last, now
+        log_step(cfg, log_path, step, first, lr, m, stats, n_mb, int(exp["mask"].sum()), dt,
+                 now - t_start)
+    # ---- after: true accuracy on sft.py's held-out problems (the last evaluation) ----
+    after = ev if ev is not None else evaluate(model, rm, tok, test_ex, cfg, device, ctx)
+    final = checkpoint_dict(cfg, cfg.max_iters, model, optimizer, tok, sft_ckpt, kl_ctl, kl,
+                            before, moments, gens)
+    return final, after, exp, batch
+
+
+def main(argv=None):
+    """parse -> build (policy, reference, reward, task world) -> train -> report."""
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    families = parse_families(cfg.families)
+    if cfg.minibatch_size > cfg.rollout_batch:
+        die(f"--minibatch-size {cfg.minibatch_size}: expected at most --rollout-batch "
+            f"{cfg.rollout_batch}")
+    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
+    torch.manual_seed(cfg.seed)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else contextlib.nullcontext())
+    if cfg.sample_only:
+        return sample_only(cfg, device, ctx)
+    check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    cfg, resumed = load_resumed(cfg) if cfg.resume else (cfg, None)
+    t_start = time.time()
+    # ---- the policy, the frozen reference, the reward, the task world of the SFT checkpoint ----
+    policy, tok, sft_ckpt = load_policy(cfg.init_from, device)
+    rm, moments = None, RunningMoments()
+    if cfg.reward == "rm":
+        rm, stats = load_reward_model(cfg.reward_model, tok, device)
+        if stats:  # the RM's scores of the SFT policy's answers: the prior of the running stats
+            moments = RunningMoments(stats["mean"], stats["std"], cfg.rollout_batch)
+    train_ex, test_ex = task_world(cfg, tok, sft_ckpt["config"], families,
+                                   sft_ckpt["model_args"]["block_size"])
+    reference = frozen_copy(policy)
+    model = ActorCritic(policy, cfg.critic).to(device).train()  # dropout 0: train = eval
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"policy and reference from {cfg.init_from} (sft.py, iter {sft_ckpt.get('iter')}); "
+          f"critic {cfg.critic}; {n_params / 1e6:.3f}M trainable parameters; reward "
+          f"{cfg.reward_model if rm is not None else 'the checker'}")
+    # ---- PPO, then the SFT-vs-PPO report, samples.txt, the final checkpoint ----
+    final, after, exp, batch = train(cfg, model, reference, rm, tok, train_ex, test_ex, moments,
+                                     sft_ckpt, resumed, device, dtype, ctx, t_start)
+    return report(cfg, final, after, exp, batch, t_start)
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------
+# Appendix: from sft.py — llama.py's model, sampling, evaluation, LR schedule, unchanged
 # -------------------------------------------------------------------------------
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 
@@ -1014,272 +1019,6 @@ class Llama(nn.Module):
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
 
-# -------------------------------------------------------------------------------
-# Data: prompts and rollouts
-# -------------------------------------------------------------------------------
-def parse_families(spec):
-    """--families: 'all' or a comma list of task families -> a tuple in TASK_FAMILIES order."""
-    if spec == "all":
-        return TASK_FAMILIES
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in TASK_FAMILIES]
-    if unknown or not names:
-        die(f"--families {spec}: expected all or a comma list of {', '.join(TASK_FAMILIES)}")
-    return tuple(f for f in TASK_FAMILIES if f in names)
-
-
-@torch.no_grad()
-def sample_responses(policy, tok, examples, temperature, max_new_tokens, batch_size, device, ctx,
-                     generator):
-    """One response per problem, sampled at `temperature` with the KV cache -> a list of
-    (prompt ids, response ids), the response cut after its first <|endoftext|> (a response
-    that never stopped keeps all max_new_tokens). Plain sampling, no top-k/top-p: the
-    log-probs PPO computes are then those of the distribution that drew the tokens (a
-    truncated sampler makes k1 negative and the update off-policy).
-
-    As sft.py's evaluation, prompts of equal token length are decoded together, so a batch
-    needs no padding and the KV cache no attention mask.
-    """
-    eot = tok.special[EOT]
-    groups = defaultdict(list)
-    for i, ex in enumerate(examples):
-        groups[len(encode_prompt(tok, ex["prompt"]))].append(i)
-    out = [None] * len(examples)
-    for T, members in sorted(groups.items()):
-        for j in range(0, len(members), batch_size):
-            chunk = members[j:j + batch_size]
-            prompts = [encode_prompt(tok, examples[i]["prompt"]) for i in chunk]
-            with ctx:
-                rows = generate_until(policy, torch.tensor(prompts, device=device),
-                                      max_new_tokens, eot, temperature,
-                                      generator=generator)[:, T:].tolist()
-            for i, p, r in zip(chunk, prompts, rows):
-                out[i] = (p, r[:r.index(eot) + 1] if eot in r else r)
-    return out
-
-
-def collate_rollouts(prompts, responses, pad_id):
-    """Prompt and response id lists -> idx (B, T) right-padded with pad_id, the action mask
-    (B, T-1) and lengths (B,), the real tokens per row.
-
-    In the shifted frame the response of a row with a prompt of P tokens and R response tokens
-    occupies actions P-1 .. P+R-2 (logits[:, P-1] predicts the first response token). The mask
-    comes from those lengths, so a pad id equal to the <|endoftext|> id would change nothing:
-    the stop token is an action like any other (docs/alignment-pitfalls.md section 4, pad == eos).
-    """
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s)
-    plen = torch.tensor([len(p) for p in prompts])  # (B,)
-    lengths = torch.tensor([len(s) for s in seqs])  # (B,)
-    pos = torch.arange(T - 1)[None, :]  # (1, T-1)
-    mask = (pos >= plen[:, None] - 1) & (pos < lengths[:, None] - 1)  # (B, T-1)
-    return idx, mask, lengths
-
-
-@torch.no_grad()
-def make_experience(model, reference, rm, tok, examples, cfg, kl_coef, moments, device, ctx,
-                    generator):
-    """One rollout batch -> the tensors PPO trains on and the step's metrics.
-
-    Sample one response per problem with the current policy, then one forward pass of the
-    policy (old log-probs, values), of the frozen reference (reference log-probs) and of the
-    reward model (score at the last real token), all on the same padded batch at the same
-    temperature; rewards = normalised score at the last action - beta k1 at every action;
-    advantages by GAE, whitened over the batch's valid tokens; returns from the raw ones.
-    """
-    t0 = time.time()
-    pairs = sample_responses(model.policy, tok, examples, cfg.rollout_temperature,
-                             cfg.max_response_tokens, cfg.eval_batch_size, device, ctx, generator)
-    t_sample = time.time() - t0
-    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
-    idx, mask, lengths = collate_rollouts(prompts, responses, tok.special[PAD])
-    idx, mask, lengths = idx.to(device), mask.to(device), lengths.to(device)
-    with ctx:
-        logits, values = model(idx)
-        ref_logits = reference(idx)[0]
-    logps = token_logps(logits, idx, cfg.rollout_temperature)  # (B, T-1)
-    ref_logps = token_logps(ref_logits, idx, cfg.rollout_temperature)
-    values = values[:, :-1]  # V(s_t) for the action at t
-    entropy = masked_mean(token_entropy(logits, cfg.rollout_temperature), mask).item()
-    eot = tok.special[EOT]
-    texts = [completion_text(tok, r) for r in responses]
-    correct = torch.tensor([check_answer(t, ex["answer"]) for t, ex in zip(texts, examples)],
-                           dtype=torch.float32)
-    stopped = torch.tensor([eot in r for r in responses])
-    if rm is not None:
-        with ctx:
-            raw = pooled_rewards(rm, idx, lengths).float().cpu()  # (B,) at lengths - 1
-    else:
-        raw = correct.clone()  # the checker: 1 right, 0 wrong
-    scores = raw
-    if cfg.normalize_reward:
-        moments.update(raw)
-        scores = (raw - moments.mean) / moments.std
-    scores = scores - cfg.missing_eot_penalty * (~stopped).float()
-    rewards, kl = compute_rewards(scores.to(device), logps, ref_logps, mask, lengths - 2,
-                                  kl_coef)
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    advantages = whiten(advantages, mask)
-    valid_returns, valid_values = returns[mask], values[mask]
-    var_returns = valid_returns.var(unbiased=False)
-    explained = (1 - (valid_returns - valid_values).var(unbiased=False) / var_returns).item() \
-        if var_returns > 0 else 0.0
-    n_tokens = int(mask.sum())
-    metrics = {"rm_score": raw.mean().item(), "score_norm": scores.mean().item(),
-               "rollout_accuracy": correct.mean().item(), "kl": kl.sum(1).mean().item(),
-               "kl_per_token": (kl.sum() / n_tokens).item(), "kl_coef": kl_coef,
-               "entropy": entropy, "response_length": n_tokens / len(examples),
-               "no_eot_rate": 1 - stopped.float().mean().item(),
-               "explained_variance": explained, "value_mean": valid_values.mean().item(),
-               "return_mean": valid_returns.mean().item(),
-               "rollout_tokens_per_s": n_tokens / max(t_sample, 1e-9)}
-    exp = {"idx": idx, "mask": mask, "lengths": lengths, "logps": logps, "values": values,
-           "advantages": advantages, "returns": returns, "scores": raw, "correct": correct,
-           "texts": texts}
-    return exp, metrics
-
-
-# -------------------------------------------------------------------------------
-# Training
-# -------------------------------------------------------------------------------
-def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / (warmup_iters + 1)
-    if step >= lr_decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def ppo_update(model, optimizer, scaler, params, exp, cfg, generator, ctx):
-    """ppo_epochs passes over the rollout batch in shuffled minibatches, one clipped PPO step
-    each -> (mean stats over the minibatches, minibatches done, finite). The epochs end early
-    once a minibatch's approx-KL to the rollout policy passes --max-approx-kl: the ratio
-    clip bounds each token, this bounds the batch (OpenAI baselines' target_kl)."""
-    B = exp["idx"].size(0)
-    totals, n_mb = defaultdict(float), 0
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(exp["idx"].device)
-        for i in range(0, B, cfg.minibatch_size):
-            mb = perm[i:i + cfg.minibatch_size]
-            T = int(exp["lengths"][mb].max())  # crop to the longest row: only padding goes
-            idx = exp["idx"][mb, :T]
-            with ctx:
-                logits, values = model(idx)
-            new_logps = token_logps(logits, idx, cfg.rollout_temperature)
-            old = {k: exp[k][mb, :T - 1] for k in ("logps", "advantages", "values", "returns",
-                                                   "mask")}
-            loss, stats = ppo_loss(new_logps, old["logps"], old["advantages"], values[:, :-1],
-                                   old["values"], old["returns"], old["mask"], cfg.clip_range,
-                                   cfg.clip_range_value, cfg.vf_coef)
-            if not math.isfinite(loss.item()):
-                return dict(totals, loss=loss.item()), n_mb, False
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            totals["loss"] += loss.item()
-            for k, v in stats.items():
-                totals[k] += v
-            n_mb += 1
-            if cfg.max_approx_kl and stats["approx_kl"] > cfg.max_approx_kl:
-                return {k: v / n_mb for k, v in totals.items()}, n_mb, True
-    return {k: v / n_mb for k, v in totals.items()}, n_mb, True
-
-
-# -------------------------------------------------------------------------------
-# Generation and evaluation
-# -------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx):
-    """Greedy answers to the test problems -> exact-match accuracy and format adherence.
-
-    Prompts of equal token length are decoded together, so a batch needs no padding and the
-    KV cache no attention mask; each batch stops once every row has emitted <|endoftext|>.
-    """
-    model.eval()
-    groups = defaultdict(list)
-    for ex in examples:
-        groups[len(encode_prompt(tok, ex["prompt"]))].append(ex)
-    results = []
-    for T, group in sorted(groups.items()):
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            idx = torch.tensor([encode_prompt(tok, ex["prompt"]) for ex in chunk], device=device)
-            with ctx:
-                out = generate_until(model, idx, max_new_tokens, tok.special[EOT])
-            for ex, row in zip(chunk, out[:, T:].tolist()):
-                results.append((ex, completion_text(tok, row)))
-    model.train()
-    by_task = defaultdict(list)
-    for ex, completion in results:
-        response = completion.split(EOT)[0]
-        by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
-                                    follows_format(completion, ex["task"]),
-                                    response.strip() == ex["answer"].strip(),  # trace and all
-                                    len(tok.encode_ordinary(response))))
-    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
-    acc, fmt, exact, length = per_task
-    return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
-            "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
-            "exact_by_task": exact, "length_by_task": length,
-            "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
-
-
-def evaluate(model, rm, tok, examples, cfg, device, ctx):
-    """Held-out greedy accuracy per family (sft.py's set and decoding) and, with a reward
-    model, its mean score of those same greedy answers: the two curves of ppo.png."""
-    m = evaluate_tasks(model.policy, tok, examples, cfg.eval_max_new_tokens, cfg.eval_batch_size,
-                       device, ctx)
-    if rm is not None:
-        scores = score(rm, tok, [ex["prompt"] for ex, _ in m["samples"]],
-                       [c for _, c in m["samples"]], device, cfg.eval_batch_size, ctx)
-        m["rm_score_heldout"] = scores.mean().item()
-    return m
-
-
-def changed_answers(before, after):
-    """Held-out problems whose greedy answer changed: '[ok |BAD] prompt: SFT -> PPO' lines,
-    the ones PPO fixed first, then the ones it broke, then the rest."""
-    lines = []
-    for ex, completion in after["samples"]:
-        old = before["completions"].get(ex["prompt"])
-        if old is None or old == completion:
-            continue
-        was, now = check_answer(old, ex["answer"]), check_answer(completion, ex["answer"])
-        rank = 0 if now and not was else 1 if was and not now else 2
-        lines.append((rank, f"[{'ok ' if now else 'BAD'}] {ex['prompt']!r}: {old!r} -> "
-                            f"{completion!r} (gold {ex['answer']!r})"))
-    return [line for _, line in sorted(lines, key=lambda x: x[0])]
-
-
-def favourite_mistakes(examples, exp, k=12):
-    """The wrong rollout answers the reward scored highest: where the RM is being exploited."""
-    wrong = [i for i in range(len(examples)) if not exp["correct"][i]]
-    wrong.sort(key=lambda i: -exp["scores"][i].item())
-    return [f"{exp['scores'][i].item():+.2f} {examples[i]['prompt']!r}: {exp['texts'][i]!r} "
-            f"(gold {examples[i]['answer']!r})" for i in wrong[:k]]
-
-
-def print_before_after(before, after):
-    """The chain table's row pair: accuracy per family, mean and format, SFT then PPO."""
-    fams = [t for t in TASK_FAMILIES if t in after["accuracy_by_task"]]
-    print(f"{'':<6}" + "".join(f"{t:>9}" for t in fams) + f"{'mean':>9}{'format':>9}")
-    for name, m in (("SFT", before), ("PPO", after)):
-        print(f"{name:<6}" + "".join(f"{m['accuracy_by_task'][t]:>9.3f}" for t in fams)
-              + f"{m['accuracy']:>9.3f}{m['format_rate']:>9.3f}")
-
-
-# -------------------------------------------------------------------------------
-# Generation
-# -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
 
@@ -1369,8 +1108,301 @@ def completion_text(tok, ids):
     return tok.decode([i for i in ids if i < tok.n_vocab])
 
 
+@torch.no_grad()
+def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx):
+    """Greedy answers to the test problems -> exact-match accuracy and format adherence.
+
+    Prompts of equal token length are decoded together, so a batch needs no padding and the
+    KV cache no attention mask; each batch stops once every row has emitted <|endoftext|>.
+    """
+    model.eval()
+    groups = defaultdict(list)
+    for ex in examples:
+        groups[len(encode_prompt(tok, ex["prompt"]))].append(ex)
+    results = []
+    for T, group in sorted(groups.items()):
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            idx = torch.tensor([encode_prompt(tok, ex["prompt"]) for ex in chunk], device=device)
+            with ctx:
+                out = generate_until(model, idx, max_new_tokens, tok.special[EOT])
+            for ex, row in zip(chunk, out[:, T:].tolist()):
+                results.append((ex, completion_text(tok, row)))
+    model.train()
+    by_task = defaultdict(list)
+    for ex, completion in results:
+        response = completion.split(EOT)[0]
+        by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
+                                    follows_format(completion, ex["task"]),
+                                    response.strip() == ex["answer"].strip(),  # trace and all
+                                    len(tok.encode_ordinary(response))))
+    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
+    acc, fmt, exact, length = per_task
+    return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
+            "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
+            "exact_by_task": exact, "length_by_task": length,
+            "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
+
+
+def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
 # -------------------------------------------------------------------------------
-# Main
+# Appendix: from sft.py — the task world, unchanged
+# -------------------------------------------------------------------------------
+BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
+                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
+
+
+class ByteTokenizer:
+    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
+    special tokens follow (<|endoftext|> = 256).
+
+    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
+    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
+    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
+    character. The members are those of `tiktoken.Encoding` this file uses.
+    """
+
+    name = "byte"
+
+    def __init__(self, special=None):
+        self.special = dict(BYTE_SPECIAL if special is None else special)
+        self.n_vocab = 256 + len(self.special)
+        self.names = {i: s for s, i in self.special.items()}
+
+    def encode_ordinary(self, text):
+        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
+        return list(text.encode("utf-8"))
+
+    def encode(self, text, allowed_special=()):
+        """NEW vs llama.py: as tiktoken's `encode`, the special-token strings listed in
+        allowed_special become their ids; the rest of the text is plain bytes."""
+        if not allowed_special:
+            return self.encode_ordinary(text)
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text):
+            ids += [self.special[part]] if part in allowed_special else self.encode_ordinary(part)
+        return ids
+
+    def decode(self, ids):
+        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            else:
+                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
+                run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
+
+
+TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
+PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+EOT = "<|endoftext|>"  # ends every response; generation stops there
+PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
+TEMPLATE_TOKENS = {"### Instruction:\n": 258, "\n\n### Response:\n": 259}
+
+
+def make_word(rng, length):
+    """A pronounceable pseudo-word: consonants and vowels alternate (no word list needed)."""
+    start = rng.randrange(2)
+    return "".join(rng.choice("aeiou" if (i + start) % 2 else "bcdfghklmnprstvz")
+                   for i in range(length))
+
+
+def make_number(rng, digits):
+    """A number with exactly `digits` digits (1 digit includes 0)."""
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def make_task(family, rng, difficulty, think=False):
+    """One problem of `family` at level `difficulty` (1 = easiest) -> {task, prompt, answer}.
+
+    Level L means L-digit numbers (the second operand of + and - has 1..L digits) and words
+    of 2L+1 or 2L+2 letters, so the knob scales every family the same way. With `think`, the
+    answer of a family that needs one carries a worked trace first, '<trace> = <answer>' (the
+    random draws are the same, so the problems are too; `final_answer` reads the answer).
+    """
+    if family in ("add", "sub"):
+        a, b = make_number(rng, difficulty), make_number(rng, rng.randint(1, difficulty))
+        if family == "add":
+            return {"task": family, "prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+        a, b = max(a, b), min(a, b)  # keep the difference non-negative
+        return {"task": family, "prompt": f"What is {a} - {b}?", "answer": str(a - b)}
+    if family == "compare":
+        a = make_number(rng, difficulty)
+        b = make_number(rng, difficulty)
+        while b == a:
+            b = make_number(rng, difficulty)
+        return {"task": family, "prompt": f"Which is larger: {a} or {b}?", "answer": str(max(a, b))}
+    word = make_word(rng, 2 * difficulty + rng.randint(1, 2))
+    if family == "reverse":
+        return {"task": family, "prompt": f"Reverse the word: {word}", "answer": word[::-1]}
+    if family == "sort":
+        return {"task": family, "prompt": f"Sort the letters: {word}",
+                "answer": "".join(sorted(word))}
+    if family == "count":
+        # half the time a letter of the word, so answers are not almost always 0
+        letter = (rng.choice(word) if rng.random() < 0.5
+                  else rng.choice("abcdefghijklmnopqrstuvwxyz"))
+        answer = str(word.count(letter))
+        if think:  # the letter, then a running tally: banana, a -> a: b0a1n1a2n2a3 = 3
+            tally = "".join(f"{c}{word[:i + 1].count(letter)}" for i, c in enumerate(word))
+            answer = f"{letter}: {tally} = {answer}"
+        return {"task": family, "prompt": f"Count the letter {letter} in: {word}",
+                "answer": answer}
+    raise ValueError(f"unknown task family {family!r}; expected one of {TASK_FAMILIES}")
+
+
+def task_split(prompt):
+    """'test' for one prompt in five, 'train' otherwise: a hash of the text decides, so the
+    two splits are disjoint by construction, whatever the seed or the order of generation."""
+    return "test" if int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
+
+
+def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
+    """`n` distinct problems of `split`, an equal share per family, levels from 1..difficulty.
+
+    Rejection sampling: a generated problem is kept only if `task_split` puts it in `split`
+    and its prompt is new. Each example also records its `level` (for the curriculum).
+    """
+    rng = random.Random(seed)
+    out, seen = [], set()
+    for k, family in enumerate(families):
+        quota = n // len(families) + (k < n % len(families))
+        for _ in range(100 * quota + 1000):  # a small task space runs out: stop, don't loop
+            if quota == 0:
+                break
+            level = rng.randint(1, difficulty)
+            ex = make_task(family, rng, level, think)
+            if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
+                seen.add(ex["prompt"])
+                out.append(dict(ex, level=level))
+                quota -= 1
+        if quota:
+            raise ValueError(f"too few distinct {split} problems of {family} at difficulty "
+                             f"{difficulty} for n={n}")
+    return out
+
+
+def format_prompt(prompt):
+    """The full text the model sees before its answer, up to and including '### Response:\\n'."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def encode_prompt(tok, prompt):
+    """The template around `prompt` -> ids: one id per marker when the tokenizer has the
+    TEMPLATE_TOKENS (sft.py from scratch), the bytes of the markers when not (a llama.py base)."""
+    return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
+
+
+def task_tokenizer(template_tokens=True):
+    """A fresh byte tokenizer for the task world; with template_tokens the two markers of the
+    prompt template take the ids of <|reserved_2|> and <|reserved_3|> (TEMPLATE_TOKENS)."""
+    special = dict(BYTE_SPECIAL)
+    if template_tokens:
+        special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
+        special.update(TEMPLATE_TOKENS)
+    return ByteTokenizer(special)
+
+
+def final_answer(text):
+    """The answer a response gives: cut at <|endoftext|>, the text after the last ' = ' (a
+    worked trace ends '... = 3'); a response without a trace is all answer."""
+    return text.split(EOT)[0].rsplit(" = ", 1)[-1]
+
+
+def check_answer(completion, answer):
+    """True when the completion's final answer is exactly the gold one: a different trace that
+    reaches the right answer counts (the trace is the model's working, not the graded part)."""
+    return final_answer(completion).strip() == final_answer(answer).strip()
+
+
+ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+",
+                 "reverse": r"[a-z]+", "sort": r"[a-z]+"}  # what a well-formed answer looks like
+
+
+def follows_format(completion, family):
+    """Format adherence: the (final) answer has the family's shape and <|endoftext|> ends it."""
+    return (EOT in completion
+            and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
+
+
+# -------------------------------------------------------------------------------
+# Appendix: from reward.py — the reward model and its scoring, unchanged
+# -------------------------------------------------------------------------------
+def build_reward_model(model_args):
+    """The sft.py Llama with its LM head (C -> V) replaced by a scalar head (C -> 1).
+
+    The head reads the residual stream after the final norm; zero-initialised, so every
+    sequence starts at reward 0 and the first loss is exactly ln 2 (a fair coin per pair).
+    Dropout is off (model_args["dropout"] = 0): a reward must be a function of the text, not
+    of a dropout mask (TRL disables it too).
+    """
+    model = Llama(ModelConfig(**dict(model_args, dropout=0.0)))
+    model.lm_head = nn.Linear(model_args["n_embd"], 1, bias=False)  # NEW vs sft.py: (C, 1)
+    nn.init.zeros_(model.lm_head.weight)
+    return model
+
+
+def pooled_rewards(model, idx, lengths):
+    """Rewards of right-padded sequences idx (B, T) with `lengths` real tokens -> (B,).
+
+    The head runs at every position; the reward is read at position lengths - 1, the last
+    real token (the response's <|endoftext|>), the one that has seen the whole prompt and
+    response. It is picked by the lengths, never by searching for a pad id: with pad == eos
+    that search stops at the first <|endoftext|> (docs/alignment-pitfalls.md section 2). Causal
+    attention keeps the padding, which sits after every real token, from changing the value.
+    """
+    values = model(idx)[0].squeeze(-1)  # (B, T, 1) -> (B, T): a reward at every prefix
+    return values[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B,)
+
+
+def encode_scored(tok, prompt, response):
+    """Prompt (wrapped in the template) + response text -> ids; an <|endoftext|> written in
+    the response becomes its token, as the policy emitted it."""
+    return encode_prompt(tok, prompt) + tok.encode(response, [EOT])
+
+
+def collate_scored(seqs, pad_id):
+    """Right-pad id lists -> idx (B, T) and lengths (B,), the number of real tokens per row."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s)
+    return idx, torch.tensor([len(s) for s in seqs])
+
+
+@torch.no_grad()
+def score(model, tok, prompts, responses, device, batch_size=256, ctx=contextlib.nullcontext()):
+    """Rewards of (prompt, response) texts -> a float32 CPU tensor (N,), in batches.
+
+    The API ppo.py copies: prompts are instructions (the template is added here), responses
+    the text the policy wrote, ending with <|endoftext|> when it stopped.
+    """
+    seqs = [encode_scored(tok, p, r) for p, r in zip(prompts, responses)]
+    too_long = [len(s) for s in seqs if len(s) > model.config.block_size]
+    if too_long:
+        raise ValueError(f"a scored sequence has {max(too_long)} tokens; the model's context "
+                         f"is {model.config.block_size}")
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        idx, lengths = collate_scored(seqs[i:i + batch_size], tok.special[PAD])
+        with ctx:
+            out.append(pooled_rewards(model, idx.to(device), lengths.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# -------------------------------------------------------------------------------
+# Appendix: bookkeeping — loading, restore, checkpoint, log records, report
 # -------------------------------------------------------------------------------
 def tokenizer_from(ckpt, path):
     """The byte tokenizer a checkpoint was trained with (the task world needs its specials)."""
@@ -1379,14 +1411,6 @@ def tokenizer_from(ckpt, path):
         die(f"{path} uses a {state.get('kind')!r} tokenizer; ppo.py needs sft.py's byte "
             f"tokenizer with {EOT} and {PAD}")
     return ByteTokenizer(state["special"])
-
-
-def checked(ckpt, path, keys):
-    """A checkpoint with every key the caller reads, or one line naming the one missing."""
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
-    return ckpt
 
 
 def load_weights(model, state, path):
@@ -1404,7 +1428,7 @@ def load_policy(path, device):
     if not Path(path).is_file():
         die(f"{path} not found: run python sft.py first (or point --init-from at an sft.py "
             f"checkpoint)")
-    ckpt = checked(load_checkpoint(path, ("sft.py",)), path, ("model_args", "config", "tokenizer"))
+    ckpt = load_checkpoint(path, ("sft.py",), ("model_args", "config", "tokenizer"))
     if ckpt["config"].get("task", "generate") != "generate":
         die(f"{path} is a --task classify checkpoint; ppo.py needs a generating SFT model")
     tok = tokenizer_from(ckpt, path)
@@ -1419,7 +1443,7 @@ def load_reward_model(path, tok, device):
     if not Path(path).is_file():
         die(f"{path} not found: run python reward.py first (or point --reward-model at a "
             f"reward.py checkpoint, or use --reward checker)")
-    ckpt = checked(load_checkpoint(path, ("reward.py",)), path, ("model_args", "tokenizer"))
+    ckpt = load_checkpoint(path, ("reward.py",), ("model_args", "tokenizer"))
     if tokenizer_from(ckpt, path).special != tok.special:
         die(f"{path} has another tokenizer than the policy's: train it from the same sft.py "
             f"checkpoint")
@@ -1428,17 +1452,148 @@ def load_reward_model(path, tok, device):
     return rm.to(device).eval().requires_grad_(False), ckpt.get("reward_stats")
 
 
-def frozen_copy(model):
-    """The reference pi_ref: a separate deep copy of the SFT model, in eval mode, every
-    parameter with requires_grad False (never the policy object itself: the KL would be 0
-    for ever). Dropout is 0 in both, so at the first step log pi = log pi_ref exactly."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+def load_resumed(cfg):
+    """--resume: the checkpoint in --out-dir, and cfg with the run's own policy, reward and
+    critic, whatever the flags say -> (cfg, checkpoint)."""
+    resumed = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ("ppo.py",), (
+        "model", "value", "optimizer", "iter", "before", "kl_coef", "reward_moments", "rng"))
+    cfg = dataclasses.replace(cfg, **{k: resumed["config"][k] for k in (
+        "init_from", "reward", "reward_model", "critic")})
+    if cfg.max_iters < resumed["iter"]:
+        die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {resumed['iter']}; "
+            f"pass --max-iters {resumed['iter']} or more to continue it")
+    return cfg, resumed
+
+
+def restore(resumed, path, model, optimizer, kl_ctl, moments, gens):
+    """--resume: every state the next step reads, as it was saved -> (before, kl, first step)."""
+    load_weights(model.policy, resumed["model"], path)
+    model.load_value_state(resumed["value"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    kl_ctl.value = resumed["kl_coef"]
+    moments.mean, moments.var, moments.count = (resumed["reward_moments"][k] for k in
+                                                ("mean", "var", "count"))
+    torch.set_rng_state(resumed["rng"]["torch"])
+    for gen, key in zip(gens, ("sample", "batch")):  # the rollouts' and the minibatches'
+        gen.set_state(resumed["rng"][key])
+    return resumed["before"], resumed.get("kl", 0.0), resumed["iter"]
+
+
+def checkpoint_dict(cfg, step, model, optimizer, tok, sft_ckpt, kl_ctl, kl, before, moments,
+                    gens):
+    """ckpt.pt: the policy as a plain Llama (a next stage reads it), the value function, and
+    every state --resume needs to replay the next steps bit for bit (docs/design.md section 4)."""
+    return {"script": "ppo.py", "version": 1, "config": dataclasses.asdict(cfg),
+            "model_args": dict(sft_ckpt["model_args"], dropout=0.0),  # dropout off everywhere
+            "model": model.policy.state_dict(), "value": model.value_state(), "critic": cfg.critic,
+            "optimizer": optimizer.state_dict(), "iter": step,
+            "tokenizer": {"kind": "byte", "special": dict(tok.special)},
+            "sft_from": cfg.init_from, "kl_coef": kl_ctl.value, "kl": kl, "before": before,
+            "reward_moments": {"mean": moments.mean, "std": moments.std,
+                               "var": moments.var, "count": moments.count},
+            "task_world": {k: sft_ckpt["config"][k] for k in ("seed", "difficulty", "n_test")},
+            "rng": {"torch": torch.get_rng_state(), "sample": gens[0].get_state(),
+                    "batch": gens[1].get_state()}}
+
+
+def log_eval(log_path, step, ev, t_start):
+    """An evaluation's record in log.jsonl and its line on stdout."""
+    rec = {"iter": step, "accuracy": ev["accuracy"], "accuracy_by_task": ev["accuracy_by_task"],
+           "format_rate": ev["format_rate"], "elapsed_s": time.time() - t_start}
+    held = ""
+    if "rm_score_heldout" in ev:  # a reward model's score of the same greedy answers
+        rec["rm_score_heldout"] = ev["rm_score_heldout"]
+        held = f", RM score {ev['rm_score_heldout']:+.3f}"
+    append_jsonl(log_path, rec)
+    print(f"step {step}: held-out accuracy {ev['accuracy']:.3f} "
+          + " ".join(f"{t} {a:.2f}" for t, a in ev["accuracy_by_task"].items()) + held)
+
+
+def check_finite(stats, finite, step, ckpt_path):
+    """A non-finite loss stops the run with one line saying whether a good checkpoint is left."""
+    if not finite:
+        kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
+            "no checkpoint was written"
+        die(f"loss is {stats['loss']} at iter {step}; stopped, {kept} (try a lower "
+            f"--learning-rate)")
+
+
+def log_step(cfg, log_path, step, first, lr, m, stats, n_mb, n_tokens, dt, elapsed):
+    """A PPO step's record in log.jsonl (rollout metrics m, update stats) and its line."""
+    append_jsonl(log_path, {"iter": step, "loss": stats["loss"], "lr": lr,
+                            "ms_per_iter": 1000 * dt, "tokens_per_s": n_tokens / dt,
+                            "elapsed_s": elapsed, **m, **stats, "minibatches": n_mb})
+    eta = elapsed / (step + 1 - first) * (cfg.max_iters - step - 1)
+    print(f"iter {step}/{cfg.max_iters} | score {m['rm_score']:+.3f} | acc "
+          f"{m['rollout_accuracy']:.3f} | kl {m['kl']:.3f} | beta {m['kl_coef']:.3f} | clip "
+          f"{stats['clipfrac']:.3f} | akl {stats['approx_kl']:.4f} | vloss {stats['vf_loss']:.3f} "
+          f"| ev {m['explained_variance']:+.2f} | ent {m['entropy']:.2f} | len "
+          f"{m['response_length']:.1f} | {m['rollout_tokens_per_s'] / 1000:.1f}k tok/s | "
+          f"{1000 * dt:.0f} ms | eta {format_eta(eta)}")
+
+
+def changed_answers(before, after):
+    """Held-out problems whose greedy answer changed: '[ok |BAD] prompt: SFT -> PPO' lines,
+    the ones PPO fixed first, then the ones it broke, then the rest."""
+    lines = []
+    for ex, completion in after["samples"]:
+        old = before["completions"].get(ex["prompt"])
+        if old is None or old == completion:
+            continue
+        was, now = check_answer(old, ex["answer"]), check_answer(completion, ex["answer"])
+        rank = 0 if now and not was else 1 if was and not now else 2
+        lines.append((rank, f"[{'ok ' if now else 'BAD'}] {ex['prompt']!r}: {old!r} -> "
+                            f"{completion!r} (gold {ex['answer']!r})"))
+    return [line for _, line in sorted(lines, key=lambda x: x[0])]
+
+
+def favourite_mistakes(examples, exp, k=12):
+    """The wrong rollout answers the reward scored highest: where the RM is being exploited."""
+    wrong = [i for i in range(len(examples)) if not exp["correct"][i]]
+    wrong.sort(key=lambda i: -exp["scores"][i].item())
+    return [f"{exp['scores'][i].item():+.2f} {examples[i]['prompt']!r}: {exp['texts'][i]!r} "
+            f"(gold {examples[i]['answer']!r})" for i in wrong[:k]]
+
+
+def report(cfg, final, after, exp, batch, t_start):
+    """The SFT-vs-PPO table, the held-out answers that changed and the reward's favourite
+    mistakes (samples.txt), then the final checkpoint and the done record -> that record."""
+    out_dir, before, rm_on = Path(cfg.out_dir), final["before"], cfg.reward == "rm"
+    fams = [t for t in TASK_FAMILIES if t in after["accuracy_by_task"]]  # the chain table's rows
+    print(f"{'':<6}" + "".join(f"{t:>9}" for t in fams) + f"{'mean':>9}{'format':>9}")
+    for name, m in (("SFT", before), ("PPO", after)):
+        print(f"{name:<6}" + "".join(f"{m['accuracy_by_task'][t]:>9.3f}" for t in fams)
+              + f"{m['accuracy']:>9.3f}{m['format_rate']:>9.3f}")
+    lines = changed_answers(before, after)
+    print(f"{len(lines)} held-out answers changed; the first few:")
+    print("\n".join(lines[:6]))
+    text = "\n".join(["# held-out greedy answers that changed (SFT -> PPO)", *lines]) + "\n"
+    if exp is not None:
+        text += (f"\n# the last rollout batch's wrong answers with the highest "
+                 f"{'RM' if rm_on else 'checker'} score\n")
+        text += "".join(line + "\n" for line in favourite_mistakes(batch, exp))
+    (out_dir / "samples.txt").write_text(text)
+    wall = time.time() - t_start
+    headline = ("accuracy", "accuracy_by_task", "format_rate")
+    done = {"event": "done", "iter": cfg.max_iters, **{k: after[k] for k in headline},
+            "format_by_task": after["format_by_task"], "kl": final["kl"],
+            "kl_coef": final["kl_coef"], "reward": cfg.reward, "critic": cfg.critic,
+            **{f"{k}_before": before[k] for k in headline}, "wall_s": wall}
+    if rm_on:
+        done["rm_score_heldout"] = after["rm_score_heldout"]
+    save_checkpoint(final, out_dir / "ckpt.pt")
+    append_jsonl(out_dir / "log.jsonl", done)
+    if cfg.plot:
+        plot_ppo(out_dir / "log.jsonl", out_dir / "ppo.png")
+    print(f"done in {format_eta(wall)}: accuracy {after['accuracy']:.3f} (SFT "
+          f"{before['accuracy']:.3f}), KL {final['kl']:.3f} nats per response")
+    return done
 
 
 def sample_only(cfg, device, ctx):
     """--sample-only: answer --prompt with the PPO policy in --out-dir."""
     path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = checked(load_checkpoint(path, ("ppo.py",)), path, ("model_args", "tokenizer"))
+    ckpt = load_checkpoint(path, ("ppo.py",), ("model_args", "tokenizer"))
     tok = tokenizer_from(ckpt, path)
     model = Llama(ModelConfig(**ckpt["model_args"]))
     load_weights(model, ckpt["model"], path)
@@ -1457,201 +1612,45 @@ def sample_only(cfg, device, ctx):
     return {"samples": answers}
 
 
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda"):
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
-    families = parse_families(cfg.families)
-    if cfg.minibatch_size > cfg.rollout_batch:
-        die(f"--minibatch-size {cfg.minibatch_size}: expected at most --rollout-batch "
-            f"{cfg.rollout_batch}")
-    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
-    torch.manual_seed(cfg.seed)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
-           else contextlib.nullcontext())
-    if cfg.sample_only:
-        return sample_only(cfg, device, ctx)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
-    resumed = None
-    if cfg.resume:  # the run's own policy, reward and critic, whatever the flags say
-        resumed = load_checkpoint(ckpt_path, ("ppo.py",), (
-            "model", "value", "optimizer", "iter", "before", "kl_coef", "reward_moments", "rng"))
-        cfg = dataclasses.replace(cfg, **{k: resumed["config"][k] for k in (
-            "init_from", "reward", "reward_model", "critic")})
-        if cfg.max_iters < resumed["iter"]:
-            die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {resumed['iter']}; "
-                f"pass --max-iters {resumed['iter']} or more to continue it")
-    t_start = time.time()
-
-    # ---- the policy, the frozen reference, the reward, the task world of the SFT checkpoint ----
-    policy, tok, sft_ckpt = load_policy(cfg.init_from, device)
-    rm, moments = None, RunningMoments()
-    if cfg.reward == "rm":
-        rm, stats = load_reward_model(cfg.reward_model, tok, device)
-        if stats:  # the RM's scores of the SFT policy's answers: the prior of the running stats
-            moments = RunningMoments(stats["mean"], stats["std"], cfg.rollout_batch)
-    sft_cfg = sft_ckpt["config"]
-    model_args = dict(sft_ckpt["model_args"], dropout=0.0)  # dropout off everywhere
-    block_size = model_args["block_size"]
-    try:
-        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"],
-                              families)
-        # the held-out set is exactly sft.py's (same seed, difficulty and count), so every
-        # stage of the chain scores the same problems with the same greedy decoding
-        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
-    except (ValueError, KeyError) as e:
-        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
-    random.Random(cfg.seed).shuffle(train_ex)  # make_tasks lists family by family: mix them
-    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
-    budget = max(cfg.max_response_tokens, cfg.eval_max_new_tokens)
-    if longest + budget > block_size:
-        die(f"prompts of {longest} tokens + {budget} response tokens exceed the context of "
-            f"{cfg.init_from} ({block_size} tokens)")
-    reference = frozen_copy(policy)
-    model = ActorCritic(policy, cfg.critic).to(device).train()  # dropout 0: train = eval
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"policy and reference from {cfg.init_from} (sft.py, iter {sft_ckpt.get('iter')}); "
-          f"critic {cfg.critic}; {n_params / 1e6:.3f}M trainable parameters; reward "
-          f"{cfg.reward_model if rm is not None else 'the checker'}")
-
-    # ---- optimizer: weight decay on matrices only, as in sft.py ----
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' sampling
-    batch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the minibatches' shuffling
-    before, ev, exp, batch, kl, first = None, None, None, [], 0.0, 0
-    if resumed is not None:  # every state the next step reads, as it was saved
-        load_weights(model.policy, resumed["model"], ckpt_path)
-        model.load_value_state(resumed["value"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        kl_ctl.value, kl = resumed["kl_coef"], resumed.get("kl", 0.0)
-        moments.mean, moments.var, moments.count = (resumed["reward_moments"][k] for k in
-                                                    ("mean", "var", "count"))
-        torch.set_rng_state(resumed["rng"]["torch"])
-        sample_gen.set_state(resumed["rng"]["sample"])
-        batch_gen.set_state(resumed["rng"]["batch"])
-        before, first = resumed["before"], resumed["iter"]
-    train_model = torch.compile(model) if cfg.compile else model
-    # the first write to --out-dir: a fresh log, or the resumed one up to its checkpoint
-    open_log(out_dir, first if resumed is not None else None)
-
-    def make_ckpt(step):
-        return {"script": "ppo.py", "version": 1, "config": dataclasses.asdict(cfg),
-                "model_args": model_args, "model": model.policy.state_dict(),
-                "value": model.value_state(), "critic": cfg.critic,
-                "optimizer": optimizer.state_dict(), "iter": step,
-                "tokenizer": {"kind": "byte", "special": dict(tok.special)},
-                "sft_from": cfg.init_from, "kl_coef": kl_ctl.value, "kl": kl, "before": before,
-                "reward_moments": {"mean": moments.mean, "std": moments.std,
-                                   "var": moments.var, "count": moments.count},
-                "task_world": {k: sft_cfg[k] for k in ("seed", "difficulty", "n_test")},
-                "rng": {"torch": torch.get_rng_state(), "sample": sample_gen.get_state(),
-                        "batch": batch_gen.get_state()}}
-
-    t_last = time.time()
-    for step in range(first, cfg.max_iters + 1):
-        last_step = step == cfg.max_iters
-        # a resumed run's first step was evaluated (and logged) before its checkpoint
-        if (step % cfg.eval_interval == 0 or last_step) and (step > first or resumed is None):
-            ev = evaluate(model, rm, tok, test_ex, cfg, device, ctx)
-            if before is None:  # step 0: the SFT model itself
-                before = {k: ev[k] for k in ("accuracy", "accuracy_by_task", "format_rate")}
-                before["completions"] = {ex["prompt"]: c for ex, c in ev["samples"]}
-            rec = {"iter": step, "accuracy": ev["accuracy"],
-                   "accuracy_by_task": ev["accuracy_by_task"], "format_rate": ev["format_rate"],
-                   "elapsed_s": time.time() - t_start}
-            if rm is not None:
-                rec["rm_score_heldout"] = ev["rm_score_heldout"]
-            append_jsonl(log_path, rec)
-            held = f", RM score {ev['rm_score_heldout']:+.3f}" if rm is not None else ""
-            print(f"step {step}: held-out accuracy {ev['accuracy']:.3f} "
-                  + " ".join(f"{t} {a:.2f}" for t, a in ev["accuracy_by_task"].items()) + held)
-            if step > 0:
-                save_checkpoint(make_ckpt(step), ckpt_path)
-            t_last = time.time()  # evaluation time is not training time
-        if last_step:
-            break
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        start = step * cfg.rollout_batch
-        batch = [train_ex[(start + i) % len(train_ex)] for i in range(cfg.rollout_batch)]
-        exp, m = make_experience(model, reference, rm, tok, batch, cfg, kl_ctl.value, moments,
-                                 device, ctx, sample_gen)
-        try:
-            stats, n_mb, finite = ppo_update(train_model, optimizer, scaler, params, exp, cfg,
-                                             batch_gen, ctx)
-        except torch.OutOfMemoryError:
-            die(f"CUDA out of memory at rollout batch {cfg.rollout_batch}; try "
-                f"--minibatch-size {max(1, cfg.minibatch_size // 2)}")
-        if not finite:
-            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
-                "no checkpoint was written"
-            die(f"loss is {stats['loss']} at iter {step}; stopped, {kept} (try a lower "
-                f"--learning-rate)")
-        kl = m["kl"]
-        if cfg.adaptive_kl:
-            kl_ctl.update(kl, cfg.rollout_batch)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        now = time.time()
-        dt, t_last = now - t_last, now
-        n_tokens = int(exp["mask"].sum())
-        append_jsonl(log_path, {"iter": step, "loss": stats["loss"], "lr": lr,
-                                "ms_per_iter": 1000 * dt, "tokens_per_s": n_tokens / dt,
-                                "elapsed_s": now - t_start, **m, **stats,
-                                "minibatches": n_mb})
-        eta = (now - t_start) / (step + 1 - first) * (cfg.max_iters - step - 1)
-        print(f"iter {step}/{cfg.max_iters} | score {m['rm_score']:+.3f} | "
-              f"acc {m['rollout_accuracy']:.3f} | kl {kl:.3f} | beta {m['kl_coef']:.3f} | "
-              f"clip {stats['clipfrac']:.3f} | akl {stats['approx_kl']:.4f} | "
-              f"vloss {stats['vf_loss']:.3f} | ev {m['explained_variance']:+.2f} | "
-              f"ent {m['entropy']:.2f} | len {m['response_length']:.1f} | "
-              f"{m['rollout_tokens_per_s'] / 1000:.1f}k tok/s | {1000 * dt:.0f} ms | "
-              f"eta {format_eta(eta)}")
-
-    # ---- after: true accuracy on sft.py's held-out problems (the last evaluation) ----
-    after = ev if ev is not None else evaluate(model, rm, tok, test_ex, cfg, device, ctx)
-    print_before_after(before, after)
-    lines = changed_answers(before, after)
-    print(f"{len(lines)} held-out answers changed; the first few:")
-    print("\n".join(lines[:6]))
-    text = "# held-out greedy answers that changed (SFT -> PPO)\n" + "".join(
-        line + "\n" for line in lines)
-    if exp is not None:
-        text += (f"\n# the last rollout batch's wrong answers with the highest "
-                 f"{'RM' if rm is not None else 'checker'} score\n")
-        text += "".join(line + "\n" for line in favourite_mistakes(batch, exp))
-    (out_dir / "samples.txt").write_text(text)
-    wall = time.time() - t_start
-    done = {"event": "done", "iter": cfg.max_iters, "accuracy": after["accuracy"],
-            "accuracy_by_task": after["accuracy_by_task"], "format_rate": after["format_rate"],
-            "format_by_task": after["format_by_task"], "kl": kl, "kl_coef": kl_ctl.value,
-            "reward": cfg.reward, "critic": cfg.critic,
-            "accuracy_before": before["accuracy"],
-            "accuracy_by_task_before": before["accuracy_by_task"],
-            "format_rate_before": before["format_rate"], "wall_s": wall}
-    if rm is not None:
-        done["rm_score_heldout"] = after["rm_score_heldout"]
-    save_checkpoint(make_ckpt(cfg.max_iters), ckpt_path)
-    append_jsonl(log_path, done)
-    if cfg.plot:
-        plot_ppo(log_path, out_dir / "ppo.png")
-    print(f"done in {format_eta(wall)}: accuracy {after['accuracy']:.3f} (SFT "
-          f"{before['accuracy']:.3f}), KL {kl:.3f} nats per response")
-    return done
+# -------------------------------------------------------------------------------
+# Appendix: flag rules — RULES, CHOICES, check_config
+# -------------------------------------------------------------------------------
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
+# choices are in CHOICES, cross-field rules in main
+RULES = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "families": (lambda v: v == "all" or set(v.split(",")) <= set(TASK_FAMILIES),
+                 "all or a comma list of add, sub, reverse, sort, count, compare"),
+    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "rollout_batch": (lambda v: v >= 2, "an integer >= 2"),
+    "rollout_temperature": (lambda v: v > 0, "a number > 0 (PPO needs a sampling policy)"),
+    "max_response_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "missing_eot_penalty": (lambda v: v >= 0, "a number >= 0"),
+    "init_kl_coef": (lambda v: v >= 0, "a number >= 0"),
+    "target_kl": (lambda v: v > 0, "a number > 0"),
+    "kl_horizon": (lambda v: v >= 1, "an integer >= 1"),
+    "gamma": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "lam": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "ppo_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "minibatch_size": (lambda v: v >= 1, "an integer >= 1 (and <= --rollout-batch)"),
+    "clip_range": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "clip_range_value": (lambda v: v > 0, "a number > 0"),
+    "vf_coef": (lambda v: v >= 0, "a number >= 0"),
+    "max_approx_kl": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
+    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+}
+CHOICES = {"reward": ("rm", "checker"), "critic": ("shared", "separate")}
 
 
 # -------------------------------------------------------------------------------

@@ -1,20 +1,18 @@
 """Supervised fine-tuning (SFT): teach a language model to answer instructions.
 
-A base model continues text; an assistant answers. SFT closes that "gap" with plain
-next-token prediction on (instruction, response) pairs, with the loss only on the response
-tokens (Ouyang et al. 2022, InstructGPT, arXiv:2203.02155; Wei et al. 2021, FLAN,
-arXiv:2109.01652). The pairs come from a seeded *task world* of verifiable problems
-(addition, subtraction, reversing a word, sorting letters, counting a letter, comparing two
-numbers), so accuracy is measured against gold answers, with no download. This file starts
-the alignment chain: reward.py, dpo.py, ppo.py and grpo.py copy its task world, prompt
-format, checkpoint and evaluation. Also here: a curriculum (easy to hard, Bengio et al.
-2009; competence-based pacing, Platanios et al. 2019, arXiv:1903.09848), LoRA adapters
-(Hu et al. 2021, arXiv:2106.09685) and classification fine-tuning (a class head on the last
-token, as in Radford et al. 2018 "Improving Language Understanding by Generative
-Pre-Training").
+A base model continues text; an assistant answers. SFT closes that "gap" with plain next-token
+prediction on (instruction, response) pairs, the loss only on the response tokens (Ouyang et
+al. 2022, InstructGPT, arXiv:2203.02155; Wei et al. 2021, FLAN, arXiv:2109.01652). The pairs
+come from a seeded *task world* of verifiable problems (addition, subtraction, reversing a word,
+sorting letters, counting a letter, comparing two numbers), graded against gold answers with no
+download; reward.py, dpo.py, ppo.py and grpo.py copy it, the prompt format, checkpoint and
+evaluation. Also here: a curriculum (Bengio et al. 2009; Platanios et al. 2019,
+arXiv:1903.09848), LoRA (Hu et al. 2021, arXiv:2106.09685) and classification fine-tuning (a
+class head on the last token, Radford et al. 2018, "Improving Language Understanding by
+Generative Pre-Training").
 
 Run:
-    python sft.py                                   # from scratch, CPU: difficulty 2 (below)
+    python sft.py                                   # from scratch, CPU: difficulty 2
     python sft.py --curriculum                      # easy -> hard ordering instead of random
     python sft.py --no-mask-prompt                  # loss on the prompt tokens too
     python sft.py --mix ""                          # equal shares of the six families
@@ -22,34 +20,11 @@ Run:
     python sft.py --think                           # count answered by a worked trace first
     python sft.py --sample-only --prompt "What is 12 + 7?"
     python sft.py --device cuda                     # GPU preset: 6 x 384, difficulty 3
-  From a llama.py base model (the "gap": before SFT it continues text instead of answering),
-  full fine-tuning against LoRA ranks 4, 8, 16 (accuracy per family, trainable fraction, time):
-    python llama.py --block-size 96 --out-dir out/llama96
-    python sft.py --init-from out/llama96/ckpt.pt --out-dir out/sft_full
-    for r in 4 8 16; do python sft.py --init-from out/llama96/ckpt.pt --lora-rank $r \
-        --lora-alpha $((2 * r)) --learning-rate 5e-3 --out-dir out/sft_lora$r; done
-
-Result (2-core CPU, 4 x 128 model from scratch, difficulty 2 = numbers of 1-2 digits and words of
-3-6 letters, held-out exact match, mean over the six families):
-    python sft.py          3000 steps x 32 examples, add and sub twice the share of the others:
-                           0.887 (add 0.99, sub 1.00, reverse 0.93, sort 0.90, compare 0.94,
-                           count 0.56), format 1.000; 204-213 s wall on a quiet CPU
-    python sft.py --think  the count answer as a worked trace (the letter, then a running
-                           tally: 'a: b0a1n1a2n2a3 = 3'), 3600 steps: 0.970 (add 0.98, sub
-                           1.00, reverse 0.99, sort 0.91, compare 0.98, count 0.96), maj@8 0.967;
-                           4m45s on a quiet CPU
-Counting a letter is the hard family for a model that answers at once; one that writes the
-tally first counts (README, "Thinking first"). What made the five minutes enough: the template
-markers as single tokens (TEMPLATE_TOKENS; an example falls from ~57 ids to ~26, so a CPU
-second sees twice the problems), and many small steps (batch 32, lr 1.5e-3) rather than few
-large ones (450 x 128 at 4e-3 reached 0.285 in 332 s). The README
-has the ablations (bytes for the markers, curriculum, loss on the prompt, other seeds) and the
-full fine-tuning vs LoRA table from a llama.py base.
-
-Simplifications: byte-level tokenizer (plus the two template markers); examples are padded per
-batch (no packing); the evaluation batches prompts of equal token length, so the KV-cache decode
-needs no padding mask; no chat template beyond the Alpaca-style `### Instruction:` /
-`### Response:` format.
+    python sft.py --init-from out/llama96/ckpt.pt   # from a llama.py base (LoRA: docs/sft.md)
+Result: held-out exact match 0.887 in 204-213 s on a 2-core CPU (--think: 0.970; docs/sft.md).
+Simplifications: a byte tokenizer (plus the two template markers); examples padded per batch
+(no packing); the evaluation batches prompts of equal token length (no padding mask in the
+KV-cache decode); no chat template beyond the Alpaca-style `### Instruction:` / `### Response:`.
 """
 import argparse
 import contextlib
@@ -144,140 +119,16 @@ THINK_PRESET = dict(out_dir="out/sft_think", eval_max_new_tokens=40, loss_weight
 # --task classify, for every field not given (after the GPU preset): 4000 add/sub problems
 # (each twice, right and near miss), which difficulty 2 has room for on both splits
 CLASSIFY_PRESET = dict(n_train=8000)
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
-# Free text (--init-from, --mix, --out-dir, --prompt) and --device/--dtype (resolved) aside.
-RULES = {
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "difficulty": (lambda v: 1 <= v <= 3, "1, 2 or 3"),
-    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
-    "n_test": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
-    "curriculum_frac": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
-    "lora_alpha": (lambda v: v > 0, "a number > 0"),
-    "n_layer": (lambda v: v >= 1, "an integer >= 1"),
-    "n_head": (lambda v: v >= 1, "an integer >= 1"),
-    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
-                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
-    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0 and (v // c.n_head) % 2 == 0,
-               "a positive multiple of --n-head {c.n_head} with an even head size (RoPE turns "
-               "pairs of dimensions)"),
-    "block_size": (lambda v: v >= 1, "an integer >= 1"),
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "learning_rate": (lambda v: v > 0, "a number > 0"),
-    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
-               "a number in [0, --learning-rate {c.learning_rate}]"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "maj_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
-    "maj_temperature": (lambda v: v >= 0, "a number >= 0"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
-    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
-    "head_only": (lambda v, c: not v or c.task == "classify", "only with --task classify"),
-}
-CHOICES = {"task": ("generate", "classify"), "loss_weighting": ("token", "sqrt", "example"),
-           "classify_task": ("equation", "contains")}
-
-
-@dataclass
-class ModelConfig:
-    """The Llama's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
-    vocab_size: int  # V (the tokenizer's, padded to a multiple of 64)
-    block_size: int  # T
-    n_layer: int  # L
-    n_head: int  # nh
-    n_embd: int  # C
-    n_kv_head: int = 0  # nkv (0 = n_head: multi-head attention)
-    dropout: float = 0.0  # p
-    tie_weights: bool = False  # LM head = token embedding
-    norm: str = "rmsnorm"  # or layernorm
-    pos: str = "rope"  # or learned, none
-    mlp: str = "swiglu"  # or gelu
-    rope_theta: float = 10000.0  # RoPE base
-    window: int = 0  # sliding window W (0 = full causal attention)
-    sinks: int = 0  # attention sinks S
-    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
-
-    def __post_init__(self):
-        self.n_kv_head = self.n_kv_head or self.n_head
 
 
 # -------------------------------------------------------------------------------
-# Task world
+# NEW vs llama.py: the task world, its prompt format and the masked labels
 # -------------------------------------------------------------------------------
-# NEW vs gpt.py: the byte tokenizer's special tokens. <|endoftext|> separates documents and
-# <|pad|> fills ragged batches (sft.py); the reserved ids let later stages add tokens (chat
-# roles, tool calls) without resizing the embedding of a trained model.
-BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
-                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
-
-
-class ByteTokenizer:
-    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
-    special tokens follow (<|endoftext|> = 256).
-
-    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
-    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
-    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
-    character. The members are those of `tiktoken.Encoding` this file uses.
-    """
-
-    name = "byte"
-
-    def __init__(self, special=None):
-        self.special = dict(BYTE_SPECIAL if special is None else special)
-        self.n_vocab = 256 + len(self.special)
-        self.names = {i: s for s, i in self.special.items()}
-
-    def encode_ordinary(self, text):
-        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
-        return list(text.encode("utf-8"))
-
-    def encode(self, text, allowed_special=()):
-        """NEW vs llama.py: as tiktoken's `encode`, the special-token strings listed in
-        allowed_special become their ids; the rest of the text is plain bytes."""
-        if not allowed_special:
-            return self.encode_ordinary(text)
-        ids = []
-        for part in re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text):
-            ids += [self.special[part]] if part in allowed_special else self.encode_ordinary(part)
-        return ids
-
-    def decode(self, ids):
-        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
-        parts, run = [], bytearray()
-        for i in ids:
-            if i < 256:
-                run.append(i)
-            else:
-                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
-                run = bytearray()
-        return "".join(parts) + run.decode("utf-8", errors="replace")
-
-
-def padded_vocab(n_vocab):
-    """NEW vs gpt.py: the vocabulary rounded up to a multiple of 64, for faster matmuls
-    (nanoGPT pads GPT-2's 50257 to 50304); the extra ids never occur in the data."""
-    return 64 * math.ceil(n_vocab / 64)
-
-
 # The task world (docs/design.md section 7): verifiable problems generated from a seed. Every
-# stage of the alignment chain copies this section verbatim, so "accuracy" means the same
+# stage of the alignment chain copies the task world verbatim, so "accuracy" means the same
 # thing in sft.py, reward.py, dpo.py, ppo.py and grpo.py.
 TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
-# Alpaca-style (Taori et al. 2023)
-PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"  # Alpaca-style, Taori et al. 2023
 EOT = "<|endoftext|>"  # ends every response; generation stops there
 PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
 # NEW vs llama.py: the template's two markers as single tokens, in the ids of <|reserved_2|>
@@ -286,6 +137,59 @@ PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
 # ~26, so a CPU minute sees twice the problems) and an answer sits a few ids after its question.
 # A llama.py base never saw these ids, so with --init-from the markers stay bytes.
 TEMPLATE_TOKENS = {"### Instruction:\n": 258, "\n\n### Response:\n": 259}
+IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
+
+
+def format_prompt(prompt):
+    """The full text the model sees before its answer, up to and including '### Response:\\n'."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def encode_prompt(tok, prompt):
+    """The template around `prompt` -> ids: one id per marker when the tokenizer has the
+    TEMPLATE_TOKENS (sft.py from scratch), the bytes of the markers when not (a llama.py base)."""
+    return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
+
+
+def task_tokenizer(template_tokens=True):
+    """A fresh byte tokenizer for the task world; with template_tokens the two markers of the
+    prompt template take the ids of <|reserved_2|> and <|reserved_3|> (TEMPLATE_TOKENS)."""
+    special = dict(BYTE_SPECIAL)
+    if template_tokens:
+        special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
+        special.update(TEMPLATE_TOKENS)
+    return ByteTokenizer(special)
+
+
+def encode_example(tok, ex, mask_prompt):
+    """Model input and per-position targets for prompt + answer + <|endoftext|>.
+
+    targets[t] is the token that should follow input[t] (the ids shifted left by one). With
+    mask_prompt the prompt's targets are IGNORE_INDEX: the model is not trained to write the
+    instruction, only the answer and the end-of-text token that teaches it to stop.
+    """
+    prompt_ids = encode_prompt(tok, ex["prompt"])
+    ids = prompt_ids + tok.encode_ordinary(ex["answer"]) + [tok.special[EOT]]
+    targets = ids[1:]
+    if mask_prompt:
+        n = len(prompt_ids) - 1  # targets[n] is the first answer token: keep it and after
+        targets = [IGNORE_INDEX] * n + targets[n:]
+    return ids[:-1], targets
+
+
+def collate(batch, pad_id):
+    """Right-pad a list of (ids, targets) to the longest one -> idx, targets (B, T) tensors.
+
+    Padding positions get IGNORE_INDEX targets (no loss); with causal attention a padding
+    token sits *after* every real one, so it changes no real position's output.
+    """
+    T = max(len(ids) for ids, _ in batch)
+    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    tgt = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, targets) in enumerate(batch):
+        idx[i, :len(ids)] = torch.tensor(ids)
+        tgt[i, :len(targets)] = torch.tensor(targets)
+    return idx, tgt
 
 
 def make_word(rng, length):
@@ -370,25 +274,18 @@ def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
     return out
 
 
-def format_prompt(prompt):
-    """The full text the model sees before its answer, up to and including '### Response:\\n'."""
-    return PROMPT_TEMPLATE.format(prompt=prompt)
-
-
-def encode_prompt(tok, prompt):
-    """The template around `prompt` -> ids: one id per marker when the tokenizer has the
-    TEMPLATE_TOKENS (sft.py from scratch), the bytes of the markers when not (a llama.py base)."""
-    return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
-
-
-def task_tokenizer(template_tokens=True):
-    """A fresh byte tokenizer for the task world; with template_tokens the two markers of the
-    prompt template take the ids of <|reserved_2|> and <|reserved_3|> (TEMPLATE_TOKENS)."""
-    special = dict(BYTE_SPECIAL)
-    if template_tokens:
-        special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
-        special.update(TEMPLATE_TOKENS)
-    return ByteTokenizer(special)
+def mix_families(mix):
+    """--mix 'add=2,sub=2' -> the families tuple whose entries make_tasks shares n out to
+    equally, so a family listed twice gets twice the problems (a weight of 0 drops it)."""
+    weights = dict.fromkeys(TASK_FAMILIES, 1)
+    for item in filter(None, mix.split(",")):
+        name, _, weight = item.partition("=")
+        if name not in weights or not weight.isdigit():
+            die(f"--mix {mix}: expected family=weight pairs, families {', '.join(TASK_FAMILIES)}")
+        weights[name] = int(weight)
+    if not any(weights.values()):
+        die(f"--mix {mix}: every family has weight 0")
+    return tuple(f for f in TASK_FAMILIES for _ in range(weights[f]))
 
 
 def final_answer(text):
@@ -413,50 +310,398 @@ def follows_format(completion, family):
             and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
 
 
-def make_classify_examples(n, split, seed, difficulty):
-    """Balanced yes/no set "is this equation correct?" built from n/2 add/sub problems.
+# -------------------------------------------------------------------------------
+# NEW vs llama.py: LoRA
+# -------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, arXiv:2106.09685).
 
-    Each problem appears twice: with its answer (label 1) and with a near miss (+-1 or +-10,
-    label 0), so the class head cannot decide from the left-hand side or from implausible
-    numbers: it has to check the arithmetic.
+    h = W x + (alpha / r) B A x  (Eq. 3), with A (r, in) random and B (out, r) zero at the
+    start, so the adapted model first computes exactly what the base model did. Only r*(in+out)
+    numbers per matrix are trained instead of in*out.
     """
-    rng = random.Random(seed)
-    out = []
-    for ex in make_tasks(n // 2, split, seed, difficulty, families=("add", "sub")):
-        wrong = max(0, int(ex["answer"]) + rng.choice((-10, -1, 1, 10)))
-        wrong = wrong if str(wrong) != ex["answer"] else wrong + 1
-        equation = ex["prompt"][len("What is "):-1]  # "47 + 38"
-        for result, label in ((ex["answer"], 1), (wrong, 0)):
-            out.append({"task": "classify", "prompt": f"Is this correct? {equation} = {result}",
-                        "label": label, "level": ex["level"]})
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of the reference loralib
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        # (B, T, in) @ (in, r) @ (r, out): never materialise the (out, in) update
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def merged(self):
+        """An nn.Linear with W + (alpha/r) B A: same outputs, no extra cost at inference."""
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
+        lin.weight.data.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
+        return lin.to(self.base.weight.device)
+
+
+def apply_lora(model, rank, alpha):
+    """Freeze every weight, then wrap the attention and MLP projections of each block with
+    LoRA adapters (trainable). Embeddings and norms stay frozen; main() unfreezes the head."""
+    model.requires_grad_(False)
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
+    return model
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by its merged nn.Linear, in place: the state_dict then has the
+    base model's keys, so the next stage (or llama.py-format tools) can load it as is."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return model
+
+
+# -------------------------------------------------------------------------------
+# Training: batches (with a curriculum), the response loss, building the run, the loop
+# -------------------------------------------------------------------------------
+def competence(step, total, c0=0.1):
+    """Fraction of the (easy -> hard sorted) training set in play at `step`: the square-root
+    schedule of Platanios et al. 2019 (arXiv:1903.09848), from c0 to 1 at step `total`."""
+    if total <= 0:
+        return 1.0
+    return min(1.0, math.sqrt(step * (1 - c0 ** 2) / total + c0 ** 2))
+
+
+def curriculum_order(examples, encoded):
+    """Indices of the examples from easy to hard: by difficulty level, then token length."""
+    return sorted(range(len(examples)), key=lambda i: (examples[i]["level"], len(encoded[i][0])))
+
+
+def get_batch(encoded, batch_size, generator, pool, pad_id, device):
+    """Draw batch_size examples at random from the first `pool` of `encoded` and collate them.
+    With the curriculum, `encoded` is sorted easy -> hard and `pool` grows with competence;
+    without it, pool = everything (plain random order)."""
+    ix = torch.randint(pool, (batch_size,), generator=generator).tolist()
+    idx, tgt = collate([encoded[i] for i in ix], pad_id)
+    return idx.to(device), tgt.to(device)
+
+
+def pool_at(step, cfg, encoded):
+    """How many of the (sorted) training examples the batch of `step` may come from."""
+    if not cfg.curriculum:
+        return len(encoded)
+    c = competence(step, cfg.curriculum_frac * cfg.max_iters)
+    return max(cfg.batch_size, int(c * len(encoded)))
+
+
+LOSS_POWER = {"token": 0.0, "sqrt": 0.5, "example": 1.0}  # --loss-weighting -> p
+
+
+def response_loss(logits, targets, weighting):
+    """Cross-entropy over the response tokens, each token of an example with n of them weighted
+    n**-p: p = 0 is the token mean (a 20-token trace counts 20 times a 1-token answer), p = 1 the
+    per-example mean (every example counts once, so a trace token counts 1/20), sqrt between."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="none").view_as(targets)  # (B, T), 0 where ignored
+    mask = (targets != IGNORE_INDEX).float()
+    w = mask * mask.sum(1, keepdim=True).clamp(min=1) ** -LOSS_POWER[weighting]
+    return (ce * w).sum() / w.sum()
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, eval_iters, batch_size, pad_id, device, ctx):
+    """Mean masked loss over fixed batches of each split (no RNG used: resume stays exact)."""
+    model.eval()
+    out = {}
+    for name, encoded in splits.items():
+        losses = []
+        for i in range(0, min(len(encoded), eval_iters * batch_size), batch_size):
+            idx, tgt = collate(encoded[i:i + batch_size], pad_id)
+            with ctx:
+                losses.append(model(idx.to(device), tgt.to(device))[1].item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
     return out
 
 
-def make_contains_examples(n, split, seed, difficulty):
-    """Balanced yes/no set "does this word contain the letter x?": n distinct prompts of
-    `split`, half with a letter of the word (yes), half with a letter it lacks (no)."""
-    rng = random.Random(seed)
-    out, seen = [], set()
-    for _ in range(100 * n + 1000):
-        if len(out) == n:
-            return out
-        level = rng.randint(1, difficulty)
-        word = make_word(rng, 2 * level + rng.randint(1, 2))
-        label = len(out) % 2
-        letters = sorted(set(word)) if label else [c for c in "abcdefghijklmnopqrstuvwxyz"
-                                                    if c not in word]
-        prompt = f"Does {word} contain the letter {rng.choice(letters)}?"
-        if task_split(prompt) == split and prompt not in seen:
-            seen.add(prompt)
-            out.append({"task": "classify", "prompt": prompt, "label": label, "level": level})
-    raise ValueError(f"too few distinct {split} problems of contains at difficulty "
-                     f"{difficulty} for n={n}")
+def build(cfg, resumed, init, device):
+    """The tokenizer and the model (a resumed run's, a llama.py or sft.py one's, or from scratch),
+    class head and LoRA -> tok, the model on device, model_args, (total, trainable) params."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    source, source_path = (resumed, ckpt_path) if resumed else (init, cfg.init_from)
+    if source is not None:
+        tok, model_args = tokenizer_from(source, source_path), source["model_args"]
+        print(f"model from {source_path} ({source['script']}, iter {source['iter']}): {model_args}")
+    else:
+        tok = task_tokenizer(cfg.template_tokens)
+        model_args = dataclasses.asdict(ModelConfig(
+            vocab_size=padded_vocab(tok.n_vocab), block_size=cfg.block_size, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head))
+    model_args = dict(model_args, dropout=cfg.dropout)  # SFT's own dropout, not pretraining's
+    model = build_model(model_args, "generate")
+    if init is not None:
+        load_weights(model, init["model"], cfg.init_from)
+    if cfg.task == "classify":
+        model.lm_head = build_model(model_args, "classify").lm_head
+        if cfg.head_only:  # a linear probe: what the trunk already knows, read by one layer
+            model.requires_grad_(False)
+            model.lm_head.requires_grad_(True)
+    n_total = sum(p.numel() for p in model.parameters())
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        # the output head trains too (as PEFT's modules_to_save): a llama.py base has learned
+        # never to predict <|endoftext|>, which adapters on the blocks alone barely undo (rank 4:
+        # loss 3.5 after 1500 steps, full fine-tuning 0.9); a new class head must learn anyway
+        model.lm_head.requires_grad_(True)
+    if resumed is not None:
+        load_weights(model, resumed.get("lora", resumed["model"]), ckpt_path)
+    model.to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"parameters: {n_total / 1e6:.3f}M, trainable: {n_train / 1e6:.3f}M "
+          f"({100 * n_train / n_total:.2f}%)")
+    return tok, model, model_args, (n_total, n_train)
+
+
+def build_data(cfg, tok, block_size):
+    """The task world's problems, tokenized once -> train_ex, test_ex and the encoded splits
+    {"train", "val"} (the curriculum sorts the training set easy -> hard)."""
+    try:
+        if cfg.task == "generate":
+            # the test set keeps equal shares: the accuracy is a plain mean over families
+            train_ex = make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty,
+                                  mix_families(cfg.mix), cfg.think)
+            test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty,
+                                 think=cfg.think)
+        else:
+            make = (make_classify_examples if cfg.classify_task == "equation"
+                    else make_contains_examples)
+            train_ex = make(cfg.n_train, "train", cfg.seed, cfg.difficulty)
+            test_ex = make(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
+    except ValueError as e:
+        die(f"{e}: lower --n-train/--n-test or raise --difficulty")
+    if cfg.task == "generate":
+        train_enc = [encode_example(tok, ex, cfg.mask_prompt) for ex in train_ex]
+        # the val loss is always the response-only loss, so --no-mask-prompt stays comparable
+        val_enc = [encode_example(tok, ex, True) for ex in test_ex]
+    else:
+        train_enc, val_enc = [[encode_classify(tok, ex) for ex in s] for s in (train_ex, test_ex)]
+    longest = max(len(ids) for ids, _ in train_enc + val_enc)
+    if longest > block_size:
+        die(f"examples reach {longest} tokens but the context is {block_size}; "
+            f"lower --difficulty or raise --block-size")
+    if cfg.curriculum:
+        train_enc = [train_enc[i] for i in curriculum_order(train_ex, train_enc)]
+    return train_ex, test_ex, {"train": train_enc, "val": val_enc}
+
+
+def train(cfg, model, splits, resumed, tok, model_args, device, dtype, ctx):
+    """AdamW on the masked loss: every eval_interval steps (and at the end) the loss of both
+    splits and a checkpoint, then one optimizer step and its log record -> losses, start time."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    # weight decay on matrices only (embeddings included, as in nanoGPT)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    data_gen, start, best_val, log_path = restore(cfg, resumed, optimizer)
+    ckpt_path, train_enc, pad = Path(cfg.out_dir) / "ckpt.pt", splits["train"], tok.special[PAD]
+    # the steps run the compiled model; the uncompiled one is saved, evaluated and sampled from
+    compiled = torch.compile(model) if cfg.compile else model
+    # the data generator's state *before* the pending batch is what a checkpoint stores, so a
+    # resumed run draws that same batch again (bit-exact resume on CPU)
+    data_state = data_gen.get_state()
+    X, Y = get_batch(train_enc, cfg.batch_size, data_gen, pool_at(start, cfg, train_enc), pad,
+                     device)
+    t_start = t_last = time.time()
+    for step in range(start, cfg.max_iters + 1):
+        last_step = step == cfg.max_iters
+        # a resumed run's evaluation at its checkpoint is in the log already (open_log)
+        if (step % cfg.eval_interval == 0 or last_step) and (step > start or resumed is None
+                                                            or last_step):
+            losses = estimate_loss(model, splits, cfg.eval_iters, cfg.batch_size, pad, device, ctx)
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            append_jsonl(log_path, {"iter": step, "train_loss": losses["train"],
+                                    "val_loss": losses["val"], "elapsed_s": time.time() - t_start})
+            best_val = min(best_val, losses["val"])
+            if step > start or last_step:
+                save_checkpoint(make_checkpoint(cfg, model_args, tok, model, optimizer, step,
+                                                best_val, data_state, device), ckpt_path)
+            t_last = time.time()  # evaluation time is not training time
+        if last_step:
+            break
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_tokens = 0
+        try:
+            for micro in range(cfg.gradient_accumulation_steps):
+                with ctx:
+                    if cfg.loss_weighting == "token":
+                        _, loss = compiled(X, Y)
+                    else:
+                        loss = response_loss(compiled(X)[0], Y, cfg.loss_weighting)
+                    # the mean of means: a micro-batch with fewer answer tokens weighs as much as
+                    # one with more (exact for equal counts; nanoGPT's simplification)
+                    loss = loss / cfg.gradient_accumulation_steps
+                n_tokens += X.numel()
+                # fetch the next batch (for this step's next micro-batch or the next step)
+                data_state = data_gen.get_state()
+                next_step = step + (micro + 1 == cfg.gradient_accumulation_steps)
+                X, Y = get_batch(train_enc, cfg.batch_size, data_gen,
+                                 pool_at(next_step, cfg, train_enc), pad, device)
+                scaler.scale(loss).backward()
+        except torch.OutOfMemoryError:
+            die(f"CUDA out of memory at batch size {cfg.batch_size}; "
+                f"try --batch-size {cfg.batch_size // 2}")
+        loss_value = loss.item() * cfg.gradient_accumulation_steps
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
+                "no checkpoint was written"
+            die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
+                f"--learning-rate)")
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t_last = log_step(log_path, cfg, step, start, loss_value, lr, n_tokens, t_start, t_last)
+    return losses, t_start
 
 
 # -------------------------------------------------------------------------------
-# Model
+# Evaluation against the gold answers, and main() (its report is in the Appendix)
 # -------------------------------------------------------------------------------
-IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
+@torch.no_grad()
+def generate_until(model, idx, max_new_tokens, stop_id, temperature=0.0, top_k=None, top_p=None,
+                   generator=None):
+    """`generate` that stops early once every row has emitted stop_id (an answer ends with
+    <|endoftext|>); a row that stopped keeps sampling until the others do: cut it with
+    `completion_text`."""
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    out = [idx]
+    for next_id in stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator):
+        out.append(next_id)  # (B, 1)
+        done |= next_id.squeeze(1) == stop_id
+        if done.all():
+            break
+    return torch.cat(out, dim=1)  # (B, T0 + new)
+
+
+def completion_text(tok, ids):
+    """Generated ids -> text, cut after the first <|endoftext|>; ids of the padded vocabulary
+    that no token has (rare once trained) are dropped."""
+    eot = tok.special[EOT]
+    if eot in ids:
+        ids = ids[:ids.index(eot) + 1]
+    return tok.decode([i for i in ids if i < tok.n_vocab])
+
+
+@torch.no_grad()
+def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx):
+    """Greedy answers to the test problems -> exact-match accuracy and format adherence.
+
+    Prompts of equal token length are decoded together, so a batch needs no padding and the
+    KV cache no attention mask; each batch stops once every row has emitted <|endoftext|>.
+    """
+    model.eval()
+    groups = defaultdict(list)
+    for ex in examples:
+        groups[len(encode_prompt(tok, ex["prompt"]))].append(ex)
+    results = []
+    for T, group in sorted(groups.items()):
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            idx = torch.tensor([encode_prompt(tok, ex["prompt"]) for ex in chunk], device=device)
+            with ctx:
+                out = generate_until(model, idx, max_new_tokens, tok.special[EOT])
+            for ex, row in zip(chunk, out[:, T:].tolist()):
+                results.append((ex, completion_text(tok, row)))
+    model.train()
+    by_task = defaultdict(list)
+    for ex, completion in results:
+        response = completion.split(EOT)[0]
+        by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
+                                    follows_format(completion, ex["task"]),
+                                    response.strip() == ex["answer"].strip(),  # trace and all
+                                    len(tok.encode_ordinary(response))))
+    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
+    acc, fmt, exact, length = per_task
+    return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
+            "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
+            "exact_by_task": exact, "length_by_task": length,
+            "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    if cfg.task == "classify":
+        cfg = apply_preset(cfg, CLASSIFY_PRESET, given)
+    if cfg.think:
+        cfg = apply_preset(cfg, THINK_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
+    torch.manual_seed(cfg.seed)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else contextlib.nullcontext())
+    if cfg.sample_only:
+        return sample_only(cfg, device, ctx)
+    check_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite)
+    resumed, init = load_sources(cfg)  # --resume's checkpoint, or --init-from's
+    tok, model, model_args, counts = build(cfg, resumed, init, device)
+    train_ex, test_ex, splits = build_data(cfg, tok, model.config.block_size)
+    before = None
+    if init is not None and cfg.task == "generate":
+        # the "gap": a base model continues text, it does not answer (or stop)
+        before = evaluate_tasks(model, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
+                                device, ctx)
+        print(f"before SFT: accuracy {before['accuracy']:.3f}, format {before['format_rate']:.3f}")
+        show_samples(before, k=3)
+    losses, t_start = train(cfg, model, splits, resumed, tok, model_args, device, dtype, ctx)
+    merge_lora(model)  # adapters folded in: the model that was saved is the one evaluated
+    wall = time.time() - t_start
+    # the final evaluation against gold answers on the held-out test problems
+    return report(cfg, model, tok, test_ex, splits, losses, wall, counts, before, device, ctx)
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------
+# Appendix: from llama.py — the model, unchanged; the tokenizer (+ encode), get_lr, sampling
+# -------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The Llama's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
+    vocab_size: int  # V (the tokenizer's, padded to a multiple of 64)
+    block_size: int  # T
+    n_layer: int  # L
+    n_head: int  # nh
+    n_embd: int  # C
+    n_kv_head: int = 0  # nkv (0 = n_head: multi-head attention)
+    dropout: float = 0.0  # p
+    tie_weights: bool = False  # LM head = token embedding
+    norm: str = "rmsnorm"  # or layernorm
+    pos: str = "rope"  # or learned, none
+    mlp: str = "swiglu"  # or gelu
+    rope_theta: float = 10000.0  # RoPE base
+    window: int = 0  # sliding window W (0 = full causal attention)
+    sinks: int = 0  # attention sinks S
+    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
 
 
 class RMSNorm(nn.Module):
@@ -816,152 +1061,60 @@ class Llama(nn.Module):
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
 
-# -------------------------------------------------------------------------------
-# LoRA
-# -------------------------------------------------------------------------------
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, arXiv:2106.09685).
+# NEW vs gpt.py: the byte tokenizer's special tokens. <|endoftext|> separates documents and
+# <|pad|> fills ragged batches (sft.py); the reserved ids let later stages add tokens (chat
+# roles, tool calls) without resizing the embedding of a trained model.
+BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
+                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
 
-    h = W x + (alpha / r) B A x  (Eq. 3), with A (r, in) random and B (out, r) zero at the
-    start, so the adapted model first computes exactly what the base model did. Only r*(in+out)
-    numbers per matrix are trained instead of in*out.
+
+class ByteTokenizer:
+    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
+    special tokens follow (<|endoftext|> = 256).
+
+    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
+    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
+    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
+    character. The members are those of `tiktoken.Encoding` this file uses.
     """
 
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of the reference loralib
-        self.scaling = alpha / rank
+    name = "byte"
 
-    def forward(self, x):
-        # (B, T, in) @ (in, r) @ (r, out): never materialise the (out, in) update
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+    def __init__(self, special=None):
+        self.special = dict(BYTE_SPECIAL if special is None else special)
+        self.n_vocab = 256 + len(self.special)
+        self.names = {i: s for s, i in self.special.items()}
 
-    def merged(self):
-        """An nn.Linear with W + (alpha/r) B A: same outputs, no extra cost at inference."""
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
-        lin.weight.data.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
-        return lin.to(self.base.weight.device)
+    def encode_ordinary(self, text):
+        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
+        return list(text.encode("utf-8"))
 
+    def encode(self, text, allowed_special=()):
+        """NEW vs llama.py: as tiktoken's `encode`, the special-token strings listed in
+        allowed_special become their ids; the rest of the text is plain bytes."""
+        if not allowed_special:
+            return self.encode_ordinary(text)
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text):
+            ids += [self.special[part]] if part in allowed_special else self.encode_ordinary(part)
+        return ids
 
-def apply_lora(model, rank, alpha):
-    """Freeze every weight, then wrap the attention and MLP projections of each block with
-    LoRA adapters (trainable). Embeddings and norms stay frozen; main() unfreezes the head."""
-    model.requires_grad_(False)
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, LoRALinear(child, rank, alpha))
-    return model
-
-
-def merge_lora(model):
-    """Replace every LoRALinear by its merged nn.Linear, in place: the state_dict then has the
-    base model's keys, so the next stage (or llama.py-format tools) can load it as is."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, name, child.merged())
-    return model
+    def decode(self, ids):
+        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            else:
+                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
+                run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
 
 
-# -------------------------------------------------------------------------------
-# Data
-# -------------------------------------------------------------------------------
-def mix_families(mix):
-    """--mix 'add=2,sub=2' -> the families tuple whose entries make_tasks shares n out to
-    equally, so a family listed twice gets twice the problems (a weight of 0 drops it)."""
-    weights = dict.fromkeys(TASK_FAMILIES, 1)
-    for item in filter(None, mix.split(",")):
-        name, _, weight = item.partition("=")
-        if name not in weights or not weight.isdigit():
-            die(f"--mix {mix}: expected family=weight pairs, families {', '.join(TASK_FAMILIES)}")
-        weights[name] = int(weight)
-    if not any(weights.values()):
-        die(f"--mix {mix}: every family has weight 0")
-    return tuple(f for f in TASK_FAMILIES for _ in range(weights[f]))
-
-
-def encode_example(tok, ex, mask_prompt):
-    """Model input and per-position targets for prompt + answer + <|endoftext|>.
-
-    targets[t] is the token that should follow input[t] (the ids shifted left by one). With
-    mask_prompt the prompt's targets are IGNORE_INDEX: the model is not trained to write the
-    instruction, only the answer and the end-of-text token that teaches it to stop.
-    """
-    prompt_ids = encode_prompt(tok, ex["prompt"])
-    ids = prompt_ids + tok.encode_ordinary(ex["answer"]) + [tok.special[EOT]]
-    targets = ids[1:]
-    if mask_prompt:
-        n = len(prompt_ids) - 1  # targets[n] is the first answer token: keep it and after
-        targets = [IGNORE_INDEX] * n + targets[n:]
-    return ids[:-1], targets
-
-
-def encode_classify(tok, ex):
-    """Classification as the same masked loss: only the last prompt position has a target,
-    the class id (read by the class head that replaces the LM head)."""
-    ids = encode_prompt(tok, ex["prompt"])
-    return ids, [IGNORE_INDEX] * (len(ids) - 1) + [ex["label"]]
-
-
-def collate(batch, pad_id):
-    """Right-pad a list of (ids, targets) to the longest one -> idx, targets (B, T) tensors.
-
-    Padding positions get IGNORE_INDEX targets (no loss); with causal attention a padding
-    token sits *after* every real one, so it changes no real position's output.
-    """
-    T = max(len(ids) for ids, _ in batch)
-    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    tgt = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, targets) in enumerate(batch):
-        idx[i, :len(ids)] = torch.tensor(ids)
-        tgt[i, :len(targets)] = torch.tensor(targets)
-    return idx, tgt
-
-
-def competence(step, total, c0=0.1):
-    """Fraction of the (easy -> hard sorted) training set in play at `step`: the square-root
-    schedule of Platanios et al. 2019 (arXiv:1903.09848), from c0 to 1 at step `total`."""
-    if total <= 0:
-        return 1.0
-    return min(1.0, math.sqrt(step * (1 - c0 ** 2) / total + c0 ** 2))
-
-
-def curriculum_order(examples, encoded):
-    """Indices of the examples from easy to hard: by difficulty level, then token length."""
-    return sorted(range(len(examples)), key=lambda i: (examples[i]["level"], len(encoded[i][0])))
-
-
-def get_batch(encoded, batch_size, generator, pool, pad_id, device):
-    """Draw batch_size examples at random from the first `pool` of `encoded` and collate them.
-
-    With the curriculum, `encoded` is sorted easy -> hard and `pool` grows with competence;
-    without it, pool = everything (plain random order).
-    """
-    ix = torch.randint(pool, (batch_size,), generator=generator).tolist()
-    idx, tgt = collate([encoded[i] for i in ix], pad_id)
-    return idx.to(device), tgt.to(device)
-
-
-# -------------------------------------------------------------------------------
-# Training
-# -------------------------------------------------------------------------------
-LOSS_POWER = {"token": 0.0, "sqrt": 0.5, "example": 1.0}  # --loss-weighting -> p
-
-
-def response_loss(logits, targets, weighting):
-    """Cross-entropy over the response tokens, each token of an example with n of them weighted
-    n**-p: p = 0 is the token mean (a 20-token trace counts 20 times a 1-token answer), p = 1 the
-    per-example mean (every example counts once, so a trace token counts 1/20), sqrt between."""
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                         reduction="none").view_as(targets)  # (B, T), 0 where ignored
-    mask = (targets != IGNORE_INDEX).float()
-    w = mask * mask.sum(1, keepdim=True).clamp(min=1) ** -LOSS_POWER[weighting]
-    return (ce * w).sum() / w.sum()
+def padded_vocab(n_vocab):
+    """NEW vs gpt.py: the vocabulary rounded up to a multiple of 64, for faster matmuls
+    (nanoGPT pads GPT-2's 50257 to 50304); the extra ids never occur in the data."""
+    return 64 * math.ceil(n_vocab / 64)
 
 
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
@@ -974,28 +1127,6 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-@torch.no_grad()
-def estimate_loss(model, splits, eval_iters, batch_size, pad_id, device, ctx):
-    """Mean masked loss over fixed batches of each split (no RNG used: resume stays exact)."""
-    model.eval()
-    out = {}
-    for name, encoded in splits.items():
-        losses = []
-        for k in range(eval_iters):
-            chunk = encoded[k * batch_size:(k + 1) * batch_size]
-            if not chunk:
-                break
-            idx, tgt = collate(chunk, pad_id)
-            with ctx:
-                losses.append(model(idx.to(device), tgt.to(device))[1].item())
-        out[name] = sum(losses) / len(losses)
-    model.train()
-    return out
-
-
-# -------------------------------------------------------------------------------
-# Generation & evaluation
-# -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
 
@@ -1070,67 +1201,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     return torch.cat([idx, *new], dim=1)
 
 
-@torch.no_grad()
-def generate_until(model, idx, max_new_tokens, stop_id, temperature=0.0, top_k=None, top_p=None,
-                   generator=None):
-    """`generate` that stops early once every row has emitted stop_id (an answer ends with
-    <|endoftext|>); a row that stopped keeps sampling until the others do: cut it with
-    `completion_text`."""
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    out = [idx]
-    for next_id in stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator):
-        out.append(next_id)  # (B, 1)
-        done |= next_id.squeeze(1) == stop_id
-        if done.all():
-            break
-    return torch.cat(out, dim=1)  # (B, T0 + new)
-
-
-def completion_text(tok, ids):
-    """Generated ids -> text, cut after the first <|endoftext|>; ids of the padded vocabulary
-    that no token has (rare once trained) are dropped."""
-    eot = tok.special[EOT]
-    if eot in ids:
-        ids = ids[:ids.index(eot) + 1]
-    return tok.decode([i for i in ids if i < tok.n_vocab])
-
-
-@torch.no_grad()
-def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx):
-    """Greedy answers to the test problems -> exact-match accuracy and format adherence.
-
-    Prompts of equal token length are decoded together, so a batch needs no padding and the
-    KV cache no attention mask; each batch stops once every row has emitted <|endoftext|>.
-    """
-    model.eval()
-    groups = defaultdict(list)
-    for ex in examples:
-        groups[len(encode_prompt(tok, ex["prompt"]))].append(ex)
-    results = []
-    for T, group in sorted(groups.items()):
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            idx = torch.tensor([encode_prompt(tok, ex["prompt"]) for ex in chunk], device=device)
-            with ctx:
-                out = generate_until(model, idx, max_new_tokens, tok.special[EOT])
-            for ex, row in zip(chunk, out[:, T:].tolist()):
-                results.append((ex, completion_text(tok, row)))
-    model.train()
-    by_task = defaultdict(list)
-    for ex, completion in results:
-        response = completion.split(EOT)[0]
-        by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
-                                    follows_format(completion, ex["task"]),
-                                    response.strip() == ex["answer"].strip(),  # trace and all
-                                    len(tok.encode_ordinary(response))))
-    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
-    acc, fmt, exact, length = per_task
-    return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
-            "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
-            "exact_by_task": exact, "length_by_task": length,
-            "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
-
-
+# -------------------------------------------------------------------------------
+# Appendix: extra — maj@k and pass@k (self-consistency), classification
+# -------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_answers(model, tok, examples, n, temperature, max_new_tokens, batch_size, device,
                    ctx, generator):
@@ -1180,6 +1253,67 @@ def evaluate_majority(model, tok, examples, k, temperature, max_new_tokens, batc
             "pass_at_k": sum(pas.values()) / len(pas), "pass_by_task": pas}
 
 
+CLASS_NAMES = ("no", "yes")  # labels of --task classify ("is this equation correct?")
+
+
+def build_model(model_args, task):
+    """The llama.py model; for --task classify its LM head becomes a 2-way class head."""
+    model = Llama(ModelConfig(**model_args))
+    if task == "classify":
+        # NEW vs llama.py: n_embd -> 2 instead of n_embd -> vocab (Radford et al. 2018, sec 3.2);
+        # only the logits at the last prompt token are used (it has seen the whole input)
+        model.lm_head = nn.Linear(model_args["n_embd"], len(CLASS_NAMES), bias=False)
+        nn.init.normal_(model.lm_head.weight, std=0.02)
+    return model
+
+
+def make_classify_examples(n, split, seed, difficulty):
+    """Balanced yes/no set "is this equation correct?" built from n/2 add/sub problems.
+
+    Each problem appears twice: with its answer (label 1) and with a near miss (+-1 or +-10,
+    label 0), so the class head cannot decide from the left-hand side or from implausible
+    numbers: it has to check the arithmetic.
+    """
+    rng = random.Random(seed)
+    out = []
+    for ex in make_tasks(n // 2, split, seed, difficulty, families=("add", "sub")):
+        wrong = max(0, int(ex["answer"]) + rng.choice((-10, -1, 1, 10)))
+        wrong = wrong if str(wrong) != ex["answer"] else wrong + 1
+        equation = ex["prompt"][len("What is "):-1]  # "47 + 38"
+        for result, label in ((ex["answer"], 1), (wrong, 0)):
+            out.append({"task": "classify", "prompt": f"Is this correct? {equation} = {result}",
+                        "label": label, "level": ex["level"]})
+    return out
+
+
+def make_contains_examples(n, split, seed, difficulty):
+    """Balanced yes/no set "does this word contain the letter x?": n distinct prompts of
+    `split`, half with a letter of the word (yes), half with a letter it lacks (no)."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            return out
+        level = rng.randint(1, difficulty)
+        word = make_word(rng, 2 * level + rng.randint(1, 2))
+        label = len(out) % 2
+        letters = sorted(set(word)) if label else [c for c in "abcdefghijklmnopqrstuvwxyz"
+                                                    if c not in word]
+        prompt = f"Does {word} contain the letter {rng.choice(letters)}?"
+        if task_split(prompt) == split and prompt not in seen:
+            seen.add(prompt)
+            out.append({"task": "classify", "prompt": prompt, "label": label, "level": level})
+    raise ValueError(f"too few distinct {split} problems of contains at difficulty "
+                     f"{difficulty} for n={n}")
+
+
+def encode_classify(tok, ex):
+    """Classification as the same masked loss: only the last prompt position has a target,
+    the class id (read by the class head that replaces the LM head)."""
+    ids = encode_prompt(tok, ex["prompt"])
+    return ids, [IGNORE_INDEX] * (len(ids) - 1) + [ex["label"]]
+
+
 @torch.no_grad()
 def evaluate_classify(model, encoded, batch_size, pad_id, device, ctx):
     """Accuracy of the class head: argmax at the one position that has a target."""
@@ -1193,6 +1327,94 @@ def evaluate_classify(model, encoded, batch_size, pad_id, device, ctx):
         correct += (logits.argmax(-1).cpu()[keep] == tgt[keep]).sum().item()
     model.train()
     return correct / len(encoded)
+
+
+# -------------------------------------------------------------------------------
+# Appendix: bookkeeping — restore, checkpoint, log record, report, --sample-only
+# -------------------------------------------------------------------------------
+def load_sources(cfg):
+    """The checkpoints a run starts from: --resume's in --out-dir, else --init-from's, or None."""
+    resumed = (load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ("sft.py",),
+                               ("model", "model_args", "optimizer", "iter", "best_val_loss", "rng"))
+               if cfg.resume else None)
+    if resumed is not None and cfg.max_iters < resumed["iter"]:
+        die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {resumed['iter']}; pass "
+            f"--max-iters {resumed['iter']} or more to continue it")
+    init = (load_checkpoint(cfg.init_from, ("llama.py", "sft.py"))
+            if cfg.init_from and not resumed else None)
+    return resumed, init
+
+
+def restore(cfg, resumed, optimizer):
+    """-> the batch generator, the first step, the best val loss and the log: fresh, or a resumed
+    run's (its optimizer and RNG states too, so the resumed run is bit-exact on CPU)."""
+    data_gen, start, best_val = torch.Generator().manual_seed(cfg.seed), 0, float("inf")
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        start, best_val = resumed["iter"], resumed["best_val_loss"]
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if resumed["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        data_gen.set_state(resumed["rng"]["data"])
+    # the first write to --out-dir: a fresh log, or the resumed run's up to its checkpoint
+    return data_gen, start, best_val, open_log(cfg.out_dir, start if resumed is not None else None)
+
+
+def make_checkpoint(cfg, model_args, tok, model, optimizer, step, best_val, data_state, device):
+    """What ckpt.pt holds (docs/design.md section 4), LoRA adapters folded in."""
+    return {"script": "sft.py", "version": 1, "config": dataclasses.asdict(cfg),
+            "model_args": model_args, "model": merged_state_dict(model),
+            "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
+            "tokenizer": {"kind": "byte", "special": dict(tok.special)},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.startswith("cuda") else [],
+                    "data": data_state},
+            # with LoRA also the frozen base + adapters, to resume
+            **({"lora": model.state_dict()} if cfg.lora_rank else {})}
+
+
+def log_step(log_path, cfg, step, start, loss_value, lr, n_tokens, t_start, t_last):
+    """A step's log record and progress line -> the time it ended (the next step's t_last)."""
+    now = time.time()
+    dt = now - t_last
+    append_jsonl(log_path, {"iter": step, "loss": loss_value, "lr": lr, "ms_per_iter": 1000 * dt,
+                            "tokens_per_s": n_tokens / dt, "elapsed_s": now - t_start})
+    eta = (now - t_start) / (step + 1 - start) * (cfg.max_iters - step - 1)
+    print(f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
+          f"{1000 * dt:.1f} ms | {n_tokens / dt / 1000:.1f}k tok/s | eta {format_eta(eta)}")
+    return now
+
+
+def report(cfg, model, tok, test_ex, splits, losses, wall, counts, before, device, ctx):
+    """The final evaluation on the held-out test problems (exact match and format per family,
+    maj@k, pass@k; --task classify: accuracy) -> the done record; samples.txt, --plot's figure."""
+    out_dir, (n_total, n_train) = Path(cfg.out_dir), counts
+    done = {"event": "done", "iter": cfg.max_iters, "val_loss": losses["val"],
+            "trainable_params": n_train, "trainable_frac": n_train / n_total, "wall_s": wall}
+    if cfg.task == "classify":
+        done["accuracy"] = evaluate_classify(model, splits["val"], cfg.eval_batch_size,
+                                             tok.special[PAD], device, ctx)
+        print(f"classification accuracy ({cfg.classify_task}): {done['accuracy']:.3f} "
+              f"on {len(splits['val'])} held-out examples")
+    else:
+        metrics = evaluate_tasks(model, tok, test_ex, cfg.eval_max_new_tokens,
+                                 cfg.eval_batch_size, device, ctx)
+        if cfg.maj_k:
+            metrics.update(evaluate_majority(model, tok, test_ex, cfg.maj_k, cfg.maj_temperature,
+                                             cfg.eval_max_new_tokens, cfg.eval_batch_size, device,
+                                             ctx, torch.Generator(device).manual_seed(cfg.seed)))
+        print_table(metrics)
+        lines = show_samples(metrics)
+        (out_dir / "samples.txt").write_text("\n".join(lines) + "\n")
+        done.update({k: v for k, v in metrics.items() if k not in ("counts", "samples")})
+        if before is not None:
+            done.update(accuracy_before=before["accuracy"],
+                        accuracy_by_task_before=before["accuracy_by_task"])
+        if cfg.plot:
+            plot_accuracy(metrics, out_dir / "accuracy_by_task.png")
+    append_jsonl(out_dir / "log.jsonl", done)
+    print(f"done in {format_eta(wall)}: accuracy {done['accuracy']:.3f}")
+    return done
 
 
 def print_table(metrics):
@@ -1212,8 +1434,7 @@ def print_table(metrics):
 
 def show_samples(metrics, k=6):
     """A few (prompt -> completion) pairs, one per family, marked right or wrong."""
-    seen = set()
-    lines = []
+    seen, lines = set(), []
     for ex, completion in metrics["samples"]:
         if ex["task"] not in seen and len(seen) < k:
             seen.add(ex["task"])
@@ -1221,23 +1442,6 @@ def show_samples(metrics, k=6):
             lines.append(f"[{mark}] {ex['prompt']!r} -> {completion!r} (gold {ex['answer']!r})")
     print("\n".join(lines))
     return lines
-
-
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-CLASS_NAMES = ("no", "yes")  # labels of --task classify ("is this equation correct?")
-
-
-def build_model(model_args, task):
-    """The llama.py model; for --task classify its LM head becomes a 2-way class head."""
-    model = Llama(ModelConfig(**model_args))
-    if task == "classify":
-        # NEW vs llama.py: n_embd -> 2 instead of n_embd -> vocab (Radford et al. 2018, sec 3.2);
-        # only the logits at the last prompt token are used (it has seen the whole input)
-        model.lm_head = nn.Linear(model_args["n_embd"], len(CLASS_NAMES), bias=False)
-        nn.init.normal_(model.lm_head.weight, std=0.02)
-    return model
 
 
 def load_weights(model, state, path):
@@ -1287,252 +1491,46 @@ def sample_only(cfg, device, ctx):
         out = generate_until(model, idx, cfg.max_new_tokens, tok.special[EOT], cfg.temperature,
                              cfg.top_k, cfg.top_p, generator)
     answers = [completion_text(tok, row).split(EOT)[0] for row in out[:, len(ids):].tolist()]
-    for a in answers:
-        print(f"{format_prompt(cfg.prompt)}{a}\n---")
+    print("\n".join(f"{format_prompt(cfg.prompt)}{a}\n---" for a in answers))
     return {"samples": answers}
 
 
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda"):
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    if cfg.task == "classify":
-        cfg = apply_preset(cfg, CLASSIFY_PRESET, given)
-    if cfg.think:
-        cfg = apply_preset(cfg, THINK_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
-    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
-    torch.manual_seed(cfg.seed)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
-           else contextlib.nullcontext())
-    if cfg.sample_only:
-        return sample_only(cfg, device, ctx)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
-
-    # ---- tokenizer and model: a resumed run, a llama.py checkpoint, or from scratch ----
-    resumed = (load_checkpoint(ckpt_path, ("sft.py",), ("model", "model_args", "optimizer",
-                                                       "iter", "best_val_loss", "rng"))
-               if cfg.resume else None)
-    if resumed is not None and cfg.max_iters < resumed["iter"]:
-        die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {resumed['iter']}; pass "
-            f"--max-iters {resumed['iter']} or more to continue it")
-    init = (load_checkpoint(cfg.init_from, ("llama.py", "sft.py"))
-            if cfg.init_from and not resumed else None)
-    source, source_path = (resumed, ckpt_path) if resumed else (init, cfg.init_from)
-    if source is not None:
-        tok, model_args = tokenizer_from(source, source_path), source["model_args"]
-        print(f"model from {source_path} ({source['script']}, iter {source['iter']}): {model_args}")
-    else:
-        tok = task_tokenizer(cfg.template_tokens)
-        model_args = dataclasses.asdict(ModelConfig(
-            vocab_size=padded_vocab(tok.n_vocab), block_size=cfg.block_size, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head))
-    model_args = dict(model_args, dropout=cfg.dropout)  # SFT's own dropout, not pretraining's
-    pad_id = tok.special[PAD]
-    model = build_model(model_args, "generate")
-    if init is not None:
-        load_weights(model, init["model"], cfg.init_from)
-    if cfg.task == "classify":
-        model.lm_head = build_model(model_args, "classify").lm_head
-        if cfg.head_only:  # a linear probe: what the trunk already knows, read by one layer
-            model.requires_grad_(False)
-            model.lm_head.requires_grad_(True)
-    n_total = sum(p.numel() for p in model.parameters())
-    if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
-        # the output head trains too (as PEFT's modules_to_save): a llama.py base has learned
-        # never to predict <|endoftext|>, which adapters on the blocks alone barely undo (rank 4:
-        # loss 3.5 after 1500 steps, full fine-tuning 0.9); a new class head must learn anyway
-        model.lm_head.requires_grad_(True)
-    if resumed is not None:
-        load_weights(model, resumed.get("lora", resumed["model"]), ckpt_path)
-    model.to(device)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"parameters: {n_total / 1e6:.3f}M, trainable: {n_train / 1e6:.3f}M "
-          f"({100 * n_train / n_total:.2f}%)")
-
-    # ---- data: the task world, tokenized once ----
-    try:
-        if cfg.task == "generate":
-            # the test set keeps equal shares: the accuracy is a plain mean over families
-            train_ex = make_tasks(cfg.n_train, "train", cfg.seed, cfg.difficulty,
-                                  mix_families(cfg.mix), cfg.think)
-            test_ex = make_tasks(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty,
-                                 think=cfg.think)
-        else:
-            make = (make_classify_examples if cfg.classify_task == "equation"
-                    else make_contains_examples)
-            train_ex = make(cfg.n_train, "train", cfg.seed, cfg.difficulty)
-            test_ex = make(cfg.n_test, "test", cfg.seed + 1, cfg.difficulty)
-    except ValueError as e:
-        die(f"{e}: lower --n-train/--n-test or raise --difficulty")
-    if cfg.task == "generate":
-        train_enc = [encode_example(tok, ex, cfg.mask_prompt) for ex in train_ex]
-        # the val loss is always the response-only loss, so --no-mask-prompt stays comparable
-        val_enc = [encode_example(tok, ex, True) for ex in test_ex]
-    else:
-        train_enc = [encode_classify(tok, ex) for ex in train_ex]
-        val_enc = [encode_classify(tok, ex) for ex in test_ex]
-    longest = max(len(ids) for ids, _ in train_enc + val_enc)
-    if longest > model.config.block_size:
-        die(f"examples reach {longest} tokens but the context is {model.config.block_size}; "
-            f"lower --difficulty or raise --block-size")
-    if cfg.curriculum:
-        train_enc = [train_enc[i] for i in curriculum_order(train_ex, train_enc)]
-
-    def pool_at(step):
-        """How many (sorted) training examples the batch of `step` may come from."""
-        if not cfg.curriculum:
-            return len(train_enc)
-        c = competence(step, cfg.curriculum_frac * cfg.max_iters)
-        return max(cfg.batch_size, int(c * len(train_enc)))
-
-    metrics_before = None
-    if init is not None and cfg.task == "generate":
-        # the "gap": a base model continues text, it does not answer (or stop)
-        metrics_before = evaluate_tasks(model, tok, test_ex, cfg.eval_max_new_tokens,
-                                        cfg.eval_batch_size, device, ctx)
-        print(f"before SFT: accuracy {metrics_before['accuracy']:.3f}, "
-              f"format {metrics_before['format_rate']:.3f}")
-        show_samples(metrics_before, k=3)
-
-    # ---- optimizer: weight decay on matrices only (embeddings included, as in nanoGPT) ----
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    start, best_val = 0, float("inf")
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        start, best_val = resumed["iter"], resumed["best_val_loss"]
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if resumed["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-        data_gen.set_state(resumed["rng"]["data"])
-    # the first write to --out-dir: a fresh log, or the resumed run's up to its checkpoint
-    open_log(out_dir, start if resumed is not None else None)
-    raw_model = model  # uncompiled: saved, evaluated and sampled from
-    if cfg.compile:
-        model = torch.compile(model)
-
-    # the data generator's state *before* the pending batch is what a checkpoint stores, so a
-    # resumed run draws that same batch again (bit-exact resume on CPU)
-    data_state = data_gen.get_state()
-    X, Y = get_batch(train_enc, cfg.batch_size, data_gen, pool_at(start), pad_id, device)
-    t_start = t_last = time.time()
-    for step in range(start, cfg.max_iters + 1):
-        last_step = step == cfg.max_iters
-        # a resumed run's evaluation at its checkpoint is in the log already (open_log)
-        if (step % cfg.eval_interval == 0 or last_step) and (step > start or resumed is None
-                                                            or last_step):
-            losses = estimate_loss(raw_model, {"train": train_enc, "val": val_enc},
-                                   cfg.eval_iters, cfg.batch_size, pad_id, device, ctx)
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            append_jsonl(log_path, {"iter": step, "train_loss": losses["train"],
-                                    "val_loss": losses["val"], "elapsed_s": time.time() - t_start})
-            best_val = min(best_val, losses["val"])
-            if step > start or last_step:
-                ckpt = {"script": "sft.py", "version": 1, "config": dataclasses.asdict(cfg),
-                        "model_args": model_args, "model": merged_state_dict(raw_model),
-                        "optimizer": optimizer.state_dict(), "iter": step,
-                        "best_val_loss": best_val,
-                        "tokenizer": {"kind": "byte", "special": dict(tok.special)},
-                        "rng": {"torch": torch.get_rng_state(),
-                                "cuda": (torch.cuda.get_rng_state_all()
-                                         if device_type == "cuda" else []),
-                                "data": data_state}}
-                if cfg.lora_rank:
-                    ckpt["lora"] = raw_model.state_dict()  # frozen base + adapters, to resume
-                save_checkpoint(ckpt, ckpt_path)
-            t_last = time.time()  # evaluation time is not training time
-        if last_step:
-            break
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        n_tokens = 0
-        try:
-            for micro in range(cfg.gradient_accumulation_steps):
-                with ctx:
-                    if cfg.loss_weighting == "token":
-                        _, loss = model(X, Y)
-                    else:
-                        loss = response_loss(model(X)[0], Y, cfg.loss_weighting)
-                    # the mean of means: a micro-batch with fewer answer tokens weighs as much as
-                    # one with more (exact for equal counts; nanoGPT's simplification)
-                    loss = loss / cfg.gradient_accumulation_steps
-                n_tokens += X.numel()
-                # fetch the next batch (for this step's next micro-batch or the next step)
-                data_state = data_gen.get_state()
-                next_step = step + (micro + 1 == cfg.gradient_accumulation_steps)
-                X, Y = get_batch(train_enc, cfg.batch_size, data_gen, pool_at(next_step),
-                                 pad_id, device)
-                scaler.scale(loss).backward()
-        except torch.OutOfMemoryError:
-            die(f"CUDA out of memory at batch size {cfg.batch_size}; "
-                f"try --batch-size {cfg.batch_size // 2}")
-        loss_value = loss.item() * cfg.gradient_accumulation_steps
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
-                "no checkpoint was written"
-            die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
-                f"--learning-rate)")
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        now = time.time()
-        dt, t_last = now - t_last, now
-        record = {"iter": step, "loss": loss_value, "lr": lr, "ms_per_iter": 1000 * dt,
-                  "tokens_per_s": n_tokens / dt, "elapsed_s": now - t_start}
-        append_jsonl(log_path, record)
-        eta = (now - t_start) / (step + 1 - start) * (cfg.max_iters - step - 1)
-        print(f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
-              f"{1000 * dt:.1f} ms | {n_tokens / dt / 1000:.1f}k tok/s | eta {format_eta(eta)}")
-
-    # ---- final evaluation against gold answers on the held-out test problems ----
-    merge_lora(raw_model)  # adapters folded in: the model that was saved is the one evaluated
-    wall = time.time() - t_start
-    done = {"event": "done", "iter": cfg.max_iters, "val_loss": losses["val"],
-            "trainable_params": n_train, "trainable_frac": n_train / n_total, "wall_s": wall}
-    if cfg.task == "classify":
-        done["accuracy"] = evaluate_classify(raw_model, val_enc, cfg.eval_batch_size,
-                                             pad_id, device, ctx)
-        print(f"classification accuracy ({cfg.classify_task}): {done['accuracy']:.3f} "
-              f"on {len(val_enc)} held-out examples")
-    else:
-        metrics = evaluate_tasks(raw_model, tok, test_ex, cfg.eval_max_new_tokens,
-                                 cfg.eval_batch_size, device, ctx)
-        if cfg.maj_k:
-            gen = torch.Generator(device).manual_seed(cfg.seed)
-            metrics.update(evaluate_majority(raw_model, tok, test_ex, cfg.maj_k,
-                                             cfg.maj_temperature, cfg.eval_max_new_tokens,
-                                             cfg.eval_batch_size, device, ctx, gen))
-        print_table(metrics)
-        lines = show_samples(metrics)
-        (out_dir / "samples.txt").write_text("\n".join(lines) + "\n")
-        done.update({k: v for k, v in metrics.items() if k not in ("counts", "samples")})
-        if metrics_before is not None:
-            done["accuracy_before"] = metrics_before["accuracy"]
-            done["accuracy_by_task_before"] = metrics_before["accuracy_by_task"]
-        if cfg.plot:
-            plot_accuracy(metrics, out_dir / "accuracy_by_task.png")
-    append_jsonl(log_path, done)
-    print(f"done in {format_eta(wall)}: accuracy {done['accuracy']:.3f}")
-    return done
+# -------------------------------------------------------------------------------
+# Appendix: flag rules — RULES, CHOICES, check_config
+# -------------------------------------------------------------------------------
+# what each flag may be, checked by check_config before anything is written (docs/design.md section
+# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
+# Free text (--init-from, --mix, --out-dir, --prompt) and --device/--dtype (resolved) aside.
+RULES = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "difficulty": (lambda v: 1 <= v <= 3, "1, 2 or 3"),
+    **dict.fromkeys(("n_train", "n_test"),
+                    (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)")),
+    "curriculum_frac": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
+    **dict.fromkeys(("lora_alpha", "learning_rate"), (lambda v: v > 0, "a number > 0")),
+    **dict.fromkeys(("n_layer", "n_head", "block_size", "eval_interval", "eval_iters", "batch_size",
+                     "gradient_accumulation_steps", "eval_max_new_tokens", "eval_batch_size",
+                     "num_samples", "max_new_tokens"), (lambda v: v >= 1, "an integer >= 1")),
+    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
+                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
+    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0 and (v // c.n_head) % 2 == 0,
+               "a positive multiple of --n-head {c.n_head} with an even head size (RoPE turns "
+               "pairs of dimensions)"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    **dict.fromkeys(("max_iters", "warmup_iters"), (lambda v: v >= 0, "an integer >= 0")),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    **dict.fromkeys(("weight_decay", "maj_temperature"), (lambda v: v >= 0, "a number >= 0")),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "maj_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),
+    "head_only": (lambda v, c: not v or c.task == "classify", "only with --task classify"),
+}
+CHOICES = {"task": ("generate", "classify"), "loss_weighting": ("token", "sqrt", "example"),
+           "classify_task": ("equation", "contains")}
 
 
 # -------------------------------------------------------------------------------

@@ -365,6 +365,22 @@ def test_plot_writes_the_three_figures(text_file, tmp_path, monkeypatch):
             assert_png(tmp_path / f)
 
 
+def test_sample_only_plot_writes_the_figures_too(text_file, tmp_path, monkeypatch):
+    """Training and --sample-only write samples and figures through the one write_samples."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        matplotlib, _ = fake_matplotlib()
+        monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+        monkeypatch.setitem(sys.modules, "matplotlib.pyplot", matplotlib.pyplot)
+    gpt.main(tiny_flags(text_file, tmp_path, "--max-iters", "2"))
+    assert not any((tmp_path / f).exists() for f in ("loss.png", "attention.png", "positions.png"))
+    texts = gpt.main(["--sample-only", "--out-dir", str(tmp_path), "--device", "cpu", "--plot",
+                      "--num-samples", "2", "--max-new-tokens", "20"])["samples"]
+    assert all((tmp_path / f).is_file() for f in ("loss.png", "attention.png", "positions.png"))
+    assert (tmp_path / "samples.txt").read_text() == ("\n" + "-" * 40 + "\n").join(texts) + "\n"
+
+
 def test_tensorboard_mirrors_the_log(text_file, tmp_path, monkeypatch):
     scalars = []
     writer = types.SimpleNamespace(add_scalar=lambda name, value, step: scalars.append((name, step)))

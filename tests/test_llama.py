@@ -301,6 +301,22 @@ def test_max_time_warmup_counts_steps_then_the_cosine_follows_the_clock(tmp_path
     assert lrs[-1] < 0.5 * peak  # then the cosine runs over 300 "seconds", not 1000 steps
 
 
+def test_set_lr_sets_every_group_warms_up_by_steps_then_follows_the_clock():
+    cfg = llama.Config(max_iters=100, warmup_iters=10, max_time=60.0)
+    params = [torch.zeros(1, requires_grad=True) for _ in range(2)]
+    opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=1.0)
+
+    def expected(progress, c=cfg):
+        return llama.get_lr(progress, c.learning_rate, c.min_lr, c.warmup_iters, c.max_iters)
+
+    assert llama.set_lr(opt, 5, 59.0, cfg) == expected(5)  # warmup: steps, whatever the clock
+    assert [g["lr"] for g in opt.param_groups] == [expected(5)] * 2
+    assert llama.set_lr(opt, 20, 30.0, cfg) == expected(50)  # half the budget: step 50 of 100
+    assert llama.set_lr(opt, 70, 30.0, cfg) == expected(70)  # the steps are further along
+    no_budget = dataclasses.replace(cfg, max_time=0.0)
+    assert llama.set_lr(opt, 20, 30.0, no_budget) == expected(20, no_budget)
+
+
 def test_sample_only_int8_and_bench(tmp_path, capsys):
     llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "2"))
     report = llama.main(run_args(tmp_path, "--sample-only", "--quantize", "int8"))

@@ -414,6 +414,19 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch, capsys, critic):
     assert a["kl_coef"] == b["kl_coef"] and a["reward_moments"] == b["reward_moments"]
 
 
+def test_non_finite_loss_stops_with_one_line_naming_the_checkpoint(tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    ppo.check_finite({"loss": NAN}, True, 3, path)  # a finite step goes on
+    for exists, kept in ((False, "no checkpoint was written"), (True, f"{path} is kept")):
+        if exists:
+            path.write_bytes(b"")
+        with pytest.raises(SystemExit) as e:
+            ppo.check_finite({"loss": NAN}, False, 3, path)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "loss is nan at iter 3" in err
+        assert kept in err and "--learning-rate" in err
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         ppo.main(["--help"])

@@ -342,6 +342,34 @@ def test_curriculum_orders_easy_to_hard_and_grows_the_pool():
     assert idx.max() < 10  # drawn from the easiest 10 only
 
 
+def test_pool_at_follows_competence_only_with_the_curriculum():
+    encoded = [([0], [0])] * 1000
+    cfg = sft.Config(batch_size=32, max_iters=100, curriculum_frac=0.5)
+    assert sft.pool_at(0, cfg, encoded) == 1000  # no curriculum: everything, from step 0
+    cfg.curriculum = True
+    assert sft.pool_at(0, cfg, encoded) == 100  # competence 0.1 of 1000
+    assert sft.pool_at(50, cfg, encoded) == sft.pool_at(90, cfg, encoded) == 1000
+    assert sft.pool_at(0, cfg, encoded[:200]) == 32  # never below one batch
+
+
+def test_estimate_loss_reads_fixed_chunks_of_each_split():
+    """eval_iters chunks of batch_size from the start of each split (a short split: all of it)."""
+    model = tiny_model()
+    tok = sft.task_tokenizer()
+    enc = [sft.encode_example(tok, ex, True) for ex in sft.make_tasks(5, "test", 0, 1)]
+    ctx, pad = contextlib.nullcontext(), tok.special[sft.PAD]
+
+    def mean_loss(chunks):
+        return sum(model(*sft.collate(c, pad))[1].item() for c in chunks) / len(chunks)
+
+    with torch.no_grad():
+        out = sft.estimate_loss(model, {"a": enc, "b": enc[:2]}, 4, 2, pad, "cpu", ctx)
+        assert out["a"] == pytest.approx(mean_loss([enc[0:2], enc[2:4], enc[4:5]]))
+        assert out["b"] == pytest.approx(mean_loss([enc[0:2]]))
+        one = sft.estimate_loss(model, {"a": enc}, 1, 2, pad, "cpu", ctx)["a"]
+        assert one == pytest.approx(mean_loss([enc[0:2]]))
+
+
 # ---- classification ----
 def test_classification_head_and_data():
     exs = sft.make_classify_examples(40, "train", 0, 2)
