@@ -3,18 +3,12 @@
 A dense transformer runs every parameter for every token. An MoE layer holds E expert MLPs
 and a router that sends each token to only k of them (Shazeer et al. 2017, arXiv:1701.06538;
 Switch Transformer, arXiv:2101.03961; Mixtral, arXiv:2401.04088): the parameter count grows
-with E while the compute per token stays that of k experts. This file is llama.py with the
-MLP swapped for that layer, plus what makes it work: top-k softmax routing with renormalised
-gates and optional router noise; shared experts every token uses (DeepSeekMoE,
-arXiv:2401.06066); load balancing by the Switch auxiliary loss (Eq. 4) or DeepSeek-V3's
-auxiliary-loss-free expert biases (arXiv:2412.19437), and the router z-loss (ST-MoE,
-arXiv:2202.08906); an optional capacity factor with token dropping; sorted dispatch (each
-expert runs once on a contiguous slice of its tokens); hybrid stacks (--dense-layers K,
---moe-every N); and multi-head latent attention (--attn mla, DeepSeek-V2, arXiv:2405.04434),
-whose KV cache stores one small latent per token. Eval records in log.jsonl carry each MoE
-layer's expert load, routing entropy and dropped tokens; --plot draws the load over training.
-The training records' "loss" is the objective (cross-entropy + router losses); the eval
-records' train_loss/val_loss are pure cross-entropy, comparable with llama.py's.
+with E while the compute per token stays that of k experts. Here: top-k softmax routing with
+renormalised gates and optional router noise; shared experts (DeepSeekMoE, arXiv:2401.06066);
+load balancing by the Switch auxiliary loss or DeepSeek-V3's auxiliary-loss-free expert biases
+(arXiv:2412.19437), and the router z-loss (ST-MoE, arXiv:2202.08906); a capacity factor with
+token dropping; sorted dispatch; hybrid stacks (--dense-layers K, --moe-every N). A second
+idea: multi-head latent attention (--attn mla, DeepSeek-V2, arXiv:2405.04434).
 
 Run:
   python moe.py                                   # CPU: 4 layers x 96, 8 experts, top-2, aux-free
@@ -27,23 +21,10 @@ Run:
   python moe.py --bench-layer                     # MoE layer vs dense MLP, forward+backward
   python moe.py --sample-only --prompt "ROMEO:"   # sample from out/moe/ckpt.pt
 
-Result (2-core CPU; speed is compared only between runs made side by side; the defaults are
-llama.py's: 4 layers x 96, block 64, batch 16):
-  equal tokens, 300 steps: dense (--n-experts 0) val loss 2.062; MoE, 8 experts top-2 with the
-    same 0.51M active parameters (1.39M total), 2.060 (--routed-scale 2, the default; 2.101
-    with 1); max/mean expert load 1.04 (aux-free)
-  equal time, --max-time 60 on a quiet 2-core CPU: dense 1.866 (18.2k tok/s); MoE equal active
-    1.881 (11.9k tok/s, 0.65x, load 1.06); MoE equal total (--expert-hidden 32) 1.877; at this
-    size the routing overhead costs more than the experts give
-  --balance none (same 60 s): max/mean load 3.91, nearly every token on the same 2 of 8
-    experts; --balance aux 1.10; --bench-layer: MoE layer 0.72x the dense MLP's throughput at
-    1k tokens, 0.86x at 8k; --attn mla caches 1280 B/token (41.7% of MHA's 3072)
-
+Result (docs/moe.md): val loss 2.060 with 8 experts top-2 vs dense 2.062, at equal tokens.
 Simplifications: experts run one after another (a loop over E, no grouped-GEMM kernel); the
 capacity limit applies in training only; MLA's queries are full rank and its up-projections
-are applied to the cached latent rather than absorbed into the query and output matrices; the
-dense-model features of llama.py that MoE does not need (sliding window, int8, ablation
-toggles) are left out.
+are not absorbed; llama.py's sliding window, int8 and ablation toggles are left out.
 """
 import argparse
 import base64
@@ -151,62 +132,6 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, 
                   dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
                   eval_interval=250, eval_iters=200, log_interval=10, compile=True,
                   expert_hidden=512)
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
-# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
-RULES = {
-    "n_layer": (lambda v: v >= 1, "an integer >= 1"),
-    "n_head": (lambda v: v >= 1, "an integer >= 1"),
-    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
-                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
-    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0 and (v // c.n_head) % 2 == 0,
-               "a positive multiple of --n-head {c.n_head} with an even head size (RoPE turns "
-               "pairs of dimensions)"),
-    "block_size": (lambda v: v >= 1, "an integer >= 1"),
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "rope_theta": (lambda v: v > 0, "a number > 0"),
-    "n_experts": (lambda v: v >= 0, "an integer >= 0 (0 = dense)"),
-    "experts_per_token": (lambda v, c: c.n_experts == 0 or 1 <= v <= c.n_experts,
-                          "an integer in 1..--n-experts {c.n_experts}"),
-    "n_shared_experts": (lambda v: v >= 0, "an integer >= 0"),
-    "expert_hidden": (lambda v: v >= 1, "an integer >= 1"),
-    "moe_every": (lambda v: v >= 0, "an integer >= 0 (0 = no MoE block)"),
-    "dense_layers": (lambda v: v >= 0, "an integer >= 0"),
-    "router_noise": (lambda v: v >= 0, "a standard deviation >= 0"),
-    "routed_scale": (lambda v: v > 0, "a number > 0"),
-    "capacity_factor": (lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
-    "aux_loss_coef": (lambda v: v >= 0, "a number >= 0"),
-    "z_loss_coef": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "bias_update_rate": (lambda v: v >= 0, "a number >= 0"),
-    "kv_lora_rank": (lambda v: v >= 1, "an integer >= 1"),
-    "rope_head_dim": (lambda v: v >= 0 and v % 2 == 0,
-                      "an even integer >= 0 (RoPE turns pairs of dimensions)"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
-    "learning_rate": (lambda v: v > 0, "a number > 0"),
-    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
-               "a number in [0, --learning-rate {c.learning_rate}]"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "lr_decay_iters": (lambda v: v >= 0, "an integer >= 0 (0 = --max-iters)"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-    "top_k": (lambda v: v >= 0, "an integer >= 1, or 0 (off)"),
-    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "bench_layer": (lambda v, c: not v or c.n_experts > 0,
-                    "off with --n-experts 0 (it times an MoE layer)"),
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-}
-CHOICES = {"balance": ("aux", "aux-free", "none"), "attn": ("gqa", "mla")}
 
 
 @dataclass
@@ -244,249 +169,8 @@ class ModelConfig:
 
 
 # -------------------------------------------------------------------------------
-# Model
+# Model: the MoE layer (NEW vs llama.py), then llama.py's block and model around it
 # -------------------------------------------------------------------------------
-IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
-
-
-class RMSNorm(nn.Module):
-    """NEW vs gpt.py: RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), y = x / rms(x) * g.
-
-    LayerNorm re-centres (subtracts the mean) and re-scales; RMSNorm keeps only the re-scaling,
-    which the paper found carries the benefit: one reduction instead of two, and no bias.
-    """
-
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))  # the gain g
-
-    def forward(self, x):
-        xf = x.float()  # the mean of squares in float32, also under bf16 autocast
-        rms_inv = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (B, T, 1)
-        return (xf * rms_inv).type_as(x) * self.weight
-
-
-def rope_cos_sin(pos, hs, theta):
-    """cos and sin of the rotary angles pos * theta^(-2i/hs), i < hs/2 -> two (T, hs/2) tensors.
-
-    Pair i turns by theta^(-2i/hs) radians per position: from one radian per token (i = 0) to
-    a full turn every ~60k tokens (theta = 10^4), so both near and far offsets stay distinct.
-    Computed in float64: 10^4 tokens into a stream float32 angles would be off by ~1e-3 rad.
-    """
-    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64, device=pos.device)
-                         / hs)  # (hs/2,)
-    angles = pos.double()[:, None] * inv_freq[None, :]  # (T, 1) * (1, hs/2) -> (T, hs/2)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x, cos, sin):
-    """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
-
-    Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
-    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout).
-    Relative position falls out of the dot product: with R(a) the rotation by a,
-    q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k = q^T R((n-m)w) k,
-    because rotations compose and R(a)^T = R(-a). An attention score depends
-    only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
-    and rotations keep norms. Which dimensions pair up is a convention (halves here, like
-    GPT-NeoX and Hugging Face's Llama; Meta's code interleaves): Wq and Wk absorb it.
-    """
-    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
-
-
-def attention_mask(qpos, kpos):
-    """(Tq, Tk) bool, True where a query at position qpos may see a key at kpos: causal;
-    kpos = -1 marks an empty cache slot."""
-    qpos, kpos = qpos[:, None], kpos[None, :]  # (Tq, 1), (1, Tk)
-    return (kpos <= qpos) & (kpos >= 0)
-
-
-class KVCache:
-    """The keys and values of every layer, preallocated, for generation.
-
-    Each generated token then costs one forward pass of one token, instead of a pass over the
-    whole context. Slot = position; the cache holds block_size positions. `pos` (the position
-    in each slot) feeds the masks. NEW vs llama.py: with --attn mla a layer stores its latent
-    c_kv (d_c numbers) in the `k` slots and its one shared RoPE key (d_r numbers) in the `v`
-    slots, as a single "head" (see MultiHeadLatentAttention).
-    """
-
-    def __init__(self, config, batch_size):
-        self.capacity = config.block_size
-        if config.attn == "mla":  # (L, B, 1, slots, d_c) and (L, B, 1, slots, d_r)
-            self.k_shape = (config.n_layer, batch_size, 1, self.capacity, config.kv_lora_rank)
-            self.v_shape = (config.n_layer, batch_size, 1, self.capacity, config.rope_head_dim)
-        else:  # (L, B, nkv, slots, hs) each
-            self.k_shape = self.v_shape = (config.n_layer, batch_size, config.n_kv_head,
-                                           self.capacity, config.n_embd // config.n_head)
-        self.k = self.v = None  # allocated at the first write, in the keys' dtype and device
-        self.pos = None  # (slots,) position held by each slot, -1 = empty
-        self.seen = 0  # positions written so far = the position of the next token
-        self.slots = None  # the slots of the tokens of the current forward pass
-
-    @property
-    def full(self):
-        return self.seen == self.capacity
-
-    def advance(self, pos):
-        """Give slots to the new positions pos (T,); called once per forward pass."""
-        if self.pos is None:
-            self.pos = torch.full((self.capacity,), -1, dtype=torch.long, device=pos.device)
-        if self.seen + pos.numel() > self.capacity:
-            raise ValueError(f"{pos.numel()} new tokens do not fit the cache ({self.seen} of "
-                             f"{self.capacity} slots used)")
-        self.slots = pos
-        self.pos.index_copy_(0, self.slots, pos)
-        self.seen += pos.numel()
-
-    def update(self, layer, k, v):
-        """Store a layer's new keys and values (B, nkv, T, hs) -> that layer's filled slots
-        (B, nkv, n, hs) twice and the positions they hold (n,)."""
-        if self.k is None:
-            self.k = torch.zeros(self.k_shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(self.v_shape, dtype=v.dtype, device=v.device)
-        self.k[layer].index_copy_(2, self.slots, k)
-        self.v[layer].index_copy_(2, self.slots, v)
-        n = self.seen
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n], self.pos[:n]
-
-    def nbytes(self):
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
-
-
-class CausalSelfAttention(nn.Module):
-    """Causal self-attention with grouped-query heads and rotary positions (llama.py's).
-
-    Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245): only n_kv_head key/value
-    heads, each shared by a group of n_head/n_kv_head query heads, so the KV cache shrinks by
-    that factor; n_kv_head = n_head is multi-head attention.
-    """
-
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.hs = config.n_embd // config.n_head
-        kv_dim = config.n_kv_head * self.hs
-        # Q, K, V at once: C query columns, then kv_dim key and kv_dim value columns; no biases
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.dropout = config.dropout
-        self.layer_idx = layer_idx  # which layer of a KVCache is this one's
-
-    def forward(self, x, pos, rope, cache=None):
-        """x (B, T, C) at positions pos (T,), rope = (cos, sin) at those positions; with a
-        cache, the keys and values of earlier positions come from there."""
-        B, T, C = x.size()
-        nh, nkv = self.n_head, self.n_kv_head
-        qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
-        qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
-        # (B, nkv, T, hs)
-        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)
-        qk = apply_rope(qk, *rope)  # queries and keys turned in one go; cos, sin: (T, 1, hs/2)
-        q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
-        kpos = pos
-        if cache is not None:
-            k, v, kpos = cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hs) x2, (Tk,)
-        dropout_p = self.dropout if self.training else 0.0
-        if T == 1 or k.size(2) == T:
-            # plain causal attention in one fused kernel (one new token sees every cached key);
-            # enable_gqa lets each group of n_head/n_kv_head query heads read its shared
-            # key/value head without copies
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1,
-                                               enable_gqa=True)  # (B, nh, T, hs)
-        else:  # T new queries after Tk - T cached positions: explicit mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
-                                               dropout_p=dropout_p,
-                                               enable_gqa=True)  # (B, nh, T, hs)
-        # (B, T, nh, hs) -> (B, T, C): heads side by side
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-# NEW vs llama.py: multi-head latent attention
-class MultiHeadLatentAttention(nn.Module):
-    """Multi-head latent attention, MLA (DeepSeek-V2, arXiv:2405.04434, Sec. 2.1).
-
-    Keys and values are rebuilt from one small latent per token, c_kv = W^DKV x (d_c =
-    kv_lora_rank numbers, Eq. 9), by up-projections k = W^UK c_kv, v = W^UV c_kv (Eq. 10-11),
-    so the KV cache holds c_kv instead of 2 * n_kv_head * hs numbers. RoPE cannot pass
-    through that path: a position-dependent rotation between W^UK and the query would stop
-    W^UK from being absorbed into W^Q at inference. So d_r = rope_head_dim extra
-    dimensions carry the positions: a rotary query part per head and ONE rotary key shared by
-    all heads, k^R = RoPE(W^KR x) (Sec. 2.1.3, Eq. 14-19), cached beside c_kv. Cache per token
-    and layer: d_c + d_r numbers (kv_cache_bytes_per_token).
-    Simplifications: queries are full rank (V2 also compresses them, to save activation
-    memory in training), and the cache is expanded by W^UK, W^UV at every step instead of
-    absorbing them into the query and output projections (the same function, more FLOPs).
-    """
-
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        C, nh = config.n_embd, config.n_head
-        self.n_head, self.hs = nh, C // nh
-        self.d_c, self.d_r = config.kv_lora_rank, config.rope_head_dim
-        # W^Q and W^QR: a content part and a rotary part per head
-        self.c_q = nn.Linear(C, nh * (self.hs + self.d_r), bias=False)
-        # W^DKV (Eq. 9) and W^KR (Eq. 15) in one matmul: the latent and the shared rotary key
-        self.kv_down = nn.Linear(C, self.d_c + self.d_r, bias=False)
-        # on the latent, as DeepSeek-V2's released code does
-        self.kv_norm = RMSNorm(self.d_c, config.norm_eps)
-        self.kv_up = nn.Linear(self.d_c, 2 * C, bias=False)  # W^UK and W^UV (Eq. 10-11)
-        self.c_proj = nn.Linear(C, C, bias=False)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
-        self.layer_idx = layer_idx
-
-    def forward(self, x, pos, rope, cache=None):
-        B, T, C = x.size()
-        nh, hs, d_r = self.n_head, self.hs, self.d_r
-        q = self.c_q(x).view(B, T, nh, hs + d_r)  # (B, T, nh, hs + d_r)
-        q_content, q_rot = q.split([hs, d_r], dim=-1)  # (B, T, nh, hs), (B, T, nh, d_r)
-        # (B, nh, T, hs + d_r)
-        q = torch.cat((q_content, apply_rope(q_rot, *rope)), dim=-1).transpose(1, 2)
-        c_kv, k_rot = self.kv_down(x).split([self.d_c, d_r], dim=-1)  # (B, T, d_c), (B, T, d_r)
-        c_kv = self.kv_norm(c_kv).unsqueeze(1)  # (B, 1, T, d_c): one latent for all heads
-        # (B, 1, T, d_r): one key for all heads
-        k_rot = apply_rope(k_rot.unsqueeze(2), *rope).transpose(1, 2)
-        kpos = pos
-        # the cache stores only c_kv and k_rot: (B, 1, Tk, d_c), (B, 1, Tk, d_r)
-        if cache is not None:
-            c_kv, k_rot, kpos = cache.update(self.layer_idx, c_kv, k_rot)
-        Tk = c_kv.size(2)
-        # (B, 1, Tk, d_c) -> (B, nh, Tk, 2hs)
-        kv = self.kv_up(c_kv).view(B, Tk, nh, 2 * hs).transpose(1, 2)
-        k_content, v = kv.split(hs, dim=-1)  # (B, nh, Tk, hs) each
-        k = torch.cat((k_content, k_rot.expand(B, nh, Tk, d_r)), dim=-1)  # (B, nh, Tk, hs + d_r)
-        dropout_p = self.dropout if self.training else 0.0
-        # softmax scale 1/sqrt(hs + d_r), the full query-key size (as in V2's code)
-        if T == 1 or Tk == T:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
-                                               dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-def kv_cache_bytes_per_token(config, attn, bytes_per_number):
-    """NEW vs llama.py: KV-cache bytes one token costs, all layers: MHA caches a key and a
-    value per head (2 * nh * hs numbers per layer), GQA per key/value head (2 * nkv * hs), MLA
-    its latent and shared rotary key (d_c + d_r)."""
-    hs = config.n_embd // config.n_head
-    per_layer = {"mha": 2 * config.n_head * hs, "gqa": 2 * config.n_kv_head * hs,
-                 "mla": config.kv_lora_rank + config.rope_head_dim}[attn]
-    return config.n_layer * per_layer * bytes_per_number
-
-
-def swiglu_hidden(n_embd):
-    """SwiGLU has three matrices where gpt.py's MLP has two: a hidden size of 2/3 * 4C keeps
-    the parameter count (3 * C * 8C/3 = 2 * C * 4C), rounded to a multiple of 32 for speed."""
-    return 32 * round(2 * 4 * n_embd / 3 / 32)
-
-
 class MLP(nn.Module):
     """Position-wise feed-forward net: SwiGLU (llama.py's). NEW vs llama.py: the hidden size
     is a parameter, so the same class serves as the dense MLP, an expert and the shared experts."""
@@ -505,7 +189,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.silu(gate) * value))  # (..., H) -> (..., C)
 
 
-# NEW vs llama.py: the mixture-of-experts layer that takes the MLP's place
 class MoE(nn.Module):
     """E SwiGLU experts and a linear router that sends each token to k of them.
 
@@ -614,7 +297,7 @@ class MoE(nn.Module):
         # MLP of hidden H at initialisation (std sqrt(H)/k vs sqrt(H)): the MLP path learns as
         # if scaled down. DeepSeek-V2/V3 multiply the routed output back up (their
         # routed_scaling_factor); --routed-scale k restores the dense scale, and closed the
-        # gap to the dense model at equal tokens in our runs (see the docstring)
+        # gap to the dense model at equal tokens in our runs (docs/moe.md)
         y, n_dropped = self.dispatch(x, idx, gates.to(x.dtype) * self.config.routed_scale, capacity)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -796,8 +479,352 @@ class Llama(nn.Module):
 
 
 # -------------------------------------------------------------------------------
-# Data
+# Training, evaluation (routing statistics, the tokens each expert prefers) and main
 # -------------------------------------------------------------------------------
+def train(cfg, ckpt, device, dtype, rank, world_size):
+    """llama.py's loop (gpt.py's, nanoGPT's train.py) -> the final metrics (rank 0). NEW vs
+    llama.py: the aux-free bias update after each step, routing statistics in the eval records."""
+    master, ddp, device_type = rank == 0, world_size > 1, device.split(":")[0]
+    torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
+    # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
+    tokenizer, data, raw_model, model = build(cfg, ckpt, device, master, world_size)
+    accum = cfg.gradient_accumulation_steps // world_size  # micro-batches per step and process
+    optimizer = make_optimizer(raw_model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # loss scaling for fp16
+    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
+                                  enabled=dtype != "float32")
+    batches = TrainBatches(data["train"], raw_model.config.block_size, cfg.batch_size, cfg.seed,
+                           device, rank, world_size)
+    start_iter, best_val_loss = restore(cfg, ckpt, optimizer, scaler, batches, master, device)
+    if master:  # the first write to --out-dir: every check has passed
+        log = RunLog(cfg.out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * raw_model.config.block_size
+    bias_update_rate = cfg.bias_update_rate if cfg.balance == "aux-free" else 0.0  # NEW vs llama.py
+    flops, metrics = peak_flops(device), {}
+    X, Y = batches.next()  # the first batch; from here on the next one is fetched before backward
+    t_start = t_last = time.perf_counter()
+    last_timed = start_iter  # ms/iter averages over the steps since this one (evals excluded)
+    eval_seconds = 0.0  # NEW vs llama.py: for the training throughput of the final metrics
+    for step in range(start_iter, cfg.max_iters + 1):
+        # --max-time ends the run like the last step (final eval, checkpoint)
+        out_of_time, lr = budget(step, t_start, cfg, device, ddp)
+        last_step = step == cfg.max_iters or out_of_time
+        # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
+        resumed_here = ckpt is not None and step == start_iter
+        if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
+            t_eval = time.perf_counter()
+            metrics = eval_record(raw_model, data, cfg, device, autocast, step, t_start,
+                                  tokens_per_iter)
+            best_val_loss = min(best_val_loss, metrics["val_loss"])
+            log.write(metrics)
+            save_checkpoint(checkpoint(cfg, raw_model, optimizer, scaler, step, best_val_loss,
+                                       batches, tokenizer, device), Path(cfg.out_dir) / "ckpt.pt")
+            t_last, last_timed = time.perf_counter(), step
+            eval_seconds += t_last - t_eval
+        if last_step:
+            break
+
+        # one optimizer step over `accum` micro-batches per process
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro_step in range(accum):
+            # DDP all-reduces gradients during backward; only the last micro-step needs that
+            sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(X, Y)  # NEW vs llama.py: cross-entropy + router losses
+                    loss = loss / accum  # gradients add up over micro-steps: this makes them a mean
+                X, Y = batches.next()  # fetched while the device still works on the forward pass
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        raw_model.end_step(bias_update_rate)  # NEW vs llama.py: aux-free balancing, load statistics
+
+        if step % cfg.log_interval == 0:
+            loss_value = global_loss(step_loss, cfg, step, ddp, world_size)
+            now = time.perf_counter()
+            dt = (now - t_last) / (step + 1 - last_timed)
+            t_last, last_timed = now, step + 1
+            if master:
+                log_step(log, raw_model, cfg, step, loss_value, lr, dt, now - t_start,
+                         tokens_per_iter, accum, flops)
+    if master:
+        metrics = report(raw_model, tokenizer, data, cfg, device, autocast, log,
+                         dict(metrics, best_val_loss=best_val_loss), time.perf_counter() - t_start,
+                         eval_seconds, (step - start_iter) * tokens_per_iter)
+    return metrics
+
+
+def routing_stats(model):
+    """The routing fields of an eval record: per MoE layer each expert's fraction of the
+    routed pairs and the mean routing entropy since the last eval, the dropped pairs of all
+    layers, and the worst layer's max/mean expert load (1 = perfect balance, E/k = collapse
+    onto k experts). Empty for a dense model or when no step ran since the last eval."""
+    layers = model.moe_layers()
+    if not layers or layers[0].n_tokens.item() == 0:
+        return {}
+    stats = [moe.pop_stats() for moe in layers]
+    loads = [s["expert_load"] for s in stats]
+    return {"expert_load": [[round(f, 5) for f in load] for load in loads],
+            "routing_entropy": [round(s["routing_entropy"], 5) for s in stats],
+            "dropped_tokens": sum(s["dropped_tokens"] for s in stats),
+            "max_load_ratio": round(max(max(load) * len(load) for load in loads), 4)}
+
+
+@torch.no_grad()
+def expert_preferences(model, idx, tokenizer, top=8, min_count=20):
+    """The tokens each expert prefers: for every MoE layer and expert, the `top` tokens of idx
+    (B, T) (each seen at least min_count times) that pick that expert first most often,
+    relative to how often the token occurs. Returns [layer][expert] -> list of strings."""
+    first_choice = {}
+    # route each MoE layer's input again, only to read the choice
+    hooks = [moe.register_forward_pre_hook(
+        lambda m, args, i=i: first_choice.__setitem__(i, m.route(args[0].flatten(0, 1))[0][:, 0]))
+        for i, moe in enumerate(model.moe_layers())]
+    model.eval()
+    model(idx)
+    for hook in hooks:
+        hook.remove()
+    tokens, V = idx.flatten(), model.config.vocab_size
+    token_count = torch.bincount(tokens, minlength=V).float()  # (V,)
+    prefs = []
+    for i, moe in enumerate(model.moe_layers()):
+        counts = torch.zeros(moe.n_experts, V, device=idx.device)
+        ones = torch.ones(len(tokens), device=idx.device)
+        counts.index_put_((first_choice[i], tokens), ones, accumulate=True)  # (E, V) first choices
+        share = counts / token_count.clamp_min(1)  # (E, V): how often a token picks e first
+        share = share.masked_fill(token_count < min_count, -1)  # too rare to rank
+        prefs.append([[tokenizer.decode([t]).replace("\n", "\\n").replace(" ", "_")
+                       for t in share[e].topk(top).indices.tolist() if share[e, t] > 0]
+                      for e in range(moe.n_experts)])
+    return prefs
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    ckpt = None
+    if cfg.resume and not cfg.sample_only:
+        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["moe.py"], RESUME_KEYS)
+        cfg = resume_config(cfg, given, ckpt)  # continue with the saved settings
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda") and world_size > 1:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
+        torch.cuda.set_device(device)
+    if device.startswith("cuda") and ckpt is None:
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    if rank == 0:
+        print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
+              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
+    if cfg.sample_only:
+        return sample_only(cfg, device, dtype)
+    if cfg.kv_cache_report:  # NEW vs llama.py: the two measurements that need no data
+        return kv_cache_report(model_config(cfg, ByteTokenizer().n_vocab), dtype)
+    if cfg.bench_layer:
+        autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
+                                      enabled=dtype != "float32")
+        return bench_layer(model_config(cfg, ByteTokenizer().n_vocab),
+                           cfg.batch_size * cfg.block_size, device, autocast)
+    if ckpt is None:
+        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    ddp = world_size > 1  # torchrun started this process as one of world_size ranks
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        metrics = train(cfg, ckpt, device, dtype, rank, world_size)
+        if ddp:  # rank 0 writes samples and figures last; the others wait for it
+            dist.barrier()
+        return metrics
+    except torch.OutOfMemoryError:
+        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
+            f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
+    finally:
+        if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
+            dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------
+# Appendix: from llama.py — the model's parts, data, optimizer, sampling (no sliding window)
+# -------------------------------------------------------------------------------
+IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
+
+
+class RMSNorm(nn.Module):
+    """NEW vs gpt.py: RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), y = x / rms(x) * g.
+
+    LayerNorm re-centres (subtracts the mean) and re-scales; RMSNorm keeps only the re-scaling,
+    which the paper found carries the benefit: one reduction instead of two, and no bias.
+    """
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # the gain g
+
+    def forward(self, x):
+        xf = x.float()  # the mean of squares in float32, also under bf16 autocast
+        rms_inv = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (B, T, 1)
+        return (xf * rms_inv).type_as(x) * self.weight
+
+
+def rope_cos_sin(pos, hs, theta):
+    """cos and sin of the rotary angles pos * theta^(-2i/hs), i < hs/2 -> two (T, hs/2) tensors.
+
+    Pair i turns by theta^(-2i/hs) radians per position: from one radian per token (i = 0) to
+    a full turn every ~60k tokens (theta = 10^4), so both near and far offsets stay distinct.
+    Computed in float64: 10^4 tokens into a stream float32 angles would be off by ~1e-3 rad.
+    """
+    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64, device=pos.device)
+                         / hs)  # (hs/2,)
+    angles = pos.double()[:, None] * inv_freq[None, :]  # (T, 1) * (1, hs/2) -> (T, hs/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """NEW vs gpt.py: rotary position embedding (RoFormer, Su et al. 2021, arXiv:2104.09864).
+
+    Each pair (x_i, x_{i+hs/2}) of a query or key x (..., hs) at position m is turned by the
+    angle m*w_i (cos, sin: (T, hs/2), or (T, 1, hs/2) for x in (B, T, heads, hs) layout).
+    Relative position falls out of the dot product: with R(a) the rotation by a,
+    q_m . k_n = (R(mw) q)^T (R(nw) k) = q^T R(mw)^T R(nw) k = q^T R((n-m)w) k,
+    because rotations compose and R(a)^T = R(-a). An attention score depends
+    only on the offset n - m (Eq. 16 of the paper), never on where the pair sits in the text,
+    and rotations keep norms. Which dimensions pair up is a convention (halves here, like
+    GPT-NeoX and Hugging Face's Llama; Meta's code interleaves): Wq and Wk absorb it.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+def attention_mask(qpos, kpos):
+    """(Tq, Tk) bool, True where a query at position qpos may see a key at kpos: causal;
+    kpos = -1 marks an empty cache slot."""
+    qpos, kpos = qpos[:, None], kpos[None, :]  # (Tq, 1), (1, Tk)
+    return (kpos <= qpos) & (kpos >= 0)
+
+
+class KVCache:
+    """The keys and values of every layer, preallocated, for generation.
+
+    Each generated token then costs one forward pass of one token, instead of a pass over the
+    whole context. Slot = position; the cache holds block_size positions. `pos` (the position
+    in each slot) feeds the masks. NEW vs llama.py: with --attn mla a layer stores its latent
+    c_kv (d_c numbers) in the `k` slots and its one shared RoPE key (d_r numbers) in the `v`
+    slots, as a single "head" (see MultiHeadLatentAttention).
+    """
+
+    def __init__(self, config, batch_size):
+        self.capacity = config.block_size
+        if config.attn == "mla":  # (L, B, 1, slots, d_c) and (L, B, 1, slots, d_r)
+            self.k_shape = (config.n_layer, batch_size, 1, self.capacity, config.kv_lora_rank)
+            self.v_shape = (config.n_layer, batch_size, 1, self.capacity, config.rope_head_dim)
+        else:  # (L, B, nkv, slots, hs) each
+            self.k_shape = self.v_shape = (config.n_layer, batch_size, config.n_kv_head,
+                                           self.capacity, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated at the first write, in the keys' dtype and device
+        self.pos = None  # (slots,) position held by each slot, -1 = empty
+        self.seen = 0  # positions written so far = the position of the next token
+        self.slots = None  # the slots of the tokens of the current forward pass
+
+    @property
+    def full(self):
+        return self.seen == self.capacity
+
+    def advance(self, pos):
+        """Give slots to the new positions pos (T,); called once per forward pass."""
+        if self.pos is None:
+            self.pos = torch.full((self.capacity,), -1, dtype=torch.long, device=pos.device)
+        if self.seen + pos.numel() > self.capacity:
+            raise ValueError(f"{pos.numel()} new tokens do not fit the cache ({self.seen} of "
+                             f"{self.capacity} slots used)")
+        self.slots = pos
+        self.pos.index_copy_(0, self.slots, pos)
+        self.seen += pos.numel()
+
+    def update(self, layer, k, v):
+        """Store a layer's new keys and values (B, nkv, T, hs) -> that layer's filled slots
+        (B, nkv, n, hs) twice and the positions they hold (n,)."""
+        if self.k is None:
+            self.k = torch.zeros(self.k_shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.v_shape, dtype=v.dtype, device=v.device)
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        n = self.seen
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n], self.pos[:n]
+
+    def nbytes(self):
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention with grouped-query heads and rotary positions (llama.py's).
+
+    Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245): only n_kv_head key/value
+    heads, each shared by a group of n_head/n_kv_head query heads, so the KV cache shrinks by
+    that factor; n_kv_head = n_head is multi-head attention.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.hs = config.n_embd // config.n_head
+        kv_dim = config.n_kv_head * self.hs
+        # Q, K, V at once: C query columns, then kv_dim key and kv_dim value columns; no biases
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.dropout = config.dropout
+        self.layer_idx = layer_idx  # which layer of a KVCache is this one's
+
+    def forward(self, x, pos, rope, cache=None):
+        """x (B, T, C) at positions pos (T,), rope = (cos, sin) at those positions; with a
+        cache, the keys and values of earlier positions come from there."""
+        B, T, C = x.size()
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x)  # (B, T, C + 2 kv_dim): nh query heads, nkv key heads, nkv value heads
+        qk = qkv[..., :(nh + nkv) * self.hs].view(B, T, nh + nkv, self.hs)  # (B, T, nh+nkv, hs)
+        # (B, nkv, T, hs)
+        v = qkv[..., (nh + nkv) * self.hs:].view(B, T, nkv, self.hs).transpose(1, 2)
+        qk = apply_rope(qk, *rope)  # queries and keys turned in one go; cos, sin: (T, 1, hs/2)
+        q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        kpos = pos
+        if cache is not None:
+            k, v, kpos = cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hs) x2, (Tk,)
+        dropout_p = self.dropout if self.training else 0.0
+        if T == 1 or k.size(2) == T:
+            # plain causal attention in one fused kernel (one new token sees every cached key);
+            # enable_gqa lets each group of n_head/n_kv_head query heads read its shared
+            # key/value head without copies
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1,
+                                               enable_gqa=True)  # (B, nh, T, hs)
+        else:  # T new queries after Tk - T cached positions: explicit mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
+                                               dropout_p=dropout_p,
+                                               enable_gqa=True)  # (B, nh, T, hs)
+        # (B, T, nh, hs) -> (B, T, C): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def swiglu_hidden(n_embd):
+    """SwiGLU has three matrices where gpt.py's MLP has two: a hidden size of 2/3 * 4C keeps
+    the parameter count (3 * C * 8C/3 = 2 * C * 4C), rounded to a multiple of 32 for speed."""
+    return 32 * round(2 * 4 * n_embd / 3 / 32)
+
+
 def load_bpe(path):
     """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
 
@@ -972,9 +999,6 @@ class TrainBatches:
                          self.rank, self.world_size)
 
 
-# -------------------------------------------------------------------------------
-# Training
-# -------------------------------------------------------------------------------
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
     if step < warmup_iters:
@@ -1017,9 +1041,6 @@ def estimate_loss(model, data, batch_size, eval_iters, seed, device, autocast):
     return out
 
 
-# -------------------------------------------------------------------------------
-# Generation & evaluation
-# -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
 
@@ -1106,51 +1127,92 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     return ids, texts
 
 
-# NEW vs llama.py: routing statistics, expert preferences, the layer benchmark, KV bytes
-def routing_stats(model):
-    """The routing fields of an eval record: per MoE layer each expert's fraction of the
-    routed pairs and the mean routing entropy since the last eval, the dropped pairs of all
-    layers, and the worst layer's max/mean expert load (1 = perfect balance, E/k = collapse
-    onto k experts). Empty for a dense model or when no step ran since the last eval."""
-    layers = model.moe_layers()
-    if not layers or layers[0].n_tokens.item() == 0:
-        return {}
-    stats = [moe.pop_stats() for moe in layers]
-    loads = [s["expert_load"] for s in stats]
-    return {"expert_load": [[round(f, 5) for f in load] for load in loads],
-            "routing_entropy": [round(s["routing_entropy"], 5) for s in stats],
-            "dropped_tokens": sum(s["dropped_tokens"] for s in stats),
-            "max_load_ratio": round(max(max(load) * len(load) for load in loads), 4)}
+# -------------------------------------------------------------------------------
+# Appendix: extra — multi-head latent attention (MLA), KV-cache bytes, the layer benchmark
+# -------------------------------------------------------------------------------
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention, MLA (DeepSeek-V2, arXiv:2405.04434, Sec. 2.1).
+
+    Keys and values are rebuilt from one small latent per token, c_kv = W^DKV x (d_c =
+    kv_lora_rank numbers, Eq. 9), by up-projections k = W^UK c_kv, v = W^UV c_kv (Eq. 10-11),
+    so the KV cache holds c_kv instead of 2 * n_kv_head * hs numbers. RoPE cannot pass
+    through that path: a position-dependent rotation between W^UK and the query would stop
+    W^UK from being absorbed into W^Q at inference. So d_r = rope_head_dim extra
+    dimensions carry the positions: a rotary query part per head and ONE rotary key shared by
+    all heads, k^R = RoPE(W^KR x) (Sec. 2.1.3, Eq. 14-19), cached beside c_kv. Cache per token
+    and layer: d_c + d_r numbers (kv_cache_bytes_per_token).
+    Simplifications: queries are full rank (V2 also compresses them, to save activation
+    memory in training), and the cache is expanded by W^UK, W^UV at every step instead of
+    absorbing them into the query and output projections (the same function, more FLOPs).
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        C, nh = config.n_embd, config.n_head
+        self.n_head, self.hs = nh, C // nh
+        self.d_c, self.d_r = config.kv_lora_rank, config.rope_head_dim
+        # W^Q and W^QR: a content part and a rotary part per head
+        self.c_q = nn.Linear(C, nh * (self.hs + self.d_r), bias=False)
+        # W^DKV (Eq. 9) and W^KR (Eq. 15) in one matmul: the latent and the shared rotary key
+        self.kv_down = nn.Linear(C, self.d_c + self.d_r, bias=False)
+        # on the latent, as DeepSeek-V2's released code does
+        self.kv_norm = RMSNorm(self.d_c, config.norm_eps)
+        self.kv_up = nn.Linear(self.d_c, 2 * C, bias=False)  # W^UK and W^UV (Eq. 10-11)
+        self.c_proj = nn.Linear(C, C, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.layer_idx = layer_idx
+
+    def forward(self, x, pos, rope, cache=None):
+        B, T, C = x.size()
+        nh, hs, d_r = self.n_head, self.hs, self.d_r
+        q = self.c_q(x).view(B, T, nh, hs + d_r)  # (B, T, nh, hs + d_r)
+        q_content, q_rot = q.split([hs, d_r], dim=-1)  # (B, T, nh, hs), (B, T, nh, d_r)
+        # (B, nh, T, hs + d_r)
+        q = torch.cat((q_content, apply_rope(q_rot, *rope)), dim=-1).transpose(1, 2)
+        c_kv, k_rot = self.kv_down(x).split([self.d_c, d_r], dim=-1)  # (B, T, d_c), (B, T, d_r)
+        c_kv = self.kv_norm(c_kv).unsqueeze(1)  # (B, 1, T, d_c): one latent for all heads
+        # (B, 1, T, d_r): one key for all heads
+        k_rot = apply_rope(k_rot.unsqueeze(2), *rope).transpose(1, 2)
+        kpos = pos
+        # the cache stores only c_kv and k_rot: (B, 1, Tk, d_c), (B, 1, Tk, d_r)
+        if cache is not None:
+            c_kv, k_rot, kpos = cache.update(self.layer_idx, c_kv, k_rot)
+        Tk = c_kv.size(2)
+        # (B, 1, Tk, d_c) -> (B, nh, Tk, 2hs)
+        kv = self.kv_up(c_kv).view(B, Tk, nh, 2 * hs).transpose(1, 2)
+        k_content, v = kv.split(hs, dim=-1)  # (B, nh, Tk, hs) each
+        k = torch.cat((k_content, k_rot.expand(B, nh, Tk, d_r)), dim=-1)  # (B, nh, Tk, hs + d_r)
+        dropout_p = self.dropout if self.training else 0.0
+        # softmax scale 1/sqrt(hs + d_r), the full query-key size (as in V2's code)
+        if T == 1 or Tk == T:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, kpos),
+                                               dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
-@torch.no_grad()
-def expert_preferences(model, idx, tokenizer, top=8, min_count=20):
-    """The tokens each expert prefers: for every MoE layer and expert, the `top` tokens of idx
-    (B, T) (each seen at least min_count times) that pick that expert first most often,
-    relative to how often the token occurs. Returns [layer][expert] -> list of strings."""
-    first_choice = {}
-    # route each MoE layer's input again, only to read the choice
-    hooks = [moe.register_forward_pre_hook(
-        lambda m, args, i=i: first_choice.__setitem__(i, m.route(args[0].flatten(0, 1))[0][:, 0]))
-        for i, moe in enumerate(model.moe_layers())]
-    model.eval()
-    model(idx)
-    for hook in hooks:
-        hook.remove()
-    tokens, V = idx.flatten(), model.config.vocab_size
-    token_count = torch.bincount(tokens, minlength=V).float()  # (V,)
-    prefs = []
-    for i, moe in enumerate(model.moe_layers()):
-        counts = torch.zeros(moe.n_experts, V, device=idx.device)
-        ones = torch.ones(len(tokens), device=idx.device)
-        # (E, V) first choices per token
-        counts.index_put_((first_choice[i], tokens), ones, accumulate=True)
-        share = (counts / token_count.clamp_min(1)).masked_fill(token_count < min_count,
-                                                                -1)  # (E, V)
-        prefs.append([[tokenizer.decode([t]).replace("\n", "\\n").replace(" ", "_")
-                       for t in share[e].topk(top).indices.tolist() if share[e, t] > 0]
-                      for e in range(moe.n_experts)])
-    return prefs
+def kv_cache_bytes_per_token(config, attn, bytes_per_number):
+    """NEW vs llama.py: KV-cache bytes one token costs, all layers: MHA caches a key and a
+    value per head (2 * nh * hs numbers per layer), GQA per key/value head (2 * nkv * hs), MLA
+    its latent and shared rotary key (d_c + d_r)."""
+    hs = config.n_embd // config.n_head
+    per_layer = {"mha": 2 * config.n_head * hs, "gqa": 2 * config.n_kv_head * hs,
+                 "mla": config.kv_lora_rank + config.rope_head_dim}[attn]
+    return config.n_layer * per_layer * bytes_per_number
+
+
+def kv_cache_report(mcfg, dtype):
+    """--kv-cache-report: the KV-cache bytes per token of MHA, GQA (this n_kv_head) and MLA at
+    this model's size and dtype (kv_cache_bytes_per_token)."""
+    nbytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    report = {attn: kv_cache_bytes_per_token(mcfg, attn, nbytes) for attn in ("mha", "gqa", "mla")}
+    print(f"KV cache per token, {mcfg.n_layer} layers, {dtype}: MHA {report['mha']} B | GQA "
+          f"(n_kv_head {mcfg.n_kv_head}) {report['gqa']} B | MLA (d_c {mcfg.kv_lora_rank} + d_r "
+          f"{mcfg.rope_head_dim}) {report['mla']} B = {report['mla'] / report['mha']:.1%} of MHA")
+    return report
 
 
 def bench_layer(mcfg, n_tokens, device, autocast, rounds=5, iters=5):
@@ -1194,19 +1256,8 @@ def bench_layer(mcfg, n_tokens, device, autocast, rounds=5, iters=5):
     return result
 
 
-def kv_cache_report(mcfg, dtype):
-    """--kv-cache-report: the KV-cache bytes per token of MHA, GQA (this n_kv_head) and MLA at
-    this model's size and dtype (kv_cache_bytes_per_token)."""
-    nbytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    report = {attn: kv_cache_bytes_per_token(mcfg, attn, nbytes) for attn in ("mha", "gqa", "mla")}
-    print(f"KV cache per token, {mcfg.n_layer} layers, {dtype}: MHA {report['mha']} B | GQA "
-          f"(n_kv_head {mcfg.n_kv_head}) {report['gqa']} B | MLA (d_c {mcfg.kv_lora_rank} + d_r "
-          f"{mcfg.rope_head_dim}) {report['mla']} B = {report['mla'] / report['mha']:.1%} of MHA")
-    return report
-
-
 # -------------------------------------------------------------------------------
-# Main
+# Appendix: bookkeeping — build, restore, time budget, checkpoint, log records, report
 # -------------------------------------------------------------------------------
 def model_config(cfg, vocab_size):
     """The ModelConfig of the flags (the vocabulary padded as in build_model)."""
@@ -1247,22 +1298,14 @@ def sample_only(cfg, device, dtype):
     return {"samples": texts}
 
 
-def train(cfg, ckpt, device, dtype, rank, world_size):
-    """llama.py's training loop (gpt.py's, nanoGPT's train.py); returns the final metrics (rank 0).
-
-    NEW vs llama.py: the aux-free bias update after each step, routing statistics and tokens
-    seen in the eval records, training throughput and active parameters in the final metrics.
-    """
-    master, ddp, device_type = rank == 0, world_size > 1, device.split(":")[0]
+def build(cfg, ckpt, device, master, world_size):
+    """--gradient-accumulation-steps checked against the processes, then the tokenizer (a resumed
+    run keeps the checkpoint's), both splits' token ids, the raw model and the model that trains."""
     if cfg.gradient_accumulation_steps % world_size:
         die(f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps} must be a multiple "
             f"of the {world_size} processes")
-    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps per process
-    torch.manual_seed(cfg.seed + rank)  # per-rank offset: each process draws its own dropout masks
-    if device_type == "cuda":
+    if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
-
-    # data and tokenizer (a resumed run keeps the checkpoint's tokenizer)
     path = resolve_data(cfg.data)
     text = read_text(path)
     tokenizer = (tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None
@@ -1279,222 +1322,178 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
               f"{tokenizer.n_vocab}; model: {n_params / 1e6:.2f}M parameters, "
               f"{n_active / 1e6:.2f}M active per token, {len(raw_model.moe_layers())} MoE layers "
               f"({dataclasses.asdict(raw_model.config)})")
-
-    # raw_model is saved, evaluated and sampled; `model` (compiled, DDP-wrapped) is trained
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    if ddp:
+    if world_size > 1:
         # the RoPE tables are constants, and the expert biases are kept equal by end_step
         model = DDP(model,
-                    device_ids=[torch.device(device).index] if device_type == "cuda" else None,
+                    device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
                     broadcast_buffers=False)
-    optimizer = make_optimizer(raw_model, cfg, device_type)
-    # fp16 needs loss scaling
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    autocast = torch.amp.autocast(device_type, dtype=getattr(torch, dtype),
-                                  enabled=dtype != "float32")
-    batches = TrainBatches(data["train"], block_size, cfg.batch_size, cfg.seed, device, rank,
-                           world_size)
-    start_iter, best_val_loss = 0, float("inf")
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
-            batches.generator.set_state(ckpt["rng"]["data"])
-            if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
-                torch.set_rng_state(ckpt["rng"]["torch"])
-                if device_type == "cuda" and ckpt["rng"]["cuda"]:
-                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
-                f"{str(e)[:200]})")
+    return tokenizer, data, raw_model, model
 
-    out_dir = Path(cfg.out_dir)
-    if master:  # the first write to --out-dir: every check has passed
-        log = RunLog(out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
+
+def restore(cfg, ckpt, optimizer, scaler, batches, master, device):
+    """--resume: the checkpoint's optimizer, scaler, RNG states -> (start_iter, best_val_loss)."""
+    if ckpt is None:
+        return 0, float("inf")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["iter"], ckpt["best_val_loss"]
+        batches.generator.set_state(ckpt["rng"]["data"])
+        if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.startswith("cuda") and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
+            f"{str(e)[:200]})")
+    return start
+
+
+def budget(step, t_start, cfg, device, ddp):
+    """--max-time: (is the time up?, the learning rate of `step`). Under DDP the clock is the
+    latest of all processes, so they agree on the last step and the learning rate. The cosine
+    follows the clock too (whichever is further along), so the learning rate has decayed when
+    the budget runs out (Li et al. 2020, "Budgeted training", arXiv:1905.04753)."""
+    clock = time.perf_counter() - t_start  # seconds since training started
+    if ddp and cfg.max_time > 0:
+        shared = torch.tensor(clock, dtype=torch.float64, device=device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        clock = shared.item()
     lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
-    bias_update_rate = cfg.bias_update_rate if cfg.balance == "aux-free" else 0.0  # NEW vs llama.py
-    flops = peak_flops(device)
-    metrics = {}
-    X, Y = batches.next()  # the first batch; from here on the next one is fetched before backward
-    t_start = t_last = time.perf_counter()
-    last_timed = start_iter  # ms/iter averages over the steps since this one (evals excluded)
-    eval_seconds = 0.0  # NEW vs llama.py: for the training throughput of the final metrics
-    for step in range(start_iter, cfg.max_iters + 1):
-        # --max-time ends the run like the last step (final eval, checkpoint)
-        clock = time.perf_counter() - t_start  # seconds since training started
-        if ddp and cfg.max_time > 0:  # one clock for all processes: same last step, same lr
-            shared = torch.tensor(clock, dtype=torch.float64, device=device)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            clock = shared.item()
-        out_of_time = cfg.max_time > 0 and clock >= cfg.max_time
-        last_step = step == cfg.max_iters or out_of_time
-        # evaluate and checkpoint (a resumed run has just loaded the state of step start_iter)
-        resumed_here = ckpt is not None and step == start_iter
-        if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
-            t_eval = time.perf_counter()
-            losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
-                                   device, autocast)
-            if not all(math.isfinite(v) for v in losses.values()):
-                die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
-                    f"{out_dir} is kept (try a lower --learning-rate)")
-            best_val_loss = min(best_val_loss, losses["val"])
-            elapsed = time.perf_counter() - t_start
-            routing = routing_stats(raw_model)  # NEW vs llama.py
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  + (f", max/mean expert load {routing['max_load_ratio']:.2f}, dropped "
-                     f"{routing['dropped_tokens']}" if routing else ""))
-            metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(elapsed, 3), "tokens_seen": step * tokens_per_iter,
-                       **routing}
-            log.write(metrics)
-            save_checkpoint({
-                "script": "moe.py",
-                "version": 1,
-                "config": dataclasses.asdict(cfg),
-                "model_args": dataclasses.asdict(raw_model.config),
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "iter": step,
-                "best_val_loss": best_val_loss,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": [torch.cuda.get_rng_state(device)] if device_type == "cuda" else [],
-                        "data": batches.state},
-                "tokenizer": tokenizer_state(tokenizer),
-            }, out_dir / "ckpt.pt")
-            t_last, last_timed = time.perf_counter(), step
-            eval_seconds += t_last - t_eval
-        if last_step:
-            break
+    progress = step
+    if cfg.max_time > 0 and step >= cfg.warmup_iters:  # warmup always counts steps
+        progress = max(step, int(lr_decay_iters * clock / cfg.max_time))
+    lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
+    return cfg.max_time > 0 and clock >= cfg.max_time, lr
 
-        # one optimizer step over `accum` micro-batches per process
-        # under --max-time the cosine follows the clock too (whichever is further along), so
-        # the learning rate has decayed when the budget runs out (Li et al. 2020, "Budgeted
-        # training", arXiv:1905.04753)
-        progress = step
-        if cfg.max_time > 0 and step >= cfg.warmup_iters:  # warmup always counts steps
-            progress = max(step, int(lr_decay_iters * clock / cfg.max_time))
-        lr = get_lr(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro_step in range(accum):
-            # DDP all-reduces gradients during backward; only the last micro-step needs that
-            sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(X, Y)  # NEW vs llama.py: cross-entropy + router losses
-                    loss = loss / accum  # gradients add up over micro-steps: this makes them a mean
-                X, Y = batches.next()  # fetched while the device still works on the forward pass
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        raw_model.end_step(bias_update_rate)  # NEW vs llama.py: aux-free balancing, load statistics
 
-        if step % cfg.log_interval == 0:
-            if ddp:  # the loss of the whole global batch, the same number on every rank
-                dist.all_reduce(step_loss)
-                step_loss /= world_size
-            loss_value = step_loss.item()  # the one host-device sync of a step: timing is true here
-            if not math.isfinite(loss_value):
-                die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
-                    f"checkpoint in {out_dir} is kept (try a lower --learning-rate)")
-            now = time.perf_counter()
-            dt = (now - t_last) / (step + 1 - last_timed)
-            t_last, last_timed = now, step + 1
-            if master:
-                record = {"iter": step, "loss": loss_value, "lr": lr,
-                          "ms_per_iter": round(1000 * dt, 3),
-                          "tokens_per_s": round(tokens_per_iter / dt, 1),
-                          "elapsed_s": round(now - t_start, 3)}
-                line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
-                        f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
-                        f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
-                if flops is not None:
-                    record["mfu"] = raw_model.estimate_mfu(cfg.batch_size * accum, dt, flops)
-                    line += f" | mfu {100 * record['mfu']:.1f}%"
-                log.write(record)
-                print(line)
+def eval_record(model, data, cfg, device, autocast, step, t_start, tokens_per_iter):
+    """The eval record of `step`, printed: pure cross-entropy of both splits, the tokens seen
+    and (NEW vs llama.py) the routing statistics; a non-finite loss stops the run."""
+    losses = estimate_loss(model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device, autocast)
+    if not all(math.isfinite(v) for v in losses.values()):
+        die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
+            f"{Path(cfg.out_dir)} is kept (try a lower --learning-rate)")
+    elapsed = time.perf_counter() - t_start
+    routing = routing_stats(model)  # NEW vs llama.py
+    print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+          + (f", max/mean expert load {routing['max_load_ratio']:.2f}, dropped "
+             f"{routing['dropped_tokens']}" if routing else ""))
+    return {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
+            "elapsed_s": round(elapsed, 3), "tokens_seen": step * tokens_per_iter, **routing}
 
-    if master:
-        elapsed = time.perf_counter() - t_start
-        raw_model.eval()
-        with autocast:
-            write_samples(raw_model, tokenizer, cfg, device, out_dir)
-        if cfg.plot:
-            prefs = None
-            if raw_model.moe_layers():  # NEW vs llama.py: the tokens each expert prefers
-                generator = torch.Generator().manual_seed(cfg.seed)
-                idx = get_batch(data["val"], block_size, 4 * cfg.batch_size, generator,
-                                device)[0]  # (4B, T)
-                prefs = expert_preferences(raw_model, idx, tokenizer)
-                for layer, experts in enumerate(prefs):
-                    print(f"MoE layer {layer}, tokens each expert prefers: "
-                          + " | ".join(f"{e}: {' '.join(p)}" for e, p in enumerate(experts)))
-            write_figures(out_dir, prefs)
-        # NEW vs llama.py: throughput without the evals
-        train_seconds = max(elapsed - eval_seconds, 1e-9)
-        metrics = dict(metrics, best_val_loss=best_val_loss, params=n_params,
-                       active_params=n_active,
-                       tokens_per_s=round((step - start_iter) * tokens_per_iter / train_seconds, 1),
-                       elapsed_s=round(elapsed, 3))
-        log.write({"event": "done", **metrics})
+
+def checkpoint(cfg, model, optimizer, scaler, step, best_val_loss, batches, tokenizer, device):
+    """What ckpt.pt holds (docs/design.md section 4): all that a bit-exact resume needs."""
+    cuda_rng = [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else []
+    return {"script": "moe.py", "version": 1, "config": dataclasses.asdict(cfg),
+            "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": step,
+            "best_val_loss": best_val_loss,
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "data": batches.state},
+            "tokenizer": tokenizer_state(tokenizer)}
+
+
+def global_loss(step_loss, cfg, step, ddp, world_size):
+    """The loss of the global batch, the same on every rank: the step's one host-device sync."""
+    if ddp:
+        dist.all_reduce(step_loss)
+        step_loss /= world_size
+    loss_value = step_loss.item()
+    if not math.isfinite(loss_value):
+        die(f"loss is {loss_value} at iter {step}; training stopped, the last good "
+            f"checkpoint in {Path(cfg.out_dir)} is kept (try a lower --learning-rate)")
+    return loss_value
+
+
+def log_step(log, model, cfg, step, loss_value, lr, dt, elapsed, tokens_per_iter, accum, flops):
+    """The training record of `step` (dt: seconds per step) into log.jsonl, and its line."""
+    record = {"iter": step, "loss": loss_value, "lr": lr, "ms_per_iter": round(1000 * dt, 3),
+              "tokens_per_s": round(tokens_per_iter / dt, 1), "elapsed_s": round(elapsed, 3)}
+    line = (f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.1e} | "
+            f"{1000 * dt:.1f} ms | {tokens_per_iter / dt / 1e3:.1f}k tok/s | "
+            f"eta {format_eta(dt * (cfg.max_iters - step - 1))}")
+    if flops is not None:
+        record["mfu"] = model.estimate_mfu(cfg.batch_size * accum, dt, flops)
+        line += f" | mfu {100 * record['mfu']:.1f}%"
+    log.write(record)
+    print(line)
+
+
+def report(model, tokenizer, data, cfg, device, autocast, log, metrics, elapsed, eval_seconds,
+           n_tokens):
+    """After training: samples.txt, --plot's figures and (NEW vs llama.py) the tokens each
+    expert prefers; the final metrics (n_tokens: trained in this run), logged as the done record."""
+    out_dir = Path(cfg.out_dir)
+    model.eval()
+    with autocast:
+        write_samples(model, tokenizer, cfg, device, out_dir)
+    if cfg.plot:
+        prefs = None
+        if model.moe_layers():  # NEW vs llama.py: the tokens each expert prefers
+            generator = torch.Generator().manual_seed(cfg.seed)
+            idx = get_batch(data["val"], model.config.block_size, 4 * cfg.batch_size, generator,
+                            device)[0]  # (4B, T)
+            prefs = expert_preferences(model, idx, tokenizer)
+            for layer, experts in enumerate(prefs):
+                print(f"MoE layer {layer}, tokens each expert prefers: "
+                      + " | ".join(f"{e}: {' '.join(p)}" for e, p in enumerate(experts)))
+        write_figures(out_dir, prefs)
+    train_seconds = max(elapsed - eval_seconds, 1e-9)  # NEW vs llama.py: evals excluded
+    metrics = dict(metrics, params=model.num_params(), active_params=model.num_params(active=True),
+                   tokens_per_s=round(n_tokens / train_seconds, 1), elapsed_s=round(elapsed, 3))
+    log.write({"event": "done", **metrics})
     return metrics
 
 
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    ckpt = None
-    if cfg.resume and not cfg.sample_only:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ["moe.py"], RESUME_KEYS)
-        cfg = resume_config(cfg, given, ckpt)  # continue with the saved settings
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda") and world_size > 1:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
-        torch.cuda.set_device(device)
-    if device.startswith("cuda") and ckpt is None:
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
-    if rank == 0:
-        print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
-              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
-    if cfg.sample_only:
-        return sample_only(cfg, device, dtype)
-    # NEW vs llama.py: the two measurements that need no data
-    if cfg.kv_cache_report:
-        return kv_cache_report(model_config(cfg, ByteTokenizer().n_vocab), dtype)
-    if cfg.bench_layer:
-        autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
-                                      enabled=dtype != "float32")
-        return bench_layer(model_config(cfg, ByteTokenizer().n_vocab),
-                           cfg.batch_size * cfg.block_size, device, autocast)
-    if ckpt is None:
-        check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    ddp = world_size > 1  # torchrun started this process as one of world_size ranks
-    if ddp:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        metrics = train(cfg, ckpt, device, dtype, rank, world_size)
-        if ddp:  # rank 0 writes samples and figures last; the others wait for it
-            dist.barrier()
-        return metrics
-    except torch.OutOfMemoryError:
-        die(f"CUDA out of memory with --batch-size {cfg.batch_size}; try --batch-size "
-            f"{max(1, cfg.batch_size // 2)} (and more --gradient-accumulation-steps)")
-    finally:
-        if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
-            dist.destroy_process_group()
+# -------------------------------------------------------------------------------
+# Appendix: flag rules — RULES, CHOICES, check_config
+# -------------------------------------------------------------------------------
+# what each flag may be, checked by check_config before anything is written (docs/design.md
+# section 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other
+# flags. Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved)
+# aside. The rules many flags share come first, one entry for all of them.
+RULES = {
+    **dict.fromkeys(["n_layer", "n_head", "block_size", "expert_hidden", "kv_lora_rank",
+                     "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                     "log_interval", "num_samples", "max_new_tokens"],
+                    (lambda v: v >= 1, "an integer >= 1")),
+    **dict.fromkeys(["n_shared_experts", "dense_layers", "max_iters", "warmup_iters"],
+                    (lambda v: v >= 0, "an integer >= 0")),
+    **dict.fromkeys(["rope_theta", "routed_scale", "learning_rate"],
+                    (lambda v: v > 0, "a number > 0")),
+    **dict.fromkeys(["aux_loss_coef", "bias_update_rate", "weight_decay"],
+                    (lambda v: v >= 0, "a number >= 0")),
+    **dict.fromkeys(["beta1", "beta2"], (lambda v: 0 <= v < 1, "a number in [0, 1)")),
+    "n_kv_head": (lambda v, c: v >= 0 and c.n_head % (v or c.n_head) == 0,
+                  "0 (= --n-head) or a divisor of --n-head {c.n_head}"),
+    "n_embd": (lambda v, c: v >= 1 and v % c.n_head == 0 and (v // c.n_head) % 2 == 0,
+               "a positive multiple of --n-head {c.n_head} with an even head size (RoPE turns "
+               "pairs of dimensions)"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "n_experts": (lambda v: v >= 0, "an integer >= 0 (0 = dense)"),
+    "experts_per_token": (lambda v, c: c.n_experts == 0 or 1 <= v <= c.n_experts,
+                          "an integer in 1..--n-experts {c.n_experts}"),
+    "moe_every": (lambda v: v >= 0, "an integer >= 0 (0 = no MoE block)"),
+    "router_noise": (lambda v: v >= 0, "a standard deviation >= 0"),
+    "capacity_factor": (lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
+    "z_loss_coef": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "rope_head_dim": (lambda v: v >= 0 and v % 2 == 0,
+                      "an even integer >= 0 (RoPE turns pairs of dimensions)"),
+    "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
+    "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
+               "a number in [0, --learning-rate {c.learning_rate}]"),
+    "lr_decay_iters": (lambda v: v >= 0, "an integer >= 0 (0 = --max-iters)"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 1, or 0 (off)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "bench_layer": (lambda v, c: not v or c.n_experts > 0,
+                    "off with --n-experts 0 (it times an MoE layer)"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+}
+CHOICES = {"balance": ("aux", "aux-free", "none"), "attn": ("gqa", "mla")}
 
 
 # -------------------------------------------------------------------------------

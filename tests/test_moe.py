@@ -223,6 +223,23 @@ def test_max_time_warmup_counts_steps_then_the_cosine_follows_the_clock(text_fil
     assert lrs[-1] < 0.5 * peak  # then the cosine runs over 300 "seconds", not 1000 steps
 
 
+def test_budget_time_up_and_the_lr_of_steps_or_clock(monkeypatch):
+    """budget() (the loop's --max-time bookkeeping): time is up at --max-time seconds; after
+    warmup the cosine is at the step or at the clock's share of the budget, whichever is further."""
+    monkeypatch.setattr(moe.time, "perf_counter", lambda: 30.0)  # 30 s after t_start = 0
+    cfg = moe.Config(max_iters=100, warmup_iters=10, max_time=60.0)
+
+    def lr_at(step):
+        return moe.get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+
+    assert moe.budget(20, 0.0, cfg, "cpu", False) == (False, lr_at(50))  # half the time: step 50
+    assert moe.budget(80, 0.0, cfg, "cpu", False) == (False, lr_at(80))  # the steps are ahead
+    assert moe.budget(5, 0.0, cfg, "cpu", False) == (False, lr_at(5))  # warmup counts steps
+    assert moe.budget(20, -30.0, cfg, "cpu", False)[0]  # 60 s: time is up
+    no_limit = moe.Config(max_iters=100, warmup_iters=10)
+    assert moe.budget(20, -1e6, no_limit, "cpu", False) == (False, lr_at(20))
+
+
 def test_dense_path_is_llama_py(text_file, tmp_path):
     """--n-experts 0 is llama.py's model and loop: the same losses, bit for bit (a copy that
     drifted from llama.py fails here)."""
