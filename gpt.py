@@ -594,9 +594,7 @@ def main(argv=None):
 # -------------------------------------------------------------------------------
 # Appendix: a first read can stop here (copies, bookkeeping, plumbing)
 # -------------------------------------------------------------------------------
-# -------------------------------------------------------------------------------
-# Appendix: from mlp.py — the bpe.py tokenizer loader, the LR schedule and sampling, unchanged
-# -------------------------------------------------------------------------------
+# ---- Appendix: from mlp.py — load_bpe, get_lr and sampling, unchanged ---------
 def load_bpe(path):
     """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
 
@@ -653,9 +651,7 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
-# -------------------------------------------------------------------------------
-# Appendix: extra — OpenAI's GPT-2 weights (--init-from NAME|DIR)
-# -------------------------------------------------------------------------------
+# ---- Appendix: extra — OpenAI's GPT-2 weights (--init-from NAME|DIR) ----------
 # OpenAI's released GPT-2 sizes (Radford et al. 2019, Table 2); all have 1024 positions and the
 # 50257-token BPE vocabulary, biases, learned positions and tanh-GELU
 GPT2_SIZES = {
@@ -717,9 +713,7 @@ def load_gpt2_weights(model, tensors):
         die(f"the GPT-2 weights lack {len(missing)} tensors, e.g. {missing[0]}")
 
 
-# -------------------------------------------------------------------------------
-# Appendix: bookkeeping — data and model, restore, checkpoint, log records, samples
-# -------------------------------------------------------------------------------
+# ---- Appendix: bookkeeping — data and model, restore, checkpoint, log records, samples ----
 def load_data_and_model(cfg, given, ckpt, device, master):
     """The tokenizer (a resumed run keeps its own, --init-from implies gpt2), the token ids of
     --data ({"train", "val"}) and the raw GPT on `device`; rank 0 prints their sizes."""
@@ -886,9 +880,7 @@ def write_samples(model, tokenizer, cfg, device, out_dir, autocast):
     return texts
 
 
-# -------------------------------------------------------------------------------
-# Appendix: flag rules — RULES, CHOICES, check_config
-# -------------------------------------------------------------------------------
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
 # what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
 # Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.

@@ -698,9 +698,7 @@ def main(argv=None):
 # -------------------------------------------------------------------------------
 # Appendix: a first read can stop here (copies, bookkeeping, plumbing)
 # -------------------------------------------------------------------------------
-# -------------------------------------------------------------------------------
-# Appendix: from gpt.py — tokenizers, data, optimizer, sampling (the byte tokenizer is NEW)
-# -------------------------------------------------------------------------------
+# ---- Appendix: from gpt.py — tokenizers (the byte one is NEW), data, optimizer, sampling ----
 def load_bpe(path):
     """A tokenizer saved by bpe.py, as a `tiktoken.Encoding`.
 
@@ -953,9 +951,7 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     return ids, texts
 
 
-# -------------------------------------------------------------------------------
-# Appendix: extra — int8 weight-only quantization and the generation benchmark
-# -------------------------------------------------------------------------------
+# ---- Appendix: extra — int8 weight-only quantization and the generation benchmark ----
 class Int8Linear(nn.Module):
     """NEW vs gpt.py: an nn.Linear with int8 weights, for inference (--quantize int8).
 
@@ -1115,9 +1111,7 @@ def run_bench(cfg, device, dtype):
         return bench(model.to(device).eval(), cfg, device, tokenizer.n_vocab)
 
 
-# -------------------------------------------------------------------------------
-# Appendix: bookkeeping — setup, restore, checkpoint, clock, lr, log, report, --sample-only
-# -------------------------------------------------------------------------------
+# ---- Appendix: bookkeeping — setup, restore, checkpoint, clock, log, report, --sample-only ----
 def prepare(cfg, ckpt, device, world_size, master):
     """Check --gradient-accumulation-steps against the processes, then -> the tokenizer (a resumed
     run keeps the checkpoint's), the --data text as {"train", "val"} tokens, the raw model."""
@@ -1280,9 +1274,7 @@ def sample_only(cfg, device, dtype):
     return {**report, "samples": texts}
 
 
-# -------------------------------------------------------------------------------
-# Appendix: flag rules — RULES, CHOICES, check_config
-# -------------------------------------------------------------------------------
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
 # what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
 # Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.

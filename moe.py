@@ -656,9 +656,7 @@ def main(argv=None):
 # -------------------------------------------------------------------------------
 # Appendix: a first read can stop here (copies, bookkeeping, plumbing)
 # -------------------------------------------------------------------------------
-# -------------------------------------------------------------------------------
-# Appendix: from llama.py — the model's parts, data, optimizer, sampling (no sliding window)
-# -------------------------------------------------------------------------------
+# ---- Appendix: from llama.py — model parts, data, optimizer, sampling (no sliding window) ----
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 
 
@@ -1127,9 +1125,7 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     return ids, texts
 
 
-# -------------------------------------------------------------------------------
-# Appendix: extra — multi-head latent attention (MLA), KV-cache bytes, the layer benchmark
-# -------------------------------------------------------------------------------
+# ---- Appendix: extra — multi-head latent attention (MLA), KV-cache bytes, layer benchmark ----
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention, MLA (DeepSeek-V2, arXiv:2405.04434, Sec. 2.1).
 
@@ -1256,9 +1252,7 @@ def bench_layer(mcfg, n_tokens, device, autocast, rounds=5, iters=5):
     return result
 
 
-# -------------------------------------------------------------------------------
-# Appendix: bookkeeping — build, restore, time budget, checkpoint, log records, report
-# -------------------------------------------------------------------------------
+# ---- Appendix: bookkeeping — build, restore, time budget, checkpoint, log records, report ----
 def model_config(cfg, vocab_size):
     """The ModelConfig of the flags (the vocabulary padded as in build_model)."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)
@@ -1447,9 +1441,7 @@ def report(model, tokenizer, data, cfg, device, autocast, log, metrics, elapsed,
     return metrics
 
 
-# -------------------------------------------------------------------------------
-# Appendix: flag rules — RULES, CHOICES, check_config
-# -------------------------------------------------------------------------------
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
 # what each flag may be, checked by check_config before anything is written (docs/design.md
 # section 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other
 # flags. Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved)

@@ -656,9 +656,7 @@ def main(argv=None):
 # -------------------------------------------------------------------------------
 # Appendix: a first read can stop here (copies, bookkeeping, plumbing)
 # -------------------------------------------------------------------------------
-# -------------------------------------------------------------------------------
-# Appendix: from sft.py — llama.py's model, sampling, evaluation, LR schedule, unchanged
-# -------------------------------------------------------------------------------
+# ---- Appendix: from sft.py — llama.py's model, sampling, evaluation, LR schedule, unchanged ----
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 
 
@@ -1154,9 +1152,7 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-# -------------------------------------------------------------------------------
-# Appendix: from sft.py — the task world, unchanged
-# -------------------------------------------------------------------------------
+# ---- Appendix: from sft.py — the task world, unchanged ------------------------
 BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
                 **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
 
@@ -1336,9 +1332,7 @@ def follows_format(completion, family):
             and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
 
 
-# -------------------------------------------------------------------------------
-# Appendix: from reward.py — the reward model and its scoring, unchanged
-# -------------------------------------------------------------------------------
+# ---- Appendix: from reward.py — the reward model and its scoring, unchanged ----
 def build_reward_model(model_args):
     """The sft.py Llama with its LM head (C -> V) replaced by a scalar head (C -> 1).
 
@@ -1401,9 +1395,7 @@ def score(model, tok, prompts, responses, device, batch_size=256, ctx=contextlib
     return torch.cat(out) if out else torch.zeros(0)
 
 
-# -------------------------------------------------------------------------------
-# Appendix: bookkeeping — loading, restore, checkpoint, log records, report
-# -------------------------------------------------------------------------------
+# ---- Appendix: bookkeeping — loading, restore, checkpoint, log records, report ----
 def tokenizer_from(ckpt, path):
     """The byte tokenizer a checkpoint was trained with (the task world needs its specials)."""
     state = ckpt.get("tokenizer", {})
@@ -1612,9 +1604,7 @@ def sample_only(cfg, device, ctx):
     return {"samples": answers}
 
 
-# -------------------------------------------------------------------------------
-# Appendix: flag rules — RULES, CHOICES, check_config
-# -------------------------------------------------------------------------------
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
 # what each numeric flag may be, checked before anything is written (docs/design.md section 6);
 # choices are in CHOICES, cross-field rules in main
 RULES = {

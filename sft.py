@@ -678,9 +678,7 @@ def main(argv=None):
 # -------------------------------------------------------------------------------
 # Appendix: a first read can stop here (copies, bookkeeping, plumbing)
 # -------------------------------------------------------------------------------
-# -------------------------------------------------------------------------------
-# Appendix: from llama.py — the model, unchanged; the tokenizer (+ encode), get_lr, sampling
-# -------------------------------------------------------------------------------
+# ---- Appendix: from llama.py — model (unchanged), tokenizer (+ encode), get_lr, sampling ----
 @dataclass
 class ModelConfig:
     """The Llama's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
@@ -1201,9 +1199,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     return torch.cat([idx, *new], dim=1)
 
 
-# -------------------------------------------------------------------------------
-# Appendix: extra — maj@k and pass@k (self-consistency), classification
-# -------------------------------------------------------------------------------
+# ---- Appendix: extra — maj@k and pass@k (self-consistency), classification ----
 @torch.no_grad()
 def sample_answers(model, tok, examples, n, temperature, max_new_tokens, batch_size, device,
                    ctx, generator):
@@ -1329,9 +1325,7 @@ def evaluate_classify(model, encoded, batch_size, pad_id, device, ctx):
     return correct / len(encoded)
 
 
-# -------------------------------------------------------------------------------
-# Appendix: bookkeeping — restore, checkpoint, log record, report, --sample-only
-# -------------------------------------------------------------------------------
+# ---- Appendix: bookkeeping — restore, checkpoint, log record, report, --sample-only ----
 def load_sources(cfg):
     """The checkpoints a run starts from: --resume's in --out-dir, else --init-from's, or None."""
     resumed = (load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ("sft.py",),
@@ -1495,9 +1489,7 @@ def sample_only(cfg, device, ctx):
     return {"samples": answers}
 
 
-# -------------------------------------------------------------------------------
-# Appendix: flag rules — RULES, CHOICES, check_config
-# -------------------------------------------------------------------------------
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
 # what each flag may be, checked by check_config before anything is written (docs/design.md section
 # 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
 # Free text (--init-from, --mix, --out-dir, --prompt) and --device/--dtype (resolved) aside.
