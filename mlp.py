@@ -282,8 +282,8 @@ def train(cfg, out_dir, device, dtype, use_compile):
                                   weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     data_gen = torch.Generator().manual_seed(cfg.seed)  # the only source of training batches
-    start_iter, best_val, t_origin = restore(ckpt, ckpt_path, model, optimizer, data_gen, mc, tok,
-                                             cfg.max_iters)
+    start_iter, best, t_origin = restore(ckpt, ckpt_path, model, optimizer, data_gen, mc, tok,
+                                         cfg.max_iters)  # best: the kept model (val, iter, state)
     # the first write to --out-dir, every check passed: a fresh log, or the resumed run's so far
     open_log(out_dir, start_iter if ckpt is not None else None)
     model_ = torch.compile(model) if use_compile else model  # `model` stays raw for saving
@@ -299,10 +299,13 @@ def train(cfg, out_dir, device, dtype, use_compile):
         if (step % cfg.eval_interval == 0 and not resumed_here) or last_step:
             losses = estimate_losses(model_, splits, cfg, device, ctx)
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if best[2] is None or losses["val"] < best[0]:  # keep the best val loss's weights
+                best = (losses["val"], step, {k: v.to("cpu", copy=True)
+                                              for k, v in model.state_dict().items()})
             append_jsonl(log_path, {"iter": step, "train_loss": losses["train"],
-                                    "val_loss": losses["val"], "elapsed_s": elapsed})
-            best_val = min(best_val, losses["val"])
-            save_run(ckpt_path, cfg, mc, model, optimizer, step, best_val, data_state, tok,
+                                    "val_loss": losses["val"], "best_iter": best[1],
+                                    "elapsed_s": elapsed})
+            save_run(ckpt_path, cfg, mc, model, optimizer, step, best, data_state, tok,
                      time.time() - t_origin)
             t_log, iters_timed, targets_timed = time.time(), 0, 0  # evals are not timed
         if last_step:
@@ -338,7 +341,7 @@ def train(cfg, out_dir, device, dtype, use_compile):
         if step % cfg.log_interval == 0:
             log_step(log_path, cfg, step, lossf, lr, t_log, iters_timed, targets_timed, t_origin)
             t_log, iters_timed, targets_timed = time.time(), 0, 0
-    return finish(model, tok, fmt, splits, cfg, step, best_val, t_origin, out_dir, device, ctx)
+    return finish(model, tok, fmt, splits, cfg, step, best, t_origin, out_dir, device, ctx)
 
 
 # -------------------------------------------------------------------------------
@@ -594,20 +597,21 @@ RESUME_KEYS = ("config", "model_args", "optimizer", "iter", "best_val_loss", "rn
 
 
 def restore(ckpt, ckpt_path, model, optimizer, data_gen, mc, tok, max_iters):
-    """A resumed run -> (start_iter, best_val_loss, t_origin: the clock's zero, moved back)."""
+    """Resume -> (start_iter, (best val loss, its iter, kept weights), t_origin moved back)."""
     if ckpt is None:
-        return 0, float("inf"), time.time()
+        return 0, (float("inf"), 0, None), time.time()
     if max_iters < ckpt["iter"]:
         die(f"--max-iters {max_iters}: the checkpoint is at iter {ckpt['iter']}; pass "
             f"--max-iters {ckpt['iter']} or more to continue it")
     if ckpt["model_args"] != dataclasses.asdict(mc) or ckpt["tokenizer"] != tok.state:
         die(f"{ckpt_path} was trained with another model or data ({ckpt['model_args']}); "
             "resume with the flags of that run")
-    load_weights(model, ckpt["model"], ckpt_path)
+    load_weights(model, ckpt.get("model_last", ckpt["model"]), ckpt_path)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         start_iter, best_val, elapsed_before = (ckpt[k] for k in ("iter", "best_val_loss",
                                                                   "elapsed_s"))
+        best = (best_val, ckpt.get("best_iter", start_iter), ckpt["model"])
         # the RNG states go last: building the model above drew from the global generator
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"]:
@@ -616,15 +620,17 @@ def restore(ckpt, ckpt_path, model, optimizer, data_gen, mc, tok, max_iters):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {str(e)[:200]})")
     print(f"resumed from {ckpt_path} at iter {start_iter}")
-    return start_iter, best_val, time.time() - elapsed_before
+    return start_iter, best, time.time() - elapsed_before
 
 
-def save_run(path, cfg, mc, model, optimizer, step, best_val, data_state, tok, elapsed):
-    """Everything --resume needs; `data_state` draws the batch in hand, so none is skipped."""
+def save_run(path, cfg, mc, model, optimizer, step, best, data_state, tok, elapsed):
+    """Everything --resume needs (`data_state` draws the batch in hand); `model` is the kept
+    model, `model_last` (when another) the last step's, for --resume (docs/design.md 4)."""
+    last = {} if best[1] == step else {"model_last": model.state_dict()}
     save_checkpoint({
         "script": "mlp.py", "version": 1, "config": dataclasses.asdict(cfg),
-        "model_args": dataclasses.asdict(mc), "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
+        "model_args": dataclasses.asdict(mc), "model": best[2], **last, "best_iter": best[1],
+        "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best[0],
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if model.lm_head.weight.is_cuda else [],
                 "data": data_state},
@@ -659,9 +665,12 @@ def final_losses(model, splits, cfg, device, ctx):
     return losses
 
 
-def finish(model, tok, fmt, splits, cfg, step, best_val, t_origin, out_dir, device, ctx):
-    """Val/test loss over the whole splits, samples (printed, samples.txt), figures, done record."""
+def finish(model, tok, fmt, splits, cfg, step, best, t_origin, out_dir, device, ctx):
+    """The kept model's val/test loss on the whole splits, samples, figures, the done record."""
     train_s = time.time() - t_origin
+    model.load_state_dict(best[2])
+    print(f"kept the model of iter {best[1]} (val loss {best[0]:.4f})"
+          + ("" if best[1] == step else f"; ckpt.pt also holds iter {step}'s for --resume"))
     final = final_losses(model, splits, cfg, device, ctx)
     print(f"final: val loss {final['val']:.4f} | test loss {final['test']:.4f} | "
           f"{step} iters in {format_eta(train_s)}")
@@ -671,7 +680,7 @@ def finish(model, tok, fmt, splits, cfg, step, best_val, t_origin, out_dir, devi
     if cfg.plot:
         plot_run(model, tok, out_dir / "log.jsonl", out_dir)
     done = {"event": "done", "model": model.config.model, "test_loss": final["test"],
-            "val_loss": final["val"], "best_val_loss": best_val, "iters": step,
+            "val_loss": final["val"], "best_val_loss": best[0], "best_iter": best[1], "iters": step,
             "train_s": train_s, "elapsed_s": time.time() - t_origin,
             "parameters": sum(p.numel() for p in model.parameters())}
     append_jsonl(out_dir / "log.jsonl", done)
@@ -717,29 +726,20 @@ def sample_only(cfg, out_dir, device):
 
 
 # ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
-# what each flag may be (docs/design.md section 6): a predicate and the text the error shows;
-# `lambda v, c:` rules also see the other flags. Free text and --device/--dtype aside.
+# what each flag may be (docs/design.md section 6); `lambda v, c:` rules see the other flags
 RULES = {
-    "block_size": (lambda v: v >= 1, "an integer >= 1"),
-    "n_embd": (lambda v: v >= 1, "an integer >= 1"),
-    "n_hidden": (lambda v: v >= 1, "an integer >= 1"),
+    **dict.fromkeys(("block_size", "n_embd", "n_hidden", "eval_interval", "eval_iters",
+                     "final_eval_max", "log_interval", "batch_size", "num_samples",
+                     "max_new_tokens"), (lambda v: v >= 1, "an integer >= 1")),
+    **dict.fromkeys(("max_iters", "warmup_iters"), (lambda v: v >= 0, "an integer >= 0")),
     "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
     "max_time": (lambda v: v >= 0, "a number of seconds >= 0 (0 = no limit)"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "final_eval_max": (lambda v: v >= 1, "an integer >= 1"),
-    "log_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "learning_rate": (lambda v: v > 0, "a number > 0"),
     "min_lr": (lambda v, c: 0 <= v <= c.learning_rate,
                "a number in [0, --learning-rate {c.learning_rate}]"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
     "weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
     "top_k": (lambda v: v is None or v >= 1, "an integer >= 1 (leave it out for no limit)"),
     "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),

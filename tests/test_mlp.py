@@ -337,3 +337,69 @@ def test_max_time_warmup_counts_steps(tmp_path, names_file, monkeypatch):
     lrs = [r["lr"] for r in records if "lr" in r]
     peak = lrs[0] * 4  # warmup by steps: peak * (s + 1) / 4
     assert lrs[1] == pytest.approx(peak / 2) and lrs[2] == pytest.approx(3 * peak / 4)
+
+
+# ---- the kept model: the weights of the best val loss (docs/design.md section 4) ------------
+OVERFIT = ["--format", "text", "--block-size", "8", "--n-embd", "8", "--n-hidden", "64",
+           "--dropout", "0", "--batch-size", "64", "--eval-iters", "4", "--eval-interval", "25",
+           "--max-iters", "100", "--learning-rate", "3e-3", "--warmup-iters", "2",
+           "--log-interval", "1000", "--num-samples", "2", "--max-new-tokens", "8"]
+
+
+@pytest.fixture
+def overfit_file(tmp_path):
+    """The training split is one 300-character text repeated, val and test fresh text with the
+    same letter frequencies: val falls while the frequencies are learned, then rises as the
+    training text is memorised."""
+    rng = random.Random(0)
+    chars, w = "abcdefghij ", [30, 20, 12, 8, 6, 5, 4, 3, 2, 1, 9]
+    path = tmp_path / "overfit.txt"
+    path.write_text("".join(rng.choices(chars, w, k=300)) * 12 + "".join(rng.choices(chars, w, k=900)))
+    return path
+
+
+def test_the_best_val_model_is_kept_and_resume_continues_the_last(tmp_path, overfit_file,
+                                                                 monkeypatch):
+    done, records = run(tmp_path, overfit_file, *OVERFIT, out="a")
+    evals = [r for r in records if "val_loss" in r and "event" not in r]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert 0 < best["iter"] < 100 and evals[-1]["val_loss"] > best["val_loss"] + 0.05
+    assert done["best_iter"] == best["iter"] and done["best_val_loss"] == best["val_loss"]
+    assert evals[-1]["best_iter"] == best["iter"]
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert ckpt["best_iter"] == best["iter"] and ckpt["iter"] == 100
+    # `model` is the kept model: it scores the best val loss again; `model_last` the last one
+    cfg = mlp.Config(**ckpt["config"])
+    tok = mlp.Tokenizer(ckpt["tokenizer"])
+    _, _, splits = mlp.load_data(cfg, tok)
+    model = mlp.build_model(mlp.ModelConfig(**ckpt["model_args"]))
+    for key, val in (("model", best["val_loss"]), ("model_last", evals[-1]["val_loss"])):
+        model.load_state_dict(ckpt[key])
+        torch.manual_seed(0)
+        losses = mlp.estimate_losses(model, splits, cfg, "cpu", torch.autocast("cpu", enabled=False))
+        assert losses["val"] == pytest.approx(val, abs=1e-6)
+    # the end-of-run samples and --sample-only both come from the kept model
+    again = mlp.main(["--sample-only", "--out-dir", str(tmp_path / "a"), "--num-samples", "2",
+                      "--max-new-tokens", "8", "--device", "cpu"])
+    assert mlp.join_samples(again["samples"], "text") == (tmp_path / "a" / "samples.txt").read_text()
+    # killed after the checkpoint of iter 75 (kept: iter 25), resumed: the same run and files
+    real_get_lr = mlp.get_lr
+
+    def killed_at_80(step, *a):
+        if step == 80:
+            raise KeyboardInterrupt
+        return real_get_lr(step, *a)
+
+    monkeypatch.setattr(mlp, "get_lr", killed_at_80)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, overfit_file, *OVERFIT, out="b")
+    monkeypatch.setattr(mlp, "get_lr", real_get_lr)
+    done_b, records_b = run(tmp_path, overfit_file, *OVERFIT, "--resume", out="b")
+    untimed = [{k: v for k, v in r.items() if not k.endswith("_s") and k != "ms_per_iter"
+                and k != "tokens_per_s"} for r in records]
+    assert [{k: v for k, v in r.items() if not k.endswith("_s") and k != "ms_per_iter"
+             and k != "tokens_per_s"} for r in records_b] == untimed
+    ckpt_b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    for key in ("model", "model_last"):
+        assert all(torch.equal(ckpt[key][k], ckpt_b[key][k]) for k in ckpt[key])
+    assert ckpt_b["best_iter"] == ckpt["best_iter"]
