@@ -22,19 +22,10 @@ Run:
     python dpo.py --sample-only --prompt "What is 12 + 7?"
     python dpo.py --device cuda            # GPU preset: more pairs and steps
 
-Result (the default `python sft.py` checkpoint, 0.887 greedy on its 600 held-out problems):
-    python dpo.py      beta 0.5 + the chosen answers' NLL (--rpo-alpha 1), 6000 problems, 4
-                       online rounds of 300 steps: 0.900 (sort 0.85 -> 0.87, compare 0.86 ->
-                       0.92, count 0.62 -> 0.62), held-out preference accuracy 0.879; 4m06s
-    plain DPO (--beta 0.1 --rpo-alpha 0, 2 rounds of 200 steps) separates the pairs as well
-    and answers worse (0.847): widening the margin is not being right (README, "dpo.py").
-    And the other way round: a held-out pair is won when the policy can answer its problem
-    (0.970 of those pairs, 0.453 of the pairs of problems it still gets wrong), so preference
-    accuracy stops where true accuracy does.
+Result: greedy accuracy 0.887 (SFT) -> 0.900 on sft.py's 600 held-out problems, 4m06s; docs/dpo.md.
 
-Simplifications: pairs come from a checker, not from people; the reference log-probs are
-computed once per set of pairs (the reference is frozen); one learning-rate schedule over all
-rounds, the optimizer state carried across them.
+Simplifications: pairs come from a checker, not from people; reference log-probs are computed
+once per set of pairs (a frozen reference); one lr schedule and optimizer state over all rounds.
 """
 import argparse
 import contextlib
@@ -115,65 +106,10 @@ HELDOUT_PAIRS = dict(pairs="both", synthetic_per_prompt=1, policy_samples=4,
 # on CUDA, for every field not given: more problems, samples and steps (the model is the SFT one)
 GPU_PRESET = dict(n_train=20000, n_policy=20000, policy_samples=8, max_iters=3000, batch_size=64,
                   eval_interval=250, eval_iters=10, compile=True)
-# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
-# choices are in CHOICES, cross-field rules in main
-RULES = {
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "beta": (lambda v: v > 0, "a number > 0"),
-    "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
-    "rpo_alpha": (lambda v: v >= 0, "a number >= 0"),
-    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
-    "n_policy": (lambda v: v >= 0, "an integer >= 0"),
-    "policy_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "policy_temperature": (lambda v: v > 0, "a number > 0"),
-    "policy_pairs_per_prompt": (lambda v: v >= 1, "an integer >= 1"),
-    "synthetic_per_prompt": (lambda v: v >= 1, "an integer >= 1"),
-    "rounds": (lambda v: v >= 1, "an integer >= 1"),
-    "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
-    "lora_alpha": (lambda v: v > 0, "a number > 0"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-}
-CHOICES = {"pairs": ("synthetic", "policy", "both"), "loss_type": ("sigmoid", "ipo", "hinge")}
-
-
-@dataclass
-class ModelConfig:
-    """The Llama's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
-    vocab_size: int  # V (the tokenizer's, padded to a multiple of 64)
-    block_size: int  # T
-    n_layer: int  # L
-    n_head: int  # nh
-    n_embd: int  # C
-    n_kv_head: int = 0  # nkv (0 = n_head: multi-head attention)
-    dropout: float = 0.0  # p
-    tie_weights: bool = False  # LM head = token embedding
-    norm: str = "rmsnorm"  # or layernorm
-    pos: str = "rope"  # or learned, none
-    mlp: str = "swiglu"  # or gelu
-    rope_theta: float = 10000.0  # RoPE base
-    window: int = 0  # sliding window W (0 = full causal attention)
-    sinks: int = 0  # attention sinks S
-    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
-
-    def __post_init__(self):
-        self.n_kv_head = self.n_kv_head or self.n_head
 
 
 # -------------------------------------------------------------------------------
-# Direct Preference Optimization
+# NEW vs sft.py: Direct Preference Optimization (the loss, the reference, the pairs)
 # -------------------------------------------------------------------------------
 def sequence_logps(logits, targets):
     """log pi(response | prompt) of each row: logits (B, T, V), targets (B, T) -> the sum of the
@@ -242,29 +178,28 @@ def frozen_copy(model):
     ref_model is model). Dropout is 0 in both (model_args), so at the first step the policy
     and the reference give the same log-probs and the sigmoid loss is ln 2 (exactly, on the
     same padded batch; see reference_logps)."""
-    ref = copy.deepcopy(model)
-    if any(isinstance(m, LoRALinear) for m in ref.modules()):
-        merge_lora(ref)
-    return ref.eval().requires_grad_(False)
+    return merge_lora(copy.deepcopy(model)).eval().requires_grad_(False)  # no LoRA: no change
 
 
 @torch.no_grad()
-def reference_logps(reference, encoded, batch_size, pad_id, device, ctx):
+def reference_logps(reference, encoded, batch_size, pad_id, device, ctx, counts=False):
     """Sequence log-probs of every pair under the frozen reference -> float32 CPU tensor (N, 2),
-    column 0 the chosen response, column 1 the rejected one. Computed once per set of pairs
+    column 0 the chosen response, column 1 the rejected one (with counts, also their response
+    tokens; evaluate_pairs scores the policy with this loop). Computed once per set of pairs
     (they never change while the reference is frozen), so a training step costs one forward
     pass of the policy instead of two models'. The training batches pad differently, so at step
     0 the policy's log-probs match these to ~1e-7, not bit for bit: the first loss is ln 2 to
     ~1e-8, and a training batch's rewards/accuracies counts float noise until the policy moves."""
-    out = []
+    out, tokens = [torch.zeros(0, 2)], [torch.zeros(0, 2)]
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
         idx, targets, _ = collate_pairs(chunk, pad_id)
         with ctx:
             logits = reference(idx.to(device))[0]  # (2b, T, V)
-        logps, _ = sequence_logps(logits, targets.to(device))  # (2b,)
+        logps, n = sequence_logps(logits, targets.to(device))  # (2b,) each
         out.append(logps.cpu().view(2, len(chunk)).T)  # (2, b) -> (b, 2)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+        tokens.append(n.cpu().view(2, len(chunk)).T)
+    return (torch.cat(out), torch.cat(tokens)) if counts else torch.cat(out)
 
 
 def dpo_objective(logps, ref_logps, n_tokens, loss_type, beta, label_smoothing, rpo_alpha):
@@ -303,9 +238,315 @@ def preference_metrics(stats):
             "logps/rejected": stats["rejected_logps"].mean().item()}
 
 
+def encode_response(tok, prompt, response):
+    """Model input and per-position targets for the template + prompt + response.
+
+    As sft.py's encode_example: targets[t] is the token after input t, and the prompt's are
+    IGNORE_INDEX, so only the response is scored. The response is encoded as the policy
+    wrote it: an <|endoftext|> in it becomes its token, and a response that never stopped
+    (a "no_eot" mistake) gets none appended: its missing stop is the mistake.
+    """
+    prompt_ids = encode_prompt(tok, prompt)
+    ids = prompt_ids + tok.encode(response, [EOT])
+    n = len(prompt_ids) - 1  # targets[n] is the first response token: keep it and after
+    return ids[:-1], [IGNORE_INDEX] * n + ids[n + 1:]
+
+
+def encode_pairs(tok, pairs, block_size):
+    """Pairs -> (kept pairs, [(chosen (ids, targets), rejected (ids, targets))]), tokenized once.
+
+    A pair is dropped when a side has no response token (a sample of only unknown ids decodes
+    to nothing: 0/0 for ipo's mean, no gradient at all) or does not fit the context."""
+    kept, encoded = [], []
+    for p in pairs:
+        sides = (encode_response(tok, p["prompt"], p["chosen"]),
+                 encode_response(tok, p["prompt"], p["rejected"]))
+        if all(len(ids) <= block_size and any(t != IGNORE_INDEX for t in tgt)
+               for ids, tgt in sides):
+            kept.append(p)
+            encoded.append(sides)
+    return kept, encoded
+
+
+def collate_pairs(batch, pad_id):
+    """B encoded pairs -> idx, targets (2B, T): the B chosen rows, then the B rejected rows, so
+    one forward pass scores both sides; and lengths (2B,), the real tokens per row.
+
+    Right padding: pad ids in idx, IGNORE_INDEX in targets. Causal attention keeps the pads,
+    which come after every real token, from changing a real position's output; and the mask
+    comes from the lengths, never from a token id (with pad == eos a mask by id would drop
+    the <|endoftext|> that ends every chosen response)."""
+    rows = [c for c, _ in batch] + [r for _, r in batch]
+    T = max(len(ids) for ids, _ in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    tgt = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, targets) in enumerate(rows):
+        idx[i, :len(ids)] = torch.tensor(ids)
+        tgt[i, :len(targets)] = torch.tensor(targets)
+    return idx, tgt, torch.tensor([len(ids) for ids, _ in rows])
+
+
+def get_batch(encoded, ref_logps, batch_size, generator, pad_id, device):
+    """batch_size pairs drawn at random (with replacement) -> idx, targets (2B, T) and the
+    reference log-probs (2B,) on `device`, plus the real tokens in the batch."""
+    ix = torch.randint(len(encoded), (batch_size,), generator=generator)
+    idx, tgt, lengths = collate_pairs([encoded[i] for i in ix.tolist()], pad_id)
+    ref = torch.cat((ref_logps[ix, 0], ref_logps[ix, 1]))  # (2B,) chosen, then rejected
+    return idx.to(device), tgt.to(device), ref.to(device), int(lengths.sum())
+
+
+def pair_set(cfg, model, tok, examples, n_policy, device, ctx, seed, block_size):
+    """build_pairs, then encode_pairs -> (pairs, encoded pairs); one line when none is left."""
+    pairs, _ = build_pairs(cfg, model, tok, examples, n_policy, cfg.policy_samples, device, ctx,
+                           seed)
+    pairs, encoded = encode_pairs(tok, pairs, block_size)
+    if not pairs:
+        die("the policy made no mistake to learn from: use --pairs both or synthetic")
+    return pairs, encoded
+
+
+def heldout_pairs(cfg, model, tok, examples, sft_seed, device, ctx, block_size):
+    """The held-out pairs of sft.py's test problems, the same for every run from one checkpoint
+    (HELDOUT_PAIRS, the SFT run's seed; only device and dtype change the samples), shuffled once:
+    the --eval-iters batches scored in training are a sample of every family and source."""
+    pairs, encoded = pair_set(dataclasses.replace(cfg, **HELDOUT_PAIRS), model, tok, examples,
+                              len(examples), device, ctx, sft_seed + 1, block_size)
+    order = list(range(len(pairs)))
+    random.Random(sft_seed).shuffle(order)
+    return [pairs[i] for i in order], [encoded[i] for i in order]
+
+
+def training_pairs(cfg, run, policy, reference, rnd, pairs=None):
+    """Round rnd's training pairs -> (pairs, encoded pairs, reference log-probs (N, 2)): sampled
+    from `policy` (pair_set, seed --seed + 100 rnd), or on --resume the checkpoint's `pairs`,
+    then scored once by the frozen reference. Round 0 and every online round take this path."""
+    if pairs is None:
+        pairs, encoded = pair_set(cfg, policy, run.tok, run.train_ex, run.n_policy, run.device,
+                                  run.ctx, cfg.seed + 100 * rnd, run.block_size)
+    else:
+        pairs, encoded = encode_pairs(run.tok, pairs, run.block_size)
+    policy.train()  # dropout is 0: train mode changes nothing but is honest
+    return pairs, encoded, reference_logps(reference, encoded, cfg.eval_batch_size, run.pad_id,
+                                           run.device, run.ctx)
+
+
 # -------------------------------------------------------------------------------
-# Preference pairs (copied from reward.py; tests/test_copies.py keeps them identical)
+# The run: build, train, evaluate
 # -------------------------------------------------------------------------------
+def build(cfg, device, dtype, ctx, resumed):
+    """The SFT policy, its frozen reference, and what every stage reads -> (run, policy,
+    reference, round 0's training pairs): the task world, the held-out pairs, LoRA."""
+    t_start = time.time()
+    # ---- the policy and the task world of the SFT checkpoint ----
+    policy, tok, sft_ckpt = load_policy(cfg.init_from, device)
+    sft_cfg = sft_ckpt["config"]
+    model_args = dict(sft_ckpt["model_args"], dropout=0.0)  # dropout off in policy and reference
+    block_size = model_args["block_size"]
+    # the held-out set is exactly sft.py's (same seed, difficulty and count), so every stage
+    # of the chain scores the same problems with the same greedy decoding
+    try:
+        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"],
+                              mix_families(cfg.mix))
+        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
+    except (ValueError, KeyError) as e:
+        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
+    random.Random(cfg.seed).shuffle(train_ex)  # make_tasks lists family by family: mix them,
+    # so that the first n_policy problems (the on-policy ones) cover every family
+    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
+    if longest + cfg.eval_max_new_tokens > block_size:
+        die(f"prompts of {longest} tokens + --eval-max-new-tokens {cfg.eval_max_new_tokens} "
+            f"exceed the context of {cfg.init_from} ({block_size} tokens)")
+    out_dir = Path(cfg.out_dir)
+    run = types.SimpleNamespace(  # what every stage reads
+        tok=tok, device=device, dtype=dtype, ctx=ctx, t_start=t_start, sft_cfg=sft_cfg,
+        device_type="cuda" if device.startswith("cuda") else "cpu", model_args=model_args,
+        out_dir=out_dir, ckpt_path=out_dir / "ckpt.pt", log_path=out_dir / "log.jsonl",
+        block_size=block_size, train_ex=train_ex, test_ex=test_ex, pad_id=tok.special[PAD],
+        n_policy=0 if cfg.pairs == "synthetic" else cfg.n_policy,
+        loss_kw={k: getattr(cfg, k) for k in ("loss_type", "beta", "label_smoothing", "rpo_alpha")})
+    # ---- before: the SFT model's own accuracy, and pairs sampled from it ----
+    t0 = time.time()
+    if resumed is None:
+        m = evaluate_tasks(policy, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
+                           device, ctx)
+        run.before = {k: m[k] for k in ("accuracy", "accuracy_by_task", "format_rate")}
+        run.before["completions"] = {ex["prompt"]: c for ex, c in m["samples"]}
+    else:
+        run.before = resumed["before"]
+    run.test_pairs, run.test_enc = heldout_pairs(cfg, policy, tok, test_ex, sft_cfg["seed"],
+                                                 device, ctx, block_size)
+    # ---- the reference: a frozen copy of the SFT model, made before any update ----
+    reference = frozen_copy(policy)
+    # held-out rewards are always against the SFT model (the first round's reference): one eval
+    # curve across rounds, with or without --ref-update; scored in evaluate_pairs' chunks (same
+    # padded batches, same floats), every held-out pair ties at step 0 (margin 0, loss ln 2)
+    run.test_ref = reference_logps(reference, run.test_enc, cfg.batch_size, run.pad_id, device,
+                                   ctx)
+    n_total = sum(p.numel() for p in policy.parameters())
+    if cfg.lora_rank:
+        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)  # B = 0: still equal to the reference
+    if resumed is not None:
+        load_weights(policy, resumed.get("lora", resumed["model"]), run.ckpt_path)
+        if "reference" in resumed:  # --ref-update moved it to the policy of a round boundary
+            load_weights(reference, resumed["reference"], run.ckpt_path)
+    policy.to(device)  # LoRA's adapters too
+    pairs = training_pairs(cfg, run, policy, reference, 0, resumed and resumed["pairs"])
+    run.n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    print(f"policy and reference from {cfg.init_from} (sft.py, iter {sft_ckpt.get('iter')}): "
+          f"{n_total / 1e6:.3f}M parameters, {run.n_trainable / 1e6:.3f}M trainable")
+    print(f"pairs: {len(pairs[0])} train ({dict(Counter(p['source'] for p in pairs[0]))}), "
+          f"{len(run.test_pairs)} held out; sampling took {time.time() - t0:.1f}s; SFT greedy "
+          f"accuracy {run.before['accuracy']:.3f}")
+    return run, policy, reference, pairs
+
+
+def train(cfg, run, policy, reference, round0, resumed):
+    """The DPO loop, nanoGPT-shaped: (a new round's pairs) -> eval -> checkpoint -> step -> log.
+    round0: training_pairs' (pairs, encoded, reference log-probs). Returns make_ckpt's args."""
+    pairs, enc, ref = round0
+    # ---- optimizer: weight decay on matrices only, as in sft.py ----
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=run.device_type == "cuda")
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+    start, best_val, cur_round, data_gen = restore(cfg, run, optimizer, resumed)  # or fresh
+    model = torch.compile(policy) if cfg.compile else policy  # policy is saved, evaluated
+    # round r trains on steps bounds[r]..bounds[r+1]-1, on pairs sampled at bounds[r]
+    bounds = [r * cfg.max_iters // cfg.rounds for r in range(cfg.rounds + 1)]
+    # the data generator's state *before* the pending batch is what a checkpoint stores, so a
+    # resumed run draws that same batch again (bit-exact resume on CPU)
+    data_state = data_gen.get_state()
+    X, Y, R, n_tok = get_batch(enc, ref, cfg.batch_size, data_gen, run.pad_id, run.device)
+    t_last = time.time()
+    for step in range(start, cfg.max_iters + 1):
+        last_step = step == cfg.max_iters
+        new_round = max(r for r in range(cfg.rounds) if bounds[r] <= step)
+        if not last_step and new_round > cur_round:
+            # ---- a new round (online DPO): new pairs from the current policy ----
+            cur_round = new_round
+            m = evaluate_tasks(policy, run.tok, run.test_ex, cfg.eval_max_new_tokens,
+                               cfg.eval_batch_size, run.device, run.ctx)
+            if cfg.ref_update:  # iterative DPO with a moving anchor: pi_ref <- pi
+                reference = frozen_copy(policy)
+            pairs, enc, ref = training_pairs(cfg, run, policy, reference, cur_round)
+            data_gen.set_state(data_state)  # the pending batch came from the old pairs: redraw
+            X, Y, R, n_tok = get_batch(enc, ref, cfg.batch_size, data_gen, run.pad_id, run.device)
+            log_round(cfg, run, step, cur_round, m, pairs)
+            t_last = time.time()
+        if step % cfg.eval_interval == 0 or last_step:
+            ev = evaluate_pairs(policy, run.test_enc, run.test_ref, cfg.eval_iters * cfg.batch_size,
+                                cfg.batch_size, run.pad_id, run.device, run.ctx, run.loss_kw)
+            print(f"step {step}: val loss {ev['val_loss']:.4f}, held-out preference accuracy "
+                  f"{ev['pref_accuracy']:.3f}, margin {ev['rewards/margins']:+.3f}")
+            append_jsonl(run.log_path, {"iter": step, **ev, "elapsed_s": time.time() - run.t_start})
+            best_val = min(best_val, ev["val_loss"])
+            if step > start or last_step:
+                save_checkpoint(make_ckpt(cfg, run, step, policy, reference, optimizer,
+                                          best_val, cur_round, data_state, pairs), run.ckpt_path)
+            t_last = time.time()  # evaluation time is not training time
+        if last_step:
+            break
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            with run.ctx:
+                logits = model(X)[0]  # (2B, T, V): chosen rows, then rejected rows
+            logps, n_resp = sequence_logps(logits, Y)  # (2B,) each
+            loss, stats = dpo_objective(logps, R, n_resp, **run.loss_kw)
+            batch_tokens = n_tok
+            data_state = data_gen.get_state()  # before the pending batch: resume redraws it
+            X, Y, R, n_tok = get_batch(enc, ref, cfg.batch_size, data_gen, run.pad_id, run.device)
+            scaler.scale(loss).backward()
+        except torch.OutOfMemoryError:
+            die(f"CUDA out of memory at batch size {cfg.batch_size}; "
+                f"try --batch-size {cfg.batch_size // 2}")
+        loss_value = finite_loss(loss, step, run.ckpt_path)
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if run.device_type == "cuda":
+            torch.cuda.synchronize()
+        now = time.time()
+        dt, t_last = now - t_last, now
+        log_step(cfg, run, step, start, loss_value, lr, now, dt, batch_tokens, stats)
+    return dict(model=policy, reference=reference, optimizer=optimizer, best_val=best_val,
+                cur_round=cur_round, data_state=data_state, pairs=pairs)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, encoded, ref_logps, n, batch_size, pad_id, device, ctx, loss_kw,
+                   pairs=None, solved=None):
+    """DPO loss, held-out preference accuracy and TRL's metrics over the first n held-out
+    pairs (a fixed list: no RNG used, so resume stays exact) -> a dict of floats; ref_logps in
+    the same chunks (build). With `pairs` (the list `encoded` came from), also the accuracy per
+    family and per source; with `solved` (prompt -> is the policy's greedy answer right), per
+    outcome, with the counts."""
+    logps, counts = reference_logps(model, encoded[:n], batch_size, pad_id, device, ctx, True)
+    # (n, 2) -> (2n,): the n chosen responses, then the n rejected ones
+    loss, stats = dpo_objective(logps.T.reshape(-1), ref_logps[:len(logps)].T.reshape(-1),
+                                counts.T.reshape(-1), **loss_kw)
+    m = preference_metrics(stats)
+    out = {"val_loss": loss.item(), "pref_accuracy": m["rewards/accuracies"], **m}
+    if pairs is not None:
+        wins = (stats["chosen_rewards"] > stats["rejected_rewards"]).tolist()
+        keys = {"task": lambda p: p["task"], "source": lambda p: p["source"]}
+        if solved is not None:
+            keys["outcome"] = lambda p: "right" if solved[p["prompt"]] else "wrong"
+        for name, key in keys.items():
+            groups = defaultdict(list)
+            for pair, win in zip(pairs, wins):
+                groups[key(pair)].append(win)
+            out[f"pref_accuracy_by_{name}"] = {g: sum(w) / len(w) for g, w in groups.items()}
+            if name == "outcome":
+                out["n_pairs_by_outcome"] = {g: len(w) for g, w in groups.items()}
+    return out
+
+
+def main(argv=None):
+    # ---- parse: the flags, every check before anything is written ----
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    check_flags(cfg)
+    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
+    torch.manual_seed(cfg.seed)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else contextlib.nullcontext())
+    if cfg.sample_only:
+        return sample_only(cfg, device, ctx)
+    check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    resumed, path = None, Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.resume:  # the run saved in --out-dir, with every key read back
+        resumed = load_checkpoint(path, ("dpo.py",), ("model", "optimizer", "iter", "rng",
+                                  "best_val_loss", "sft_from", "pairs", "round", "before"))
+        cfg = dataclasses.replace(cfg, init_from=resumed["sft_from"])
+    # ---- build, train, and after: every held-out pair, true accuracy on sft.py's problems ----
+    run, policy, reference, pairs = build(cfg, device, dtype, ctx, resumed)
+    state = train(cfg, run, policy, reference, pairs, resumed)
+    merge_lora(policy)  # adapters folded in: the model that was saved is the one evaluated
+    after = evaluate_tasks(policy, run.tok, run.test_ex, cfg.eval_max_new_tokens,
+                           cfg.eval_batch_size, device, ctx)
+    solved = {ex["prompt"]: check_answer(c, ex["answer"]) for ex, c in after["samples"]}
+    final = evaluate_pairs(policy, run.test_enc, run.test_ref, len(run.test_enc), cfg.batch_size,
+                           run.pad_id, device, ctx, run.loss_kw, run.test_pairs, solved)
+    return report(cfg, run, state, after, final)
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# ---- Appendix: from reward.py — the preference pairs, unchanged ---------------
 # A preference pair: the same prompt, a chosen response and a rejected one, both as the
 # policy would write them (text + <|endoftext|>). Two sources:
 #   synthetic: chosen = the gold answer, rejected = a plausible mistake of the family;
@@ -414,9 +655,27 @@ def policy_pairs(examples, samples, per_prompt, rng):
     return pairs
 
 
-# -------------------------------------------------------------------------------
-# The task world (copied from sft.py; tests/test_copies.py keeps it identical)
-# -------------------------------------------------------------------------------
+def build_pairs(cfg, policy, tok, examples, n_policy, k, device, ctx, seed):
+    """Pairs of the sources --pairs asks for: synthetic ones from every problem of
+    `examples`, on-policy ones from the first n_policy, k samples each (k >= policy_samples:
+    the first policy_samples make the pairs; n_policy = 0: no sampling). The samples are
+    drawn with their own generator (seed), so train and test pairs do not share a stream.
+    Returns (pairs, samples), samples[i] the k policy answers to examples[i], i < n_policy."""
+    rng, samples = random.Random(seed), []
+    pairs = []
+    if cfg.pairs in ("synthetic", "both"):
+        pairs += synthetic_pairs(examples, cfg.synthetic_per_prompt, rng)
+    if n_policy:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        samples = sample_answers(policy, tok, examples[:n_policy], k, cfg.policy_temperature,
+                                 cfg.eval_max_new_tokens, cfg.eval_batch_size, device, ctx, gen)
+    if cfg.pairs in ("policy", "both"):
+        pairs += policy_pairs(examples[:n_policy], [s[:cfg.policy_samples] for s in samples],
+                              cfg.policy_pairs_per_prompt, rng)
+    return pairs, samples
+
+
+# ---- Appendix: from sft.py — the task world, unchanged ------------------------
 BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
                 **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
 
@@ -610,9 +869,30 @@ def follows_format(completion, family):
             and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
 
 
-# -------------------------------------------------------------------------------
-# The backbone: llama.py's model and LoRA (copied from sft.py)
-# -------------------------------------------------------------------------------
+# ---- Appendix: from sft.py — llama.py's model and LoRA, sampling and evaluation, unchanged ----
+@dataclass
+class ModelConfig:
+    """The Llama's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
+    vocab_size: int  # V (the tokenizer's, padded to a multiple of 64)
+    block_size: int  # T
+    n_layer: int  # L
+    n_head: int  # nh
+    n_embd: int  # C
+    n_kv_head: int = 0  # nkv (0 = n_head: multi-head attention)
+    dropout: float = 0.0  # p
+    tie_weights: bool = False  # LM head = token embedding
+    norm: str = "rmsnorm"  # or layernorm
+    pos: str = "rope"  # or learned, none
+    mlp: str = "swiglu"  # or gelu
+    rope_theta: float = 10000.0  # RoPE base
+    window: int = 0  # sliding window W (0 = full causal attention)
+    sinks: int = 0  # attention sinks S
+    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+
+
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 
 
@@ -1022,92 +1302,13 @@ def merge_lora(model):
     return model
 
 
-# -------------------------------------------------------------------------------
-# Data
-# -------------------------------------------------------------------------------
-def encode_response(tok, prompt, response):
-    """Model input and per-position targets for the template + prompt + response.
-
-    As sft.py's encode_example: targets[t] is the token after input t, and the prompt's are
-    IGNORE_INDEX, so only the response is scored. The response is encoded as the policy
-    wrote it: an <|endoftext|> in it becomes its token, and a response that never stopped
-    (a "no_eot" mistake) gets none appended: its missing stop is the mistake.
-    """
-    prompt_ids = encode_prompt(tok, prompt)
-    ids = prompt_ids + tok.encode(response, [EOT])
-    n = len(prompt_ids) - 1  # targets[n] is the first response token: keep it and after
-    return ids[:-1], [IGNORE_INDEX] * n + ids[n + 1:]
+def merged_state_dict(model):
+    """The weights to save: LoRA adapters folded into their matrices (base-model keys)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        model = merge_lora(copy.deepcopy(model))
+    return model.state_dict()
 
 
-def encode_pairs(tok, pairs, block_size):
-    """Pairs -> (kept pairs, [(chosen (ids, targets), rejected (ids, targets))]), tokenized once.
-
-    A pair is dropped when a side has no response token (a sample of only unknown ids decodes
-    to nothing: 0/0 for ipo's mean, no gradient at all) or does not fit the context."""
-    kept, encoded = [], []
-    for p in pairs:
-        sides = (encode_response(tok, p["prompt"], p["chosen"]),
-                 encode_response(tok, p["prompt"], p["rejected"]))
-        if all(len(ids) <= block_size and any(t != IGNORE_INDEX for t in tgt)
-               for ids, tgt in sides):
-            kept.append(p)
-            encoded.append(sides)
-    return kept, encoded
-
-
-def collate_pairs(batch, pad_id):
-    """B encoded pairs -> idx, targets (2B, T): the B chosen rows, then the B rejected rows, so
-    one forward pass scores both sides; and lengths (2B,), the real tokens per row.
-
-    Right padding: pad ids in idx, IGNORE_INDEX in targets. Causal attention keeps the pads,
-    which come after every real token, from changing a real position's output; and the mask
-    comes from the lengths, never from a token id (with pad == eos a mask by id would drop
-    the <|endoftext|> that ends every chosen response)."""
-    rows = [c for c, _ in batch] + [r for _, r in batch]
-    T = max(len(ids) for ids, _ in rows)
-    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    tgt = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, targets) in enumerate(rows):
-        idx[i, :len(ids)] = torch.tensor(ids)
-        tgt[i, :len(targets)] = torch.tensor(targets)
-    return idx, tgt, torch.tensor([len(ids) for ids, _ in rows])
-
-
-def get_batch(encoded, ref_logps, batch_size, generator, pad_id, device):
-    """batch_size pairs drawn at random (with replacement) -> idx, targets (2B, T) and the
-    reference log-probs (2B,) on `device`, plus the real tokens in the batch."""
-    ix = torch.randint(len(encoded), (batch_size,), generator=generator)
-    idx, tgt, lengths = collate_pairs([encoded[i] for i in ix.tolist()], pad_id)
-    ref = torch.cat((ref_logps[ix, 0], ref_logps[ix, 1]))  # (2B,) chosen, then rejected
-    return idx.to(device), tgt.to(device), ref.to(device), int(lengths.sum())
-
-
-def pair_set(cfg, model, tok, examples, n_policy, device, ctx, seed, block_size):
-    """build_pairs, then encode_pairs -> (pairs, encoded pairs); one line when none is left."""
-    pairs, _ = build_pairs(cfg, model, tok, examples, n_policy, cfg.policy_samples, device, ctx,
-                           seed)
-    pairs, encoded = encode_pairs(tok, pairs, block_size)
-    if not pairs:
-        die("the policy made no mistake to learn from: use --pairs both or synthetic")
-    return pairs, encoded
-
-
-def heldout_pairs(cfg, model, tok, examples, sft_seed, device, ctx, block_size):
-    """The held-out pairs of sft.py's test problems: HELDOUT_PAIRS' recipe and the SFT run's
-    seed, so that every dpo.py run from one checkpoint scores the same pairs whatever its
-    training flags or --seed (only the device and dtype can change the sampled ones). Shuffled
-    once, so that the first --eval-iters batches, scored during training, are a sample of all
-    families and both sources rather than the first families' synthetic pairs."""
-    pairs, encoded = pair_set(dataclasses.replace(cfg, **HELDOUT_PAIRS), model, tok, examples,
-                              len(examples), device, ctx, sft_seed + 1, block_size)
-    order = list(range(len(pairs)))
-    random.Random(sft_seed).shuffle(order)
-    return [pairs[i] for i in order], [encoded[i] for i in order]
-
-
-# -------------------------------------------------------------------------------
-# Training and evaluation
-# -------------------------------------------------------------------------------
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
     if step < warmup_iters:
@@ -1116,44 +1317,6 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
         return min_lr
     ratio = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-@torch.no_grad()
-def evaluate_pairs(model, encoded, ref_logps, n, batch_size, pad_id, device, ctx, loss_kw,
-                   pairs=None, solved=None):
-    """DPO loss, held-out preference accuracy and TRL's metrics over the first n held-out
-    pairs (a fixed list: no RNG used, so resume stays exact) -> a dict of floats. Chunks of
-    batch_size pairs: ref_logps must have been computed in the same chunks (see main). With
-    `pairs` (the list `encoded` came from), also the accuracy per family and per source; with
-    `solved` (prompt -> is the policy's greedy answer right), per outcome, with the counts."""
-    logps, counts = [], []
-    for i in range(0, min(n, len(encoded)), batch_size):
-        chunk = encoded[i:min(i + batch_size, n)]
-        idx, targets, _ = collate_pairs(chunk, pad_id)
-        with ctx:
-            logits = model(idx.to(device))[0]  # (2b, T, V)
-        lp, cnt = sequence_logps(logits, targets.to(device))  # (2b,) each
-        logps.append(lp.cpu().view(2, -1))  # (2, b): row 0 chosen, row 1 rejected
-        counts.append(cnt.cpu().view(2, -1))
-    logps, counts = torch.cat(logps, dim=1), torch.cat(counts, dim=1)  # (2, n)
-    ref = ref_logps[:logps.size(1)].T  # (n, 2) -> (2, n)
-    loss, stats = dpo_objective(logps.reshape(-1), ref.reshape(-1), counts.reshape(-1),
-                                **loss_kw)
-    m = preference_metrics(stats)
-    out = {"val_loss": loss.item(), "pref_accuracy": m["rewards/accuracies"], **m}
-    if pairs is not None:
-        wins = (stats["chosen_rewards"] > stats["rejected_rewards"]).tolist()
-        keys = {"task": lambda p: p["task"], "source": lambda p: p["source"]}
-        if solved is not None:
-            keys["outcome"] = lambda p: "right" if solved[p["prompt"]] else "wrong"
-        for name, key in keys.items():
-            groups = defaultdict(list)
-            for pair, win in zip(pairs, wins):
-                groups[key(pair)].append(win)
-            out[f"pref_accuracy_by_{name}"] = {g: sum(w) / len(w) for g, w in groups.items()}
-            if name == "outcome":
-                out["n_pairs_by_outcome"] = {g: len(w) for g, w in groups.items()}
-    return out
 
 
 @torch.no_grad()
@@ -1192,33 +1355,6 @@ def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx
             "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
 
 
-def print_before_after(before, after):
-    """The chain table's row pair: accuracy per family, mean and format, SFT then DPO."""
-    fams = [t for t in TASK_FAMILIES if t in after["accuracy_by_task"]]  # the chain table's order
-    print(f"{'':<6}" + "".join(f"{t:>9}" for t in fams) + f"{'mean':>9}{'format':>9}")
-    for name, m in (("SFT", before), ("DPO", after)):
-        print(f"{name:<6}" + "".join(f"{m['accuracy_by_task'][t]:>9.3f}" for t in fams)
-              + f"{m['accuracy']:>9.3f}{m['format_rate']:>9.3f}")
-
-
-def changed_answers(before, after):
-    """Held-out problems whose greedy answer changed: '[ok |BAD] prompt: SFT -> DPO' lines,
-    the ones DPO fixed first, then the ones it broke, then the rest."""
-    lines = []
-    for ex, completion in after["samples"]:
-        old = before["completions"].get(ex["prompt"])
-        if old is None or old == completion:
-            continue
-        was, now = check_answer(old, ex["answer"]), check_answer(completion, ex["answer"])
-        rank = 0 if now and not was else 1 if was and not now else 2
-        lines.append((rank, f"[{'ok ' if now else 'BAD'}] {ex['prompt']!r}: {old!r} -> "
-                            f"{completion!r} (gold {ex['answer']!r})"))
-    return [line for _, line in sorted(lines, key=lambda x: x[0])]
-
-
-# -------------------------------------------------------------------------------
-# Generation
-# -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
 
@@ -1335,9 +1471,7 @@ def sample_answers(model, tok, examples, n, temperature, max_new_tokens, batch_s
     return out
 
 
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
+# ---- Appendix: bookkeeping — loading, restore, checkpoint, log records, report, --sample-only ----
 def tokenizer_from(ckpt, path):
     """The byte tokenizer a checkpoint was trained with (the task world needs its specials)."""
     state = ckpt.get("tokenizer", {})
@@ -1345,14 +1479,6 @@ def tokenizer_from(ckpt, path):
         die(f"{path} uses a {state.get('kind')!r} tokenizer; dpo.py needs sft.py's byte "
             f"tokenizer with {EOT} and {PAD}")
     return ByteTokenizer(state["special"])
-
-
-def checked(ckpt, path, keys):
-    """A checkpoint with every key the caller reads, or one line naming the one missing."""
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
-    return ckpt
 
 
 def load_weights(model, state, path):
@@ -1371,7 +1497,7 @@ def load_policy(path, device):
     if not Path(path).is_file():
         die(f"{path} not found: run python sft.py first (or point --init-from at an sft.py "
             f"checkpoint)")
-    ckpt = checked(load_checkpoint(path, ("sft.py",)), path, ("model_args", "config", "tokenizer"))
+    ckpt = load_checkpoint(path, ("sft.py",), ("model_args", "config", "tokenizer"))
     if ckpt["config"].get("task", "generate") != "generate":
         die(f"{path} is a --task classify checkpoint; dpo.py needs a generating SFT model")
     tok = tokenizer_from(ckpt, path)
@@ -1380,37 +1506,138 @@ def load_policy(path, device):
     return policy.to(device).eval(), tok, ckpt
 
 
-def build_pairs(cfg, policy, tok, examples, n_policy, k, device, ctx, seed):
-    """Pairs of the sources --pairs asks for: synthetic ones from every problem of
-    `examples`, on-policy ones from the first n_policy, k samples each (k >= policy_samples:
-    the first policy_samples make the pairs; n_policy = 0: no sampling). The samples are
-    drawn with their own generator (seed), so train and test pairs do not share a stream.
-    Returns (pairs, samples), samples[i] the k policy answers to examples[i], i < n_policy."""
-    rng, samples = random.Random(seed), []
-    pairs = []
-    if cfg.pairs in ("synthetic", "both"):
-        pairs += synthetic_pairs(examples, cfg.synthetic_per_prompt, rng)
-    if n_policy:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        samples = sample_answers(policy, tok, examples[:n_policy], k, cfg.policy_temperature,
-                                 cfg.eval_max_new_tokens, cfg.eval_batch_size, device, ctx, gen)
-    if cfg.pairs in ("policy", "both"):
-        pairs += policy_pairs(examples[:n_policy], [s[:cfg.policy_samples] for s in samples],
-                              cfg.policy_pairs_per_prompt, rng)
-    return pairs, samples
+def restore(cfg, run, optimizer, resumed):
+    """--resume: the optimizer, RNGs and log.jsonl back as the checkpoint left them (or a fresh
+    log) -> the loop's first step, best val loss, round and batch generator."""
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    if resumed is None:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        run.log_path.write_text("")
+        return 0, float("inf"), 0, data_gen
+    optimizer.load_state_dict(resumed["optimizer"])
+    torch.set_rng_state(resumed["rng"]["torch"])
+    if resumed["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+    data_gen.set_state(resumed["rng"]["data"])
+    # drop the records past the checkpoint; a round that began at its iteration stays (it
+    # is not redone)
+    keep = [line for line in run.log_path.read_text().splitlines()
+            if (r := json.loads(line)).get("iter", 0) < resumed["iter"]
+            or (r.get("event") == "round" and r["iter"] == resumed["iter"])]
+    run.log_path.write_text("".join(line + "\n" for line in keep))
+    return resumed["iter"], resumed["best_val_loss"], resumed["round"], data_gen
 
 
-def merged_state_dict(model):
-    """The weights to save: LoRA adapters folded into their matrices (base-model keys)."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        model = merge_lora(copy.deepcopy(model))
-    return model.state_dict()
+def make_ckpt(cfg, run, step, model, reference, optimizer, best_val, cur_round, data_state, pairs):
+    """The checkpoint: the policy in sft.py's format (LoRA merged) and what --resume needs."""
+    ckpt = {"script": "dpo.py", "version": 1, "config": dataclasses.asdict(cfg),
+            "model_args": run.model_args, "model": merged_state_dict(model),
+            "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
+            "tokenizer": {"kind": "byte", "special": dict(run.tok.special)},
+            "sft_from": cfg.init_from, "task_world": {k: run.sft_cfg[k] for k in
+                                                      ("seed", "difficulty", "n_test")},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if run.device_type == "cuda" else [],
+                    "data": data_state},
+            "round": cur_round, "pairs": pairs, "before": run.before}
+    if cfg.lora_rank:
+        ckpt["lora"] = model.state_dict()  # frozen base + adapters, to resume
+    if cfg.ref_update and cur_round > 0:
+        ckpt["reference"] = reference.state_dict()
+    return ckpt
+
+
+def log_round(cfg, run, step, cur_round, m, pairs):
+    """A new round's line and log record: the accuracy the last round reached, the new pairs."""
+    counts = Counter(p["source"] for p in pairs)
+    print(f"round {cur_round + 1}/{cfg.rounds} at step {step}: accuracy {m['accuracy']:.3f} "
+          f"after round {cur_round}; {len(pairs)} new pairs ({dict(counts)})")
+    scores = {k: m[k] for k in ("accuracy", "accuracy_by_task", "format_rate")}
+    append_jsonl(run.log_path, {"event": "round", "iter": step, "round": cur_round, **scores,
+                                "n_pairs": dict(counts), "elapsed_s": time.time() - run.t_start})
+
+
+def finite_loss(loss, step, ckpt_path):
+    """The step's loss as a float, or one line and exit 2 when it is not finite."""
+    if not math.isfinite(loss_value := loss.item()):
+        kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
+            "no checkpoint was written"
+        die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower --learning-rate)")
+    return loss_value
+
+
+def log_step(cfg, run, step, start, loss_value, lr, now, dt, n_tokens, stats):
+    """A training step's log record and line: loss, lr, speed, TRL's metrics of the batch."""
+    metrics = preference_metrics(stats)
+    append_jsonl(run.log_path, {"iter": step, "loss": loss_value, "lr": lr,
+                                "ms_per_iter": 1000 * dt, "tokens_per_s": n_tokens / dt,
+                                "elapsed_s": now - run.t_start, **metrics})
+    eta = (now - run.t_start) / (step + 1 - start) * (cfg.max_iters - step - 1)
+    print(f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | "
+          f"acc {metrics['rewards/accuracies']:.2f} | margin {metrics['rewards/margins']:+.3f} | "
+          f"lr {lr:.1e} | {1000 * dt:.1f} ms | {n_tokens / dt / 1000:.1f}k tok/s | "
+          f"eta {format_eta(eta)}")
+
+
+def report(cfg, run, state, after, final):
+    """The before/after table, the changed answers (samples.txt), the last checkpoint (LoRA
+    merged) and the done record, which main returns."""
+    before = run.before
+    print_before_after(before, after)
+    print("held-out preference accuracy on the pairs of problems the policy answers "
+          + ", ".join(f"{g} {a:.3f} ({final['n_pairs_by_outcome'][g]} pairs)"
+                      for g, a in sorted(final["pref_accuracy_by_outcome"].items())))
+    lines = changed_answers(before, after)
+    print(f"{len(lines)} held-out answers changed; the first few:")
+    print("\n".join(lines[:6]))
+    (run.out_dir / "samples.txt").write_text("".join(line + "\n" for line in lines))
+    wall = time.time() - run.t_start
+    scores = ("accuracy", "accuracy_by_task", "format_rate")
+    done = {"event": "done", "iter": cfg.max_iters, "val_loss": final["val_loss"],
+            **{k: after[k] for k in scores + ("format_by_task",)},
+            **{k: v for k, v in final.items() if k.startswith(("pref_accuracy", "n_pairs"))},
+            **{k: v for k, v in final.items() if "/" in k},  # TRL's names, as in evaluate_pairs
+            **{f"{k}_before": before[k] for k in scores}, "rounds": cfg.rounds,
+            "n_train_pairs": dict(Counter(p["source"] for p in state["pairs"])),
+            "n_test_pairs": len(run.test_pairs), "trainable_params": run.n_trainable,
+            "wall_s": wall}
+    save_checkpoint(make_ckpt(cfg, run, cfg.max_iters, **state), run.ckpt_path)
+    append_jsonl(run.log_path, done)
+    if cfg.plot:
+        plot_dpo(run.log_path, before, after, run.out_dir / "dpo.png")
+    print(f"done in {format_eta(wall)}: accuracy {after['accuracy']:.3f} (SFT "
+          f"{before['accuracy']:.3f}), held-out preference accuracy {final['pref_accuracy']:.3f}")
+    return done
+
+
+def print_before_after(before, after):
+    """The chain table's row pair: accuracy per family, mean and format, SFT then DPO."""
+    fams = [t for t in TASK_FAMILIES if t in after["accuracy_by_task"]]  # the chain table's order
+    print(f"{'':<6}" + "".join(f"{t:>9}" for t in fams) + f"{'mean':>9}{'format':>9}")
+    for name, m in (("SFT", before), ("DPO", after)):
+        print(f"{name:<6}" + "".join(f"{m['accuracy_by_task'][t]:>9.3f}" for t in fams)
+              + f"{m['accuracy']:>9.3f}{m['format_rate']:>9.3f}")
+
+
+def changed_answers(before, after):
+    """Held-out problems whose greedy answer changed: '[ok |BAD] prompt: SFT -> DPO' lines,
+    the ones DPO fixed first, then the ones it broke, then the rest."""
+    lines = []
+    for ex, completion in after["samples"]:
+        old = before["completions"].get(ex["prompt"])
+        if old is None or old == completion:
+            continue
+        was, now = check_answer(old, ex["answer"]), check_answer(completion, ex["answer"])
+        rank = 0 if now and not was else 1 if was and not now else 2
+        lines.append((rank, f"[{'ok ' if now else 'BAD'}] {ex['prompt']!r}: {old!r} -> "
+                            f"{completion!r} (gold {ex['answer']!r})"))
+    return [line for _, line in sorted(lines, key=lambda x: x[0])]
 
 
 def sample_only(cfg, device, ctx):
     """--sample-only: answer --prompt with the DPO policy in --out-dir."""
     path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = checked(load_checkpoint(path, ("dpo.py",)), path, ("model_args", "tokenizer"))
+    ckpt = load_checkpoint(path, ("dpo.py",), ("model_args", "tokenizer"))
     tok = tokenizer_from(ckpt, path)
     model = Llama(ModelConfig(**ckpt["model_args"]))
     load_weights(model, ckpt["model"], path)
@@ -1429,13 +1656,33 @@ def sample_only(cfg, device, ctx):
     return {"samples": answers}
 
 
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda"):
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
+# choices are in CHOICES, cross-field rules in check_flags
+RULES = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    **dict.fromkeys(("beta", "policy_temperature", "lora_alpha"),
+                    (lambda v: v > 0, "a number > 0")),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    **dict.fromkeys(("rpo_alpha", "weight_decay"), (lambda v: v >= 0, "a number >= 0")),
+    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
+    **dict.fromkeys(("n_policy", "max_iters", "warmup_iters"),
+                    (lambda v: v >= 0, "an integer >= 0")),
+    **dict.fromkeys(("policy_samples", "policy_pairs_per_prompt", "synthetic_per_prompt",
+                     "rounds", "eval_interval", "eval_iters", "batch_size", "eval_max_new_tokens",
+                     "eval_batch_size", "num_samples", "max_new_tokens"),
+                    (lambda v: v >= 1, "an integer >= 1")),
+    "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
+    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+}
+CHOICES = {"pairs": ("synthetic", "policy", "both"), "loss_type": ("sigmoid", "ipo", "hinge")}
+
+
+def check_flags(cfg):
+    """The cross-field rules check_config cannot state: one line naming the flags, exit 2."""
     if cfg.label_smoothing and cfg.loss_type != "sigmoid":
         die(f"--label-smoothing {cfg.label_smoothing}: applies to --loss-type sigmoid only")
     if cfg.rounds > max(1, cfg.max_iters):
@@ -1443,263 +1690,6 @@ def main(argv=None):
     if cfg.rounds > 1 and (cfg.pairs == "synthetic" or cfg.n_policy == 0):
         die(f"--rounds {cfg.rounds}: online rounds resample on-policy pairs; use --pairs both or "
             f"policy with --n-policy > 0 (or --rounds 1)")
-    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
-    torch.manual_seed(cfg.seed)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
-           else contextlib.nullcontext())
-    if cfg.sample_only:
-        return sample_only(cfg, device, ctx)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
-    resumed = None
-    if cfg.resume:
-        resumed = checked(load_checkpoint(ckpt_path, ("dpo.py",)), ckpt_path,
-                          ("model", "optimizer", "iter", "rng", "best_val_loss", "sft_from",
-                           "pairs", "round", "before"))
-        cfg = dataclasses.replace(cfg, init_from=resumed["sft_from"])
-    t_start = time.time()
-
-    # ---- the policy and the task world of the SFT checkpoint ----
-    policy, tok, sft_ckpt = load_policy(cfg.init_from, device)
-    sft_cfg = sft_ckpt["config"]
-    model_args = dict(sft_ckpt["model_args"], dropout=0.0)  # dropout off in policy and reference
-    block_size = model_args["block_size"]
-    # the held-out set is exactly sft.py's (same seed, difficulty and count), so every stage
-    # of the chain scores the same problems with the same greedy decoding
-    try:
-        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"],
-                              mix_families(cfg.mix))
-        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
-    except (ValueError, KeyError) as e:
-        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
-    random.Random(cfg.seed).shuffle(train_ex)  # make_tasks lists family by family: mix them,
-    # so that the first n_policy problems (the on-policy ones) cover every family
-    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
-    if longest + cfg.eval_max_new_tokens > block_size:
-        die(f"prompts of {longest} tokens + --eval-max-new-tokens {cfg.eval_max_new_tokens} "
-            f"exceed the context of {cfg.init_from} ({block_size} tokens)")
-
-    # ---- before: the SFT model's own accuracy, and pairs sampled from it ----
-    t0 = time.time()
-    if resumed is None:
-        m = evaluate_tasks(policy, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
-                           device, ctx)
-        before = {k: m[k] for k in ("accuracy", "accuracy_by_task", "format_rate")}
-        before["completions"] = {ex["prompt"]: c for ex, c in m["samples"]}
-    else:
-        before = resumed["before"]
-    n_policy = 0 if cfg.pairs == "synthetic" else cfg.n_policy
-    # held-out pairs: the same for every run from this checkpoint (see heldout_pairs)
-    test_pairs, test_enc = heldout_pairs(cfg, policy, tok, test_ex, sft_cfg["seed"], device, ctx,
-                                         block_size)
-    if resumed is None:  # round 0's training pairs; a resumed run has its round's in the ckpt
-        train_pairs, train_enc = pair_set(cfg, policy, tok, train_ex, n_policy, device, ctx,
-                                          cfg.seed, block_size)
-    else:
-        train_pairs, train_enc = encode_pairs(tok, resumed["pairs"], block_size)
-    t_pairs = time.time() - t0
-
-    # ---- the reference: a frozen copy of the SFT model, made before any update ----
-    reference = frozen_copy(policy)
-    pad_id = tok.special[PAD]
-    # held-out rewards are always measured against the SFT model (the first round's reference),
-    # so the eval curves are one curve across rounds, with or without --ref-update. Scored in
-    # the chunks evaluate_pairs uses: same padded batches, the same float result, so at step 0
-    # every held-out pair is an exact tie (margin 0, preference accuracy 0, loss ln 2)
-    test_ref = reference_logps(reference, test_enc, cfg.batch_size, pad_id, device, ctx)
-    n_total = sum(p.numel() for p in policy.parameters())
-    if cfg.lora_rank:
-        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)  # B = 0: still equal to the reference
-    if resumed is not None:
-        load_weights(policy, resumed.get("lora", resumed["model"]), ckpt_path)
-        if "reference" in resumed:  # --ref-update moved it to the policy of a round boundary
-            load_weights(reference, resumed["reference"], ckpt_path)
-    policy.to(device).train()  # dropout is 0: train mode changes nothing but is honest
-    train_ref = reference_logps(reference, train_enc, cfg.eval_batch_size, pad_id, device, ctx)
-    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    counts = Counter(p["source"] for p in train_pairs)
-    print(f"policy and reference from {cfg.init_from} (sft.py, iter {sft_ckpt.get('iter')}): "
-          f"{n_total / 1e6:.3f}M parameters, {n_trainable / 1e6:.3f}M trainable")
-    print(f"pairs: {len(train_pairs)} train ({dict(counts)}), {len(test_pairs)} held out; "
-          f"sampling took {t_pairs:.1f}s; SFT greedy accuracy {before['accuracy']:.3f}")
-    loss_kw = {k: getattr(cfg, k) for k in ("loss_type", "beta", "label_smoothing", "rpo_alpha")}
-
-    # ---- optimizer: weight decay on matrices only, as in sft.py ----
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    start, best_val, cur_round = 0, float("inf"), 0
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        start, best_val, cur_round = resumed["iter"], resumed["best_val_loss"], resumed["round"]
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if resumed["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-        data_gen.set_state(resumed["rng"]["data"])
-        # drop the records past the checkpoint; a round that began at its iteration stays (it
-        # is not redone)
-        keep = [line for line in log_path.read_text().splitlines()
-                if (r := json.loads(line)).get("iter", 0) < start
-                or (r.get("event") == "round" and r["iter"] == start)]
-        log_path.write_text("".join(line + "\n" for line in keep))
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
-    raw_model = policy  # uncompiled: saved, evaluated and sampled from
-    model = torch.compile(policy) if cfg.compile else policy
-    # round r trains on steps bounds[r]..bounds[r+1]-1, on pairs sampled at bounds[r]
-    bounds = [r * cfg.max_iters // cfg.rounds for r in range(cfg.rounds + 1)]
-
-    def round_of(step):
-        return max(r for r in range(cfg.rounds) if bounds[r] <= step)
-
-    def make_ckpt(step):
-        ckpt = {"script": "dpo.py", "version": 1, "config": dataclasses.asdict(cfg),
-                "model_args": model_args, "model": merged_state_dict(raw_model),
-                "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
-                "tokenizer": {"kind": "byte", "special": dict(tok.special)},
-                "sft_from": cfg.init_from, "task_world": {k: sft_cfg[k] for k in
-                                                          ("seed", "difficulty", "n_test")},
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
-                        "data": data_state},
-                "round": cur_round, "pairs": train_pairs, "before": before}
-        if cfg.lora_rank:
-            ckpt["lora"] = raw_model.state_dict()  # frozen base + adapters, to resume
-        if cfg.ref_update and cur_round > 0:
-            ckpt["reference"] = reference.state_dict()
-        return ckpt
-
-    # the data generator's state *before* the pending batch is what a checkpoint stores, so a
-    # resumed run draws that same batch again (bit-exact resume on CPU)
-    data_state = data_gen.get_state()
-    X, Y, R, n_tokens = get_batch(train_enc, train_ref, cfg.batch_size, data_gen, pad_id, device)
-    t_last = time.time()
-    for step in range(start, cfg.max_iters + 1):
-        last_step = step == cfg.max_iters
-        if not last_step and round_of(step) > cur_round:
-            # ---- a new round (online DPO): new pairs from the current policy ----
-            cur_round = round_of(step)
-            m = evaluate_tasks(raw_model, tok, test_ex, cfg.eval_max_new_tokens,
-                               cfg.eval_batch_size, device, ctx)
-            if cfg.ref_update:  # iterative DPO with a moving anchor: pi_ref <- pi
-                reference = frozen_copy(raw_model)
-            train_pairs, train_enc = pair_set(cfg, raw_model, tok, train_ex, n_policy, device,
-                                              ctx, cfg.seed + 100 * cur_round, block_size)
-            train_ref = reference_logps(reference, train_enc, cfg.eval_batch_size, pad_id,
-                                        device, ctx)
-            raw_model.train()
-            data_gen.set_state(data_state)  # the pending batch came from the old pairs: redraw
-            X, Y, R, n_tokens = get_batch(train_enc, train_ref, cfg.batch_size, data_gen, pad_id,
-                                          device)
-            counts = Counter(p["source"] for p in train_pairs)
-            print(f"round {cur_round + 1}/{cfg.rounds} at step {step}: accuracy "
-                  f"{m['accuracy']:.3f} after round {cur_round}; {len(train_pairs)} new pairs "
-                  f"({dict(counts)})")
-            append_jsonl(log_path, {"event": "round", "iter": step, "round": cur_round,
-                                    "accuracy": m["accuracy"],
-                                    "accuracy_by_task": m["accuracy_by_task"],
-                                    "format_rate": m["format_rate"], "n_pairs": dict(counts),
-                                    "elapsed_s": time.time() - t_start})
-            t_last = time.time()
-        if step % cfg.eval_interval == 0 or last_step:
-            ev = evaluate_pairs(raw_model, test_enc, test_ref, cfg.eval_iters * cfg.batch_size,
-                                cfg.batch_size, pad_id, device, ctx, loss_kw)
-            print(f"step {step}: val loss {ev['val_loss']:.4f}, held-out preference accuracy "
-                  f"{ev['pref_accuracy']:.3f}, margin {ev['rewards/margins']:+.3f}")
-            append_jsonl(log_path, {"iter": step, **ev, "elapsed_s": time.time() - t_start})
-            best_val = min(best_val, ev["val_loss"])
-            if step > start or last_step:
-                save_checkpoint(make_ckpt(step), ckpt_path)
-            t_last = time.time()  # evaluation time is not training time
-        if last_step:
-            break
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            with ctx:
-                logits = model(X)[0]  # (2B, T, V): chosen rows, then rejected rows
-            logps, n_resp = sequence_logps(logits, Y)  # (2B,) each
-            loss, stats = dpo_objective(logps, R, n_resp, **loss_kw)
-            batch_tokens = n_tokens
-            data_state = data_gen.get_state()  # before the pending batch: resume redraws it
-            X, Y, R, n_tokens = get_batch(train_enc, train_ref, cfg.batch_size, data_gen, pad_id,
-                                          device)
-            scaler.scale(loss).backward()
-        except torch.OutOfMemoryError:
-            die(f"CUDA out of memory at batch size {cfg.batch_size}; "
-                f"try --batch-size {cfg.batch_size // 2}")
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
-                "no checkpoint was written"
-            die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
-                f"--learning-rate)")
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        now = time.time()
-        dt, t_last = now - t_last, now
-        metrics = preference_metrics(stats)
-        append_jsonl(log_path, {"iter": step, "loss": loss_value, "lr": lr,
-                                "ms_per_iter": 1000 * dt, "tokens_per_s": batch_tokens / dt,
-                                "elapsed_s": now - t_start, **metrics})
-        eta = (now - t_start) / (step + 1 - start) * (cfg.max_iters - step - 1)
-        print(f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | "
-              f"acc {metrics['rewards/accuracies']:.2f} | "
-              f"margin {metrics['rewards/margins']:+.3f} | lr {lr:.1e} | {1000 * dt:.1f} ms | "
-              f"{batch_tokens / dt / 1000:.1f}k tok/s | eta {format_eta(eta)}")
-
-    # ---- after: every held-out pair, and true accuracy on sft.py's held-out problems ----
-    merge_lora(raw_model)  # adapters folded in: the model that was saved is the one evaluated
-    after = evaluate_tasks(raw_model, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
-                           device, ctx)
-    solved = {ex["prompt"]: check_answer(c, ex["answer"]) for ex, c in after["samples"]}
-    final = evaluate_pairs(raw_model, test_enc, test_ref, len(test_enc), cfg.batch_size, pad_id,
-                           device, ctx, loss_kw, test_pairs, solved)
-    print_before_after(before, after)
-    print("held-out preference accuracy on the pairs of problems the policy answers "
-          + ", ".join(f"{g} {a:.3f} ({final['n_pairs_by_outcome'][g]} pairs)"
-                      for g, a in sorted(final["pref_accuracy_by_outcome"].items())))
-    lines = changed_answers(before, after)
-    print(f"{len(lines)} held-out answers changed; the first few:")
-    print("\n".join(lines[:6]))
-    (out_dir / "samples.txt").write_text("".join(line + "\n" for line in lines))
-    wall = time.time() - t_start
-    done = {"event": "done", "iter": cfg.max_iters, "val_loss": final["val_loss"],
-            "accuracy": after["accuracy"], "accuracy_by_task": after["accuracy_by_task"],
-            "format_rate": after["format_rate"], "format_by_task": after["format_by_task"],
-            "pref_accuracy": final["pref_accuracy"],
-            "pref_accuracy_by_task": final["pref_accuracy_by_task"],
-            "pref_accuracy_by_source": final["pref_accuracy_by_source"],
-            "pref_accuracy_by_outcome": final["pref_accuracy_by_outcome"],
-            "n_pairs_by_outcome": final["n_pairs_by_outcome"],
-            **{k: v for k, v in final.items() if "/" in k},
-            "accuracy_before": before["accuracy"],
-            "accuracy_by_task_before": before["accuracy_by_task"],
-            "format_rate_before": before["format_rate"], "rounds": cfg.rounds,
-            "n_train_pairs": dict(counts), "n_test_pairs": len(test_pairs),
-            "trainable_params": n_trainable, "wall_s": wall}
-    save_checkpoint(make_ckpt(cfg.max_iters), ckpt_path)
-    append_jsonl(log_path, done)
-    if cfg.plot:
-        plot_dpo(log_path, before, after, out_dir / "dpo.png")
-    print(f"done in {format_eta(wall)}: accuracy {after['accuracy']:.3f} (SFT "
-          f"{before['accuracy']:.3f}), held-out preference accuracy {final['pref_accuracy']:.3f}")
-    return done
 
 
 # -------------------------------------------------------------------------------

@@ -1,21 +1,15 @@
 """Group Relative Policy Optimization (GRPO): RL with verifiable rewards, no value network.
 
 PPO needs a learned critic to tell a good token from a lucky one. GRPO (Shao et al. 2024,
-DeepSeekMath, arXiv:2402.03300) drops it: for each prompt it samples a group of G answers,
-scores each with a verifiable reward (here the task world's checker: 1 right, 0 wrong) and
-gives every token of answer i one advantage, its reward relative to its group,
-    A_i = (r_i - mean(r)) / (std(r) + 1e-4).
-The loss is PPO's clipped surrogate per token with that advantage, plus beta times a k3
-estimate of KL(pi || pi_ref) to the frozen SFT model, inside the loss rather than the reward:
-    loss_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta k3_t,
-    rho_t = pi(o_t) / pi_old(o_t),   k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 >= 0,
-averaged per answer and then over answers (grpo), over all tokens of the batch (dapo, Yu et
-al. 2025, arXiv:2503.14476) or summed over a constant (dr_grpo, Liu et al. 2025,
-arXiv:2503.20783, who also drop the std: --scale none). A group whose answers are all right
-(or all wrong) has A = 0 and teaches nothing; DAPO's dynamic sampling refills the batch with
-groups that differ. DeepSeek-R1 (2025) ran this loop on a base model and its answers grew
-reasoning; here it starts from sft.py's model, answering directly or thinking first
-(`sft.py --think` writes a worked trace before ` = <answer>`).
+DeepSeekMath, arXiv:2402.03300) drops it: it samples a group of G answers per prompt, scores
+each with a verifiable reward (here the task world's checker: 1 right, 0 wrong) and gives every
+token of answer i its reward relative to its group, A_i = (r_i - mean(r)) / (std(r) + 1e-4).
+The loss is PPO's clipped surrogate per token plus beta times a k3 estimate of KL(pi || pi_ref)
+to the frozen SFT model, in the loss rather than the reward (grpo_loss), averaged per answer
+and then over answers (grpo), over all tokens (dapo, Yu et al. 2025, arXiv:2503.14476) or over
+a constant (dr_grpo, Liu et al. 2025, arXiv:2503.20783, who also drop the std: --scale none).
+A group of equal rewards has A = 0 and teaches nothing; DAPO's dynamic sampling refills the
+batch with groups that differ. GRPO starts from sft.py's model (or thinking: sft.py --think).
 
 Run:
     python sft.py && python grpo.py                          # from the direct-answer model
@@ -24,16 +18,8 @@ Run:
     torchrun --standalone --nproc_per_node 2 grpo.py         # each rank samples its share
     python grpo.py --sample-only --prompt "Count the letter a in: banana"
 
-Result (2-core CPU, sft.py's 600 held-out problems, greedy pass@1 as every stage of the chain;
-maj@8 = the most common of 8 answers sampled at temperature 0.7):
-    python grpo.py --init-from out/sft_think/ckpt.pt   from the thinking model: 0.970 -> 0.973
-                       (count 0.96 -> 0.97), maj@8 0.960 -> 0.973; 3m39s
-    python grpo.py     from the direct model: 0.887 -> 0.887 (count 0.62 -> 0.63), maj@8 0.877
-                       -> 0.888; 1m58s. Count is capacity-bound there: the policy samples the
-                       right count (pass@8 0.89) but cannot make it its greedy answer (README).
-
-Simplifications: one optimizer step per pass over a step's answers (--num-iterations passes);
-the reference is the SFT model for the whole run; no LoRA.
+Result (2-core CPU): from the thinking model, held-out pass@1 0.970 -> 0.973 (docs/grpo.md).
+Simplifications: one optimizer step per pass (--num-iterations); pi_ref is the SFT model; no LoRA.
 """
 import argparse
 import contextlib
@@ -112,36 +98,6 @@ class Config:
 
 # on CUDA, for every field not given: more groups per step and more steps
 GPU_PRESET = dict(prompts_per_step=64, max_iters=1000, eval_interval=100, compile=True)
-# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
-# choices are in CHOICES, cross-field rules in main
-RULES = {
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "group_size": (lambda v: v >= 2, "an integer >= 2 (a group needs a baseline)"),
-    "prompts_per_step": (lambda v: v >= 1, "an integer >= 1"),
-    "rollout_temperature": (lambda v: v > 0, "a number > 0"),
-    "max_completion_length": (lambda v: v >= 0, "an integer >= 0 (0 = the SFT model's)"),
-    "format_reward": (lambda v: v >= 0, "a number >= 0"),
-    "beta": (lambda v: v >= 0, "a number >= 0"),
-    "eps_low": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "eps_high": (lambda v: v >= 0, "a number >= 0"),
-    "num_iterations": (lambda v: v >= 1, "an integer >= 1"),
-    "max_resample": (lambda v: v >= 0, "an integer >= 0"),
-    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "maj_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
-    "maj_temperature": (lambda v: v > 0, "a number > 0"),
-    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
-}
-CHOICES = {"scale": ("group", "batch", "none"), "loss_type": ("grpo", "dapo", "dr_grpo")}
 
 
 @dataclass
@@ -168,7 +124,7 @@ class ModelConfig:
 
 
 # -------------------------------------------------------------------------------
-# Group Relative Policy Optimization
+# Group Relative Policy Optimization (NEW vs ppo.py: a group baseline, no critic)
 # -------------------------------------------------------------------------------
 def group_advantages(rewards, group_size, scale="group"):
     """rewards (N,) of N / group_size groups, each group's answers adjacent -> advantages (N,).
@@ -280,9 +236,306 @@ def task_rewards(examples, completions, format_weight):
     return correct.float() + format_weight * shaped.float(), correct
 
 
+@torch.no_grad()
+def sample_groups(model, tok, examples, group_size, temperature, max_new_tokens, uniforms,
+                  device, ctx):
+    """group_size answers to each of `examples` -> a list of id lists, entry i * G + g the g-th
+    answer to examples[i], cut after its first <|endoftext|> (an answer that never stops keeps
+    all max_new_tokens tokens).
+
+    Sampling by the inverse CDF: the next token is the first whose cumulative probability (at
+    the temperature) passes u = uniforms[row, t], one fixed number per answer and step drawn
+    before the rollout. An answer depends only on its own row of uniforms, not on which rows
+    share its batch, so 2 processes that each sample half of the prompts draw exactly the
+    answers 1 process draws (tests/test_grpo.py checks it under torchrun). Prompts of equal
+    token length decode together, with the KV cache and no padding, as in sft.py's evaluation.
+    """
+    eot = tok.special[EOT]
+    rows = [None] * (len(examples) * group_size)
+    groups = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[len(encode_prompt(tok, ex["prompt"]))].append(i)
+    for T, members in sorted(groups.items()):
+        idx = torch.tensor([encode_prompt(tok, examples[i]["prompt"]) for i in members],
+                           device=device).repeat_interleave(group_size, dim=0)  # (n, T)
+        row_ids = [i * group_size + g for i in members for g in range(group_size)]
+        u = uniforms[row_ids].to(device)  # (n, max_new_tokens)
+        cache = KVCache(model.config, idx.size(0))
+        with ctx:
+            logits = prefill(model, idx, cache)  # (n, V)
+        new, done = [], torch.zeros(idx.size(0), dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            cdf = (logits.float() / temperature).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
+            next_id = torch.searchsorted(cdf, u[:, t:t + 1].contiguous(), right=True)  # cdf > u
+            next_id = next_id.clamp(max=cdf.size(-1) - 1)  # u above a rounded-down total
+            new.append(next_id)
+            done |= next_id.squeeze(1) == eot
+            if done.all() or t == max_new_tokens - 1:
+                break
+            with ctx:
+                logits = model(next_id, cache=cache)[0][:, -1, :]
+        for r, ids in zip(row_ids, torch.cat(new, dim=1).tolist()):
+            rows[r] = ids[:ids.index(eot) + 1] if eot in ids else ids
+    return rows
+
+
+def encode_rollout(prompt_ids, answer_ids):
+    """Model input and targets for prompt + a sampled answer: targets[t] is the token after
+    input t, IGNORE_INDEX on the prompt, so exactly the answer's tokens (its <|endoftext|>
+    included, nothing after it) are scored. Built from lengths, never from a token id."""
+    ids = prompt_ids + answer_ids
+    n = len(prompt_ids) - 1  # targets[n] is the first answer token
+    return ids[:-1], [IGNORE_INDEX] * n + ids[n + 1:]
+
+
+
+def rollout(cfg, model, tok, examples, max_len, generator, rank, world_size, device, ctx):
+    """One batch of groups for this process: its share of the step's prompts, group_size
+    answers each, rewarded by the checker -> dict of encoded answers and per-answer data.
+
+    The step's prompts and uniforms are drawn for every process from the same generator, and
+    each process keeps its slice (rank r: prompts [r P/W, (r+1) P/W)), so the union over ranks
+    is one process's batch. With --dynamic-sampling, groups whose rewards are all equal are
+    dropped and more prompts are drawn (up to max_resample more times) until the share is
+    full; a share still short is topped up with dropped groups (A = 0: no gradient). Each
+    process refills its own share, so under DDP the batch is no longer one process's.
+    """
+    share = cfg.prompts_per_step // world_size
+    kept, spare, n_drawn = [], [], 0
+    for attempt in range(1 + (cfg.max_resample if cfg.dynamic_sampling else 0)):
+        pick = torch.randint(len(examples), (cfg.prompts_per_step,), generator=generator)
+        u = torch.rand(cfg.prompts_per_step * cfg.group_size, max_len, generator=generator)
+        mine = pick[rank * share:(rank + 1) * share].tolist()
+        rows = u[rank * share * cfg.group_size:(rank + 1) * share * cfg.group_size]
+        exs = [examples[i] for i in mine]
+        answers = sample_groups(model, tok, exs, cfg.group_size, cfg.rollout_temperature,
+                                max_len, rows, device, ctx)
+        n_drawn += len(exs)
+        for i, ex in enumerate(exs):
+            group = answers[i * cfg.group_size:(i + 1) * cfg.group_size]
+            texts = [completion_text(tok, a) for a in group]
+            rewards, correct = task_rewards([ex] * len(group), texts, cfg.format_reward)
+            item = (ex, group, texts, rewards, correct)
+            (kept if not cfg.dynamic_sampling or rewards.std() > 0 else spare).append(item)
+        if len(kept) >= share:
+            break
+    kept = (kept + spare)[:share]
+    ex_rows = [ex for ex, group, *_ in kept for _ in group]
+    encoded = [encode_rollout(encode_prompt(tok, ex["prompt"]), a)
+               for ex, group, *_ in kept for a in group]
+    return {"examples": ex_rows, "encoded": encoded,
+            "texts": [t for _, _, texts, _, _ in kept for t in texts],
+            "rewards": torch.cat([r for *_, r, _ in kept]),
+            "correct": torch.cat([c for *_, c in kept]), "prompts_drawn": n_drawn}
+
+
 # -------------------------------------------------------------------------------
-# The task world (copied from sft.py; tests/test_copies.py keeps it identical)
+# Training: the policy and its data, the step, the loop, evaluation, main
 # -------------------------------------------------------------------------------
+def load_sft(cfg, device):
+    """The sft.py checkpoint GRPO starts from -> (its policy with dropout 0, tokenizer, the
+    checkpoint dict, training prompts, held-out problems, answer budget in tokens); a missing
+    file names the command that writes it. The held-out set is exactly sft.py's (same seed,
+    difficulty and count): every stage of the chain scores the same problems the same way."""
+    if not Path(cfg.init_from).is_file():
+        die(f"{cfg.init_from} not found: run python sft.py first (or python sft.py --think, or "
+            f"point --init-from at an sft.py checkpoint)")
+    ckpt = load_checkpoint(cfg.init_from, ("sft.py",), ("model_args", "config", "tokenizer"))
+    sft_cfg = ckpt["config"]
+    if sft_cfg.get("task", "generate") != "generate":
+        die(f"{cfg.init_from} is a --task classify checkpoint; grpo.py needs a generating SFT "
+            f"model")
+    policy, tok = policy_from(ckpt, cfg.init_from, device)
+    think = sft_cfg.get("think", False)  # a thinking model: answers carry their traces
+    max_len = cfg.max_completion_length or sft_cfg.get("eval_max_new_tokens", 16)
+    try:
+        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"],
+                              mix_families(cfg.mix), think)
+        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1,
+                             sft_cfg["difficulty"], think=think)
+    except (ValueError, KeyError) as e:
+        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
+    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
+    block_size = ckpt["model_args"]["block_size"]
+    if longest + max_len > block_size:
+        die(f"prompts of {longest} tokens + {max_len} answer tokens exceed the context of "
+            f"{cfg.init_from} ({block_size} tokens); lower --max-completion-length")
+    return policy, tok, ckpt, train_ex, test_ex, max_len
+
+
+def grpo_step(cfg, model, raw_model, reference, optimizer, scaler, params, lr, idx, tgt, mask,
+              advantages, share, max_len, ctx):
+    """num_iterations updates on one batch at learning rate lr -> the last one's (loss, stats,
+    entropy, grad_norm); pi_ref's log-probs (and pi_old's, when > 1) are taken once, first."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.no_grad(), ctx:
+        ref_logps = (token_logps(reference(idx)[0], tgt, cfg.rollout_temperature)[0]
+                     if reference is not None else None)
+        old_logps = (token_logps(raw_model(idx)[0], tgt, cfg.rollout_temperature)[0]
+                     if cfg.num_iterations > 1 else None)
+    for it in range(cfg.num_iterations):
+        with ctx:
+            logits = model(idx)[0]
+        logps, entropy = token_logps(logits, tgt, cfg.rollout_temperature)
+        # one update per batch: the sampling policy is this one (ratio 1, no clipping)
+        old = logps.detach() if old_logps is None else old_logps
+        loss, stats = grpo_loss(logps, old, ref_logps, advantages, mask, cfg.beta,
+                                cfg.eps_low, cfg.eps_high, cfg.loss_type, max_len)
+        scaler.scale(loss * share).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        else:
+            grad_norm = math.sqrt(sum(p.grad.pow(2).sum().item() for p in params
+                                      if p.grad is not None))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, stats, entropy, grad_norm
+
+
+def gathered(x, world_size):
+    """The concatenation over all processes of an equal-sized tensor x (x itself without DDP)."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def train(cfg, device, device_type, dtype, ctx, rank, world_size):
+    """The GRPO loop: rollout, rewards, group advantages, updates; evaluations on rank 0."""
+    master, out_dir = rank == 0, Path(cfg.out_dir)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    resumed = None
+    if cfg.resume:
+        resumed = load_checkpoint(ckpt_path, ("grpo.py",), ("model", "optimizer", "iter",
+                                                            "sft_from", "before"))
+        cfg = dataclasses.replace(cfg, init_from=resumed["sft_from"])
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    policy, tok, sft_ckpt, train_ex, test_ex, max_len = load_sft(cfg, device)
+    # pi_ref: a frozen deep copy, never the policy itself (KL 0 for ever); none with beta = 0
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta else None
+    policy.train()  # dropout is 0: train mode changes nothing but is honest
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    # the first step (0, or the resumed run's) and `before`: the SFT model's scores (rank 0)
+    start, before = start_run(cfg, resumed, policy, optimizer, tok, test_ex, max_len, sft_ckpt,
+                              params, reference, master, device, ctx)
+    model = torch.compile(policy) if cfg.compile else policy  # policy: saved, sampled, scored
+    if world_size > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda"
+                    else None)
+    t_last = time.time()
+    for step in range(start, cfg.max_iters + 1):
+        last_step = step == cfg.max_iters
+        if master and (step % cfg.eval_interval == 0 or last_step) and (step > start or
+                                                                         step == 0):
+            m = (before if step == 0 else
+                 evaluate(cfg, policy, tok, test_ex, max_len, device, ctx, with_maj=False))
+            print(f"step {step}: held-out pass@1 {m['accuracy']:.3f} "
+                  + " ".join(f"{t} {a:.2f}" for t, a in m["accuracy_by_task"].items()))
+            record = {k: m[k] for k in ("accuracy", "accuracy_by_task", "format_rate")}
+            append_jsonl(log_path, {"iter": step, **record, "elapsed_s": time.time() - t_start})
+            if step > start:
+                save_checkpoint(make_ckpt(cfg, step, policy, optimizer, tok, sft_ckpt, before),
+                                ckpt_path)
+            t_last = time.time()  # evaluation time is not training time
+        if last_step:
+            break
+        # ---- rollout: G answers to each of this process's prompts, at the temperature ----
+        t0 = time.time()
+        step_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume-exact
+        policy.eval()
+        batch = rollout(cfg, policy, tok, train_ex, max_len, step_gen, rank, world_size,
+                        device, ctx)
+        policy.train()
+        t_rollout = time.time() - t0
+        # ---- advantages over whole groups, gathered from every process first ----
+        rewards = gathered(batch["rewards"].to(device), world_size)
+        n = len(batch["encoded"])  # this process's answers: its slice of the advantages
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale)[rank * n:(rank + 1) * n]
+        # ---- the update: num_iterations passes of the GRPO loss over the batch ----
+        idx, tgt = (x.to(device) for x in collate(batch["encoded"], tok.special[PAD]))
+        mask = tgt != IGNORE_INDEX
+        # dapo averages over all answer tokens of all processes; DDP averages the processes'
+        # gradients, so each one's token mean is rescaled by its share of the tokens
+        n_global = gathered(mask.sum().view(1), world_size).sum()
+        share = (mask.sum() * world_size / n_global).item() if cfg.loss_type == "dapo" else 1.0
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        loss, stats, entropy, grad_norm = grpo_step(cfg, model, policy, reference, optimizer,
+                                                    scaler, params, lr, idx, tgt, mask,
+                                                    advantages, share, max_len, ctx)
+        t_last = log_step(cfg, step, start, lr, loss.item() * share, stats, entropy, mask, batch,
+                          rewards, grad_norm, t_start, t_last, t_rollout, rank, world_size, device)
+    if not master:  # after: rank 0 scores the same held-out problems, greedy and maj@k
+        return None
+    after = evaluate(cfg, policy, tok, test_ex, max_len, device, ctx, with_maj=True)
+    return report(cfg, policy, optimizer, tok, sft_ckpt, before, after, t_start)
+
+
+def evaluate(cfg, model, tok, test_ex, max_len, device, ctx, with_maj):
+    """Greedy accuracy (pass@1, as sft.py) on the held-out problems, and maj@k / pass@k."""
+    m = evaluate_tasks(model, tok, test_ex, max_len, cfg.eval_batch_size, device, ctx)
+    out = {k: m[k] for k in ("accuracy", "accuracy_by_task", "format_rate", "length_by_task")}
+    out["completions"] = {ex["prompt"]: c for ex, c in m["samples"]}
+    if with_maj and cfg.maj_k:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        out.update(evaluate_majority(model, tok, test_ex, cfg.maj_k, cfg.maj_temperature,
+                                     max_len, cfg.eval_batch_size, device, ctx, gen))
+    return out
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda") and world_size > 1:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
+        torch.cuda.set_device(device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    if cfg.prompts_per_step % world_size:
+        die(f"--prompts-per-step {cfg.prompts_per_step}: expected a multiple of the "
+            f"{world_size} processes (each samples whole groups)")
+    if rank == 0:
+        print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
+              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else contextlib.nullcontext())
+    if cfg.sample_only:
+        return sample_only(cfg, device, ctx)
+    check_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite)
+    ddp = world_size > 1
+    if ddp:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    try:
+        done = train(cfg, device, device_type, dtype, ctx, rank, world_size)
+        if ddp:  # rank 0 evaluates and writes last; the others wait for it
+            dist.barrier()
+        return done
+    except torch.OutOfMemoryError:
+        die(f"CUDA out of memory with --prompts-per-step {cfg.prompts_per_step}; try "
+            f"--prompts-per-step {max(1, cfg.prompts_per_step // 2)}")
+    finally:
+        if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
+            dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
+# -------------------------------------------------------------------------------
+# ---- Appendix: from sft.py — the task world, the model, sampling and evaluation, unchanged ----
 BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
                 **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
 
@@ -477,9 +730,6 @@ def mix_families(mix):
     return tuple(f for f in TASK_FAMILIES for _ in range(weights[f]))
 
 
-# -------------------------------------------------------------------------------
-# The backbone: llama.py's model (copied from sft.py)
-# -------------------------------------------------------------------------------
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 
 
@@ -840,61 +1090,6 @@ class Llama(nn.Module):
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
 
-# -------------------------------------------------------------------------------
-# Rollouts
-# -------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_groups(model, tok, examples, group_size, temperature, max_new_tokens, uniforms,
-                  device, ctx):
-    """group_size answers to each of `examples` -> a list of id lists, entry i * G + g the g-th
-    answer to examples[i], cut after its first <|endoftext|> (an answer that never stops keeps
-    all max_new_tokens tokens).
-
-    Sampling by the inverse CDF: the next token is the first whose cumulative probability (at
-    the temperature) passes u = uniforms[row, t], one fixed number per answer and step drawn
-    before the rollout. An answer depends only on its own row of uniforms, not on which rows
-    share its batch, so 2 processes that each sample half of the prompts draw exactly the
-    answers 1 process draws (tests/test_grpo.py checks it under torchrun). Prompts of equal
-    token length decode together, with the KV cache and no padding, as in sft.py's evaluation.
-    """
-    eot = tok.special[EOT]
-    rows = [None] * (len(examples) * group_size)
-    groups = defaultdict(list)
-    for i, ex in enumerate(examples):
-        groups[len(encode_prompt(tok, ex["prompt"]))].append(i)
-    for T, members in sorted(groups.items()):
-        idx = torch.tensor([encode_prompt(tok, examples[i]["prompt"]) for i in members],
-                           device=device).repeat_interleave(group_size, dim=0)  # (n, T)
-        row_ids = [i * group_size + g for i in members for g in range(group_size)]
-        u = uniforms[row_ids].to(device)  # (n, max_new_tokens)
-        cache = KVCache(model.config, idx.size(0))
-        with ctx:
-            logits = prefill(model, idx, cache)  # (n, V)
-        new, done = [], torch.zeros(idx.size(0), dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            cdf = (logits.float() / temperature).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
-            next_id = torch.searchsorted(cdf, u[:, t:t + 1].contiguous(), right=True)  # cdf > u
-            next_id = next_id.clamp(max=cdf.size(-1) - 1)  # u above a rounded-down total
-            new.append(next_id)
-            done |= next_id.squeeze(1) == eot
-            if done.all() or t == max_new_tokens - 1:
-                break
-            with ctx:
-                logits = model(next_id, cache=cache)[0][:, -1, :]
-        for r, ids in zip(row_ids, torch.cat(new, dim=1).tolist()):
-            rows[r] = ids[:ids.index(eot) + 1] if eot in ids else ids
-    return rows
-
-
-def encode_rollout(prompt_ids, answer_ids):
-    """Model input and targets for prompt + a sampled answer: targets[t] is the token after
-    input t, IGNORE_INDEX on the prompt, so exactly the answer's tokens (its <|endoftext|>
-    included, nothing after it) are scored. Built from lengths, never from a token id."""
-    ids = prompt_ids + answer_ids
-    n = len(prompt_ids) - 1  # targets[n] is the first answer token
-    return ids[:-1], [IGNORE_INDEX] * n + ids[n + 1:]
-
-
 def collate(batch, pad_id):
     """Right-pad a list of (ids, targets) to the longest one -> idx, targets (B, T) tensors.
 
@@ -910,49 +1105,6 @@ def collate(batch, pad_id):
     return idx, tgt
 
 
-def rollout(cfg, model, tok, examples, max_len, generator, rank, world_size, device, ctx):
-    """One batch of groups for this process: its share of the step's prompts, group_size
-    answers each, rewarded by the checker -> dict of encoded answers and per-answer data.
-
-    The step's prompts and uniforms are drawn for every process from the same generator, and
-    each process keeps its slice (rank r: prompts [r P/W, (r+1) P/W)), so the union over ranks
-    is one process's batch. With --dynamic-sampling, groups whose rewards are all equal are
-    dropped and more prompts are drawn (up to max_resample more times) until the share is
-    full; a share still short is topped up with dropped groups (A = 0: no gradient). Each
-    process refills its own share, so under DDP the batch is no longer one process's.
-    """
-    share = cfg.prompts_per_step // world_size
-    kept, spare, n_drawn = [], [], 0
-    for attempt in range(1 + (cfg.max_resample if cfg.dynamic_sampling else 0)):
-        pick = torch.randint(len(examples), (cfg.prompts_per_step,), generator=generator)
-        u = torch.rand(cfg.prompts_per_step * cfg.group_size, max_len, generator=generator)
-        mine = pick[rank * share:(rank + 1) * share].tolist()
-        rows = u[rank * share * cfg.group_size:(rank + 1) * share * cfg.group_size]
-        exs = [examples[i] for i in mine]
-        answers = sample_groups(model, tok, exs, cfg.group_size, cfg.rollout_temperature,
-                                max_len, rows, device, ctx)
-        n_drawn += len(exs)
-        for i, ex in enumerate(exs):
-            group = answers[i * cfg.group_size:(i + 1) * cfg.group_size]
-            texts = [completion_text(tok, a) for a in group]
-            rewards, correct = task_rewards([ex] * len(group), texts, cfg.format_reward)
-            item = (ex, group, texts, rewards, correct)
-            (kept if not cfg.dynamic_sampling or rewards.std() > 0 else spare).append(item)
-        if len(kept) >= share:
-            break
-    kept = (kept + spare)[:share]
-    ex_rows = [ex for ex, group, *_ in kept for _ in group]
-    encoded = [encode_rollout(encode_prompt(tok, ex["prompt"]), a)
-               for ex, group, *_ in kept for a in group]
-    return {"examples": ex_rows, "encoded": encoded,
-            "texts": [t for _, _, texts, _, _ in kept for t in texts],
-            "rewards": torch.cat([r for *_, r, _ in kept]),
-            "correct": torch.cat([c for *_, c in kept]), "prompts_drawn": n_drawn}
-
-
-# -------------------------------------------------------------------------------
-# Training and evaluation
-# -------------------------------------------------------------------------------
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
     if step < warmup_iters:
@@ -1021,22 +1173,6 @@ def evaluate_majority(model, tok, examples, k, temperature, max_new_tokens, batc
             "pass_at_k": sum(pas.values()) / len(pas), "pass_by_task": pas}
 
 
-def print_before_after(before, after):
-    """Per family: greedy accuracy (pass@1) and maj@k before and after, then the means."""
-    k = before.get("maj_k")
-    print(f"{'task':<10}{'pass@1':>9}{'after':>8}" + (f"{f'maj@{k}':>9}{'after':>8}" if k else ""))
-    for t in before["accuracy_by_task"]:
-        line = f"{t:<10}{before['accuracy_by_task'][t]:>9.3f}{after['accuracy_by_task'][t]:>8.3f}"
-        if k:
-            line += f"{before['maj_by_task'][t]:>9.3f}{after['maj_by_task'][t]:>8.3f}"
-        print(line)
-    line = f"{'mean':<10}{before['accuracy']:>9.3f}{after['accuracy']:>8.3f}"
-    print(line + (f"{before['maj_at_k']:>9.3f}{after['maj_at_k']:>8.3f}" if k else ""))
-
-
-# -------------------------------------------------------------------------------
-# Generation
-# -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
 
@@ -1153,16 +1289,18 @@ def sample_answers(model, tok, examples, n, temperature, max_new_tokens, batch_s
     return out
 
 
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
-def tokenizer_from(ckpt, path):
-    """The byte tokenizer a checkpoint was trained with (the task world needs its specials)."""
+# ---- Appendix: bookkeeping — loading, restore, checkpoint, log record, report, --sample-only ----
+def policy_from(ckpt, path, device):
+    """A checkpoint's Llama (dropout 0, eval mode) and the byte tokenizer it was trained with
+    (the task world needs its specials) -> (model, tok)."""
     state = ckpt.get("tokenizer", {})
     if state.get("kind") != "byte" or not {EOT, PAD} <= set(state.get("special", {})):
         die(f"{path} uses a {state.get('kind')!r} tokenizer; grpo.py needs sft.py's byte "
             f"tokenizer with {EOT} and {PAD}")
-    return ByteTokenizer(state["special"])
+    tok = ByteTokenizer(state["special"])
+    model = Llama(ModelConfig(**dict(ckpt["model_args"], dropout=0.0)))
+    load_weights(model, ckpt["model"], path)
+    return model.to(device).eval(), tok
 
 
 def load_weights(model, state, path):
@@ -1174,35 +1312,131 @@ def load_weights(model, state, path):
         die(f"{path} does not fit this model ({detail})")
 
 
-def load_policy(path, device):
-    """The sft.py checkpoint -> (its model with dropout 0, tokenizer, its checkpoint dict); a
-    missing file names the command that writes it."""
-    if not Path(path).is_file():
-        die(f"{path} not found: run python sft.py first (or python sft.py --think, or point "
-            f"--init-from at an sft.py checkpoint)")
-    ckpt = load_checkpoint(path, ("sft.py",), ("model_args", "config", "tokenizer"))
-    if ckpt["config"].get("task", "generate") != "generate":
-        die(f"{path} is a --task classify checkpoint; grpo.py needs a generating SFT model")
-    tok = tokenizer_from(ckpt, path)
-    policy = Llama(ModelConfig(**dict(ckpt["model_args"], dropout=0.0)))
-    load_weights(policy, ckpt["model"], path)
-    return policy.to(device).eval(), tok, ckpt
+def start_run(cfg, resumed, policy, optimizer, tok, test_ex, max_len, sft_ckpt, params,
+              reference, master, device, ctx):
+    """-> (first step, `before`): on --resume the saved policy, optimizer and `before`, else
+    rank 0 measures `before`; then rank 0 opens the log and says where the policy comes from."""
+    start, before = 0, None
+    if resumed is not None:
+        before = resumed["before"]
+        load_weights(policy, resumed["model"], Path(cfg.out_dir) / "ckpt.pt")
+        optimizer.load_state_dict(resumed["optimizer"])
+        start = resumed["iter"]
+        if cfg.max_iters < start:
+            die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {start}; pass "
+                f"--max-iters {start} or more to continue it")
+    elif master:
+        before = evaluate(cfg, policy, tok, test_ex, max_len, device, ctx, with_maj=True)
+    if master:
+        open_log(Path(cfg.out_dir), start if resumed is not None else None)
+        print(f"policy{' and reference' if reference else ''} from {cfg.init_from} (sft.py"
+              f"{', think' if sft_ckpt['config'].get('think', False) else ''}, iter "
+              f"{sft_ckpt.get('iter')}): {sum(p.numel() for p in params) / 1e6:.3f}M "
+              f"parameters; SFT pass@1 {before['accuracy']:.3f}"
+              + (f", maj@{cfg.maj_k} {before['maj_at_k']:.3f}" if "maj_at_k" in before else ""))
+    return start, before
 
 
-def frozen_copy(model):
-    """The reference pi_ref: a separate deep copy of the initial policy, in eval mode, no
-    gradients. Never the policy object itself (the KL would be 0 for ever)."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+def make_ckpt(cfg, step, model, optimizer, tok, sft_ckpt, before):
+    """The checkpoint at `step` (docs/design.md section 4); dropout off (ratio 1 at first)."""
+    sft_cfg = sft_ckpt["config"]
+    return {"script": "grpo.py", "version": 1,
+            "config": dataclasses.asdict(cfg),
+            "model_args": dict(sft_ckpt["model_args"], dropout=0.0), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": None,
+            "tokenizer": {"kind": "byte", "special": dict(tok.special)},
+            "sft_from": cfg.init_from, "task_world": {"think": sft_cfg.get("think", False), **{
+                k: sft_cfg[k] for k in ("seed", "difficulty", "n_test")}},
+            "rng": {"torch": torch.get_rng_state()}, "before": before}
+
+
+def log_step(cfg, step, start, lr, loss, stats, entropy, mask, batch, rewards, grad_norm,
+             t_start, t_last, t_rollout, rank, world_size, device):
+    """The step's record, its processes' shares summed (the loss as DDP averages it, token means
+    by token counts), logged on rank 0 -> the time it was taken; a non-finite loss stops the run."""
+    correct = gathered(batch["correct"].float().to(device), world_size)
+    n_tok, stat_keys = mask.sum().item(), sorted(stats)
+    totals = torch.tensor([loss, n_tok, entropy.sum().item(), batch["prompts_drawn"]]
+                          + [stats[k] * n_tok for k in stat_keys], dtype=torch.float64,
+                          device=device)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    loss_value = totals[0].item() / world_size
+    stats = {k: (totals[4 + i] / totals[1]).item() for i, k in enumerate(stat_keys)}
+    if not math.isfinite(loss_value):
+        ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
+            "no checkpoint was written"
+        die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
+            f"--learning-rate)")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    now = time.time()
+    dt = now - t_last
+    n_answer_tokens = sum(sum(t != IGNORE_INDEX for t in tgt) for _, tgt in batch["encoded"])
+    zero_std = (rewards.view(-1, cfg.group_size).std(dim=1) == 0).float().mean().item()
+    record = {"iter": step, "loss": loss_value, "lr": lr, "ms_per_iter": 1000 * dt,
+              "tokens_per_s": mask.numel() * world_size / dt, "elapsed_s": now - t_start,
+              "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+              "rollout_accuracy": correct.mean().item(), "frac_reward_zero_std": zero_std,
+              "entropy": (totals[2] / totals[1]).item(),
+              "completion_length": totals[1].item() / rewards.numel(),
+              "rollout_tokens_per_s": n_answer_tokens * world_size / t_rollout,
+              "prompts_drawn": int(totals[3].item()), "grad_norm": grad_norm, **stats}
+    if rank == 0:
+        append_jsonl(Path(cfg.out_dir) / "log.jsonl", record)
+        eta = (now - t_start) / (step + 1 - start) * (cfg.max_iters - step - 1)
+        print(f"iter {step}/{cfg.max_iters} | reward {record['reward']:.3f} | rollout acc "
+              f"{record['rollout_accuracy']:.3f} | zero-std {zero_std:.2f} | kl "
+              f"{stats.get('kl', 0.0):.4f} | len {record['completion_length']:.1f} | "
+              f"{1000 * dt:.0f} ms | eta {format_eta(eta)}")
+    return now
+
+
+def report(cfg, model, optimizer, tok, sft_ckpt, before, after, t_start):
+    """The end: before/after table, changed answers (samples.txt), checkpoint, done record."""
+    out_dir = Path(cfg.out_dir)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    k = before.get("maj_k")  # per family: pass@1 and maj@k before and after, then the means
+    print(f"{'task':<10}{'pass@1':>9}{'after':>8}" + (f"{f'maj@{k}':>9}{'after':>8}" if k else ""))
+    for t in before["accuracy_by_task"]:
+        line = f"{t:<10}{before['accuracy_by_task'][t]:>9.3f}{after['accuracy_by_task'][t]:>8.3f}"
+        if k:
+            line += f"{before['maj_by_task'][t]:>9.3f}{after['maj_by_task'][t]:>8.3f}"
+        print(line)
+    line = f"{'mean':<10}{before['accuracy']:>9.3f}{after['accuracy']:>8.3f}"
+    print(line + (f"{before['maj_at_k']:>9.3f}{after['maj_at_k']:>8.3f}" if k else ""))
+    changed = [f"{p!r}: {before['completions'][p]!r} -> {c!r}"
+               for p, c in after["completions"].items() if c != before["completions"].get(p)]
+    print(f"{len(changed)} held-out answers changed; the first few:")
+    print("\n".join(changed[:6]))
+    (out_dir / "samples.txt").write_text("".join(line + "\n" for line in changed))
+    wall = time.time() - t_start
+    done = {"event": "done", "iter": cfg.max_iters, "accuracy": after["accuracy"],
+            "accuracy_by_task": after["accuracy_by_task"], "format_rate": after["format_rate"],
+            "accuracy_before": before["accuracy"],
+            "accuracy_by_task_before": before["accuracy_by_task"],
+            "length_by_task": after["length_by_task"],
+            "think": sft_ckpt["config"].get("think", False), "wall_s": wall}
+    for key in ("maj_k", "maj_at_k", "maj_by_task", "pass_at_k", "pass_by_task"):
+        if key in after:
+            done[key], done[key + "_before"] = after[key], before[key]
+    save_checkpoint(make_ckpt(cfg, cfg.max_iters, model, optimizer, tok, sft_ckpt, before),
+                    ckpt_path)
+    append_jsonl(log_path, done)
+    if cfg.plot:
+        plot_grpo(log_path, before, after, out_dir / "grpo.png")
+    print(f"done in {format_eta(wall)}: pass@1 {after['accuracy']:.3f} (SFT "
+          f"{before['accuracy']:.3f})" + (f", maj@{cfg.maj_k} {after['maj_at_k']:.3f} (SFT "
+                                          f"{before['maj_at_k']:.3f})" if cfg.maj_k else ""))
+    return done
 
 
 def sample_only(cfg, device, ctx):
     """--sample-only: answer --prompt with the GRPO policy in --out-dir."""
     path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(path, ("grpo.py",), ("model_args", "tokenizer"))
-    tok = tokenizer_from(ckpt, path)
-    model = Llama(ModelConfig(**ckpt["model_args"]))
-    load_weights(model, ckpt["model"], path)
-    model.to(device).eval()
+    model, tok = policy_from(load_checkpoint(path, ("grpo.py",), ("model_args", "tokenizer")),
+                             path, device)
     ids = encode_prompt(tok, cfg.prompt)
     if len(ids) >= model.config.block_size:
         die(f"--prompt is {len(ids)} tokens; the model's context is {model.config.block_size}")
@@ -1217,278 +1451,37 @@ def sample_only(cfg, device, ctx):
     return {"samples": answers}
 
 
-def evaluate(cfg, model, tok, test_ex, max_len, device, ctx, with_maj):
-    """Greedy accuracy (pass@1, as sft.py) on the held-out problems, and maj@k / pass@k."""
-    m = evaluate_tasks(model, tok, test_ex, max_len, cfg.eval_batch_size, device, ctx)
-    out = {k: m[k] for k in ("accuracy", "accuracy_by_task", "format_rate", "length_by_task")}
-    out["completions"] = {ex["prompt"]: c for ex, c in m["samples"]}
-    if with_maj and cfg.maj_k:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        out.update(evaluate_majority(model, tok, test_ex, cfg.maj_k, cfg.maj_temperature,
-                                     max_len, cfg.eval_batch_size, device, ctx, gen))
-    return out
-
-
-def gathered(x, world_size):
-    """The concatenation over all processes of an equal-sized tensor x (x itself without DDP)."""
-    if world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
-
-
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda") and world_size > 1:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun starts one process per GPU
-        torch.cuda.set_device(device)
-    if device.startswith("cuda"):
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
-    if cfg.prompts_per_step % world_size:
-        die(f"--prompts-per-step {cfg.prompts_per_step}: expected a multiple of the "
-            f"{world_size} processes (each samples whole groups)")
-    if rank == 0:
-        print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-        print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}"
-              + (f" ddp world_size={world_size}" if world_size > 1 else ""))
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
-           else contextlib.nullcontext())
-    if cfg.sample_only:
-        return sample_only(cfg, device, ctx)
-    check_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite)
-    ddp = world_size > 1
-    if ddp:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    try:
-        done = train(cfg, device, device_type, dtype, ctx, rank, world_size)
-        if ddp:  # rank 0 evaluates and writes last; the others wait for it
-            dist.barrier()
-        return done
-    except torch.OutOfMemoryError:
-        die(f"CUDA out of memory with --prompts-per-step {cfg.prompts_per_step}; try "
-            f"--prompts-per-step {max(1, cfg.prompts_per_step // 2)}")
-    finally:
-        if ddp:  # on every way out; joins gloo's threads, which must not outlive the interpreter
-            dist.destroy_process_group()
-
-
-def train(cfg, device, device_type, dtype, ctx, rank, world_size):
-    """The GRPO loop: rollout, rewards, group advantages, num_iterations updates; evaluations
-    and checkpoints on rank 0."""
-    master, ddp = rank == 0, world_size > 1
-    out_dir = Path(cfg.out_dir)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    resumed = None
-    if cfg.resume:
-        resumed = load_checkpoint(ckpt_path, ("grpo.py",), ("model", "optimizer", "iter",
-                                                            "sft_from", "before"))
-        cfg = dataclasses.replace(cfg, init_from=resumed["sft_from"])
-    t_start = time.time()
-    torch.manual_seed(cfg.seed)
-
-    # ---- the policy and the task world of the SFT checkpoint ----
-    policy, tok, sft_ckpt = load_policy(cfg.init_from, device)
-    sft_cfg = sft_ckpt["config"]
-    model_args = dict(sft_ckpt["model_args"], dropout=0.0)  # dropout off: ratio 1 at the start
-    think = sft_cfg.get("think", False)  # a thinking model: answers carry their traces
-    max_len = cfg.max_completion_length or sft_cfg.get("eval_max_new_tokens", 16)
-    # the held-out set is exactly sft.py's (same seed, difficulty and count): every stage of
-    # the chain scores the same problems with the same greedy decoding
-    try:
-        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"],
-                              mix_families(cfg.mix), think)
-        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1,
-                             sft_cfg["difficulty"], think=think)
-    except (ValueError, KeyError) as e:
-        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
-    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
-    if longest + max_len > model_args["block_size"]:
-        die(f"prompts of {longest} tokens + {max_len} answer tokens exceed the context of "
-            f"{cfg.init_from} ({model_args['block_size']} tokens); lower --max-completion-length")
-    pad_id = tok.special[PAD]
-    reference = frozen_copy(policy) if cfg.beta else None  # beta = 0 needs no reference
-
-    # ---- before: the SFT model's greedy accuracy and maj@k ----
-    if resumed is not None:
-        before = resumed["before"]
-        load_weights(policy, resumed["model"], ckpt_path)
-    elif master:
-        before = evaluate(cfg, policy, tok, test_ex, max_len, device, ctx, with_maj=True)
-    else:
-        before = None
-    policy.train()  # dropout is 0: train mode changes nothing but is honest
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    start = 0
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        start = resumed["iter"]
-        if cfg.max_iters < start:
-            die(f"--max-iters {cfg.max_iters}: the checkpoint is at iter {start}; pass "
-                f"--max-iters {start} or more to continue it")
-    if master:  # the first write to --out-dir: a fresh log, or the resumed one up to `start`
-        open_log(out_dir, start if resumed is not None else None)
-        print(f"policy{' and reference' if reference else ''} from {cfg.init_from} (sft.py"
-              f"{', think' if think else ''}, iter {sft_ckpt.get('iter')}): "
-              f"{sum(p.numel() for p in params) / 1e6:.3f}M parameters; SFT pass@1 "
-              f"{before['accuracy']:.3f}" + (f", maj@{cfg.maj_k} {before['maj_at_k']:.3f}"
-                                              if "maj_at_k" in before else ""))
-    raw_model = policy  # uncompiled: saved, evaluated and sampled from
-    model = torch.compile(policy) if cfg.compile else policy
-    if ddp:
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda"
-                    else None)
-
-    def make_ckpt(step):
-        return {"script": "grpo.py", "version": 1,
-                "config": dataclasses.asdict(cfg),
-                "model_args": model_args, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": None,
-                "tokenizer": {"kind": "byte", "special": dict(tok.special)},
-                "sft_from": cfg.init_from, "task_world": {"think": think, **{
-                    k: sft_cfg[k] for k in ("seed", "difficulty", "n_test")}},
-                "rng": {"torch": torch.get_rng_state()}, "before": before}
-
-    t_last = time.time()
-    for step in range(start, cfg.max_iters + 1):
-        last_step = step == cfg.max_iters
-        if master and (step % cfg.eval_interval == 0 or last_step) and (step > start or
-                                                                         step == 0):
-            m = (before if step == 0 else
-                 evaluate(cfg, raw_model, tok, test_ex, max_len, device, ctx, with_maj=False))
-            print(f"step {step}: held-out pass@1 {m['accuracy']:.3f} "
-                  + " ".join(f"{t} {a:.2f}" for t, a in m["accuracy_by_task"].items()))
-            append_jsonl(log_path, {"iter": step, "accuracy": m["accuracy"],
-                                    "accuracy_by_task": m["accuracy_by_task"],
-                                    "format_rate": m["format_rate"],
-                                    "elapsed_s": time.time() - t_start})
-            if step > start:
-                save_checkpoint(make_ckpt(step), ckpt_path)
-            t_last = time.time()  # evaluation time is not training time
-        if last_step:
-            break
-        # ---- rollout: G answers to each of this process's prompts, at the temperature ----
-        t0 = time.time()
-        step_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume-exact
-        raw_model.eval()
-        batch = rollout(cfg, raw_model, tok, train_ex, max_len, step_gen, rank, world_size,
-                        device, ctx)
-        raw_model.train()
-        n_answer_tokens = sum(sum(t != IGNORE_INDEX for t in tgt) for _, tgt in batch["encoded"])
-        t_rollout = time.time() - t0
-        # ---- advantages over whole groups, gathered from every process first ----
-        rewards = gathered(batch["rewards"].to(device), world_size)
-        correct = gathered(batch["correct"].float().to(device), world_size)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale)
-        n_local = len(batch["encoded"])
-        advantages = advantages[rank * n_local:(rank + 1) * n_local]
-        zero_std = (rewards.view(-1, cfg.group_size).std(dim=1) == 0).float().mean().item()
-        idx, tgt = collate(batch["encoded"], pad_id)
-        idx, tgt = idx.to(device), tgt.to(device)
-        mask = tgt != IGNORE_INDEX
-        # dapo averages over all answer tokens of all processes; DDP averages the processes'
-        # gradients, so each one's token mean is rescaled by its share of the tokens
-        n_global = gathered(mask.sum().view(1), world_size).sum()
-        share = (mask.sum() * world_size / n_global).item() if cfg.loss_type == "dapo" else 1.0
-        with torch.no_grad(), ctx:
-            ref_logps = (token_logps(reference(idx)[0], tgt, cfg.rollout_temperature)[0]
-                         if reference is not None else None)
-            old_logps = (token_logps(raw_model(idx)[0], tgt, cfg.rollout_temperature)[0]
-                         if cfg.num_iterations > 1 else None)
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for it in range(cfg.num_iterations):
-            with ctx:
-                logits = model(idx)[0]
-            logps, entropy = token_logps(logits, tgt, cfg.rollout_temperature)
-            # one update per batch: the sampling policy is this one (ratio 1, no clipping)
-            old = logps.detach() if old_logps is None else old_logps
-            loss, stats = grpo_loss(logps, old, ref_logps, advantages, mask, cfg.beta,
-                                    cfg.eps_low, cfg.eps_high, cfg.loss_type, max_len)
-            scaler.scale(loss * share).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            else:
-                grad_norm = math.sqrt(sum(p.grad.pow(2).sum().item() for p in params
-                                          if p.grad is not None))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        # the log is about the whole step's batch: each process holds a share of it, so sum
-        # the shares (the loss as DDP averages it; token means weighted by token counts)
-        n_tok = mask.sum().item()
-        stat_keys = sorted(stats)
-        totals = torch.tensor([loss.item() * share, n_tok, entropy.sum().item(),
-                               batch["prompts_drawn"]] + [stats[k] * n_tok for k in stat_keys],
-                              dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(totals)
-        loss_value = totals[0].item() / world_size
-        stats = {k: (totals[4 + i] / totals[1]).item() for i, k in enumerate(stat_keys)}
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
-                "no checkpoint was written"
-            die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
-                f"--learning-rate)")
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        now = time.time()
-        dt, t_last = now - t_last, now
-        record = {"iter": step, "loss": loss_value, "lr": lr, "ms_per_iter": 1000 * dt,
-                  "tokens_per_s": idx.numel() * world_size / dt, "elapsed_s": now - t_start,
-                  "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                  "rollout_accuracy": correct.mean().item(), "frac_reward_zero_std": zero_std,
-                  "entropy": (totals[2] / totals[1]).item(),
-                  "completion_length": totals[1].item() / rewards.numel(),
-                  "rollout_tokens_per_s": n_answer_tokens * world_size / t_rollout,
-                  "prompts_drawn": int(totals[3].item()), "grad_norm": grad_norm, **stats}
-        if master:
-            append_jsonl(log_path, record)
-            eta = (now - t_start) / (step + 1 - start) * (cfg.max_iters - step - 1)
-            print(f"iter {step}/{cfg.max_iters} | reward {record['reward']:.3f} | rollout acc "
-                  f"{record['rollout_accuracy']:.3f} | zero-std {zero_std:.2f} | kl "
-                  f"{stats.get('kl', 0.0):.4f} | len {record['completion_length']:.1f} | "
-                  f"{1000 * dt:.0f} ms | eta {format_eta(eta)}")
-
-    # ---- after: the same held-out problems, greedy and maj@k ----
-    if not master:
-        return None
-    after = evaluate(cfg, raw_model, tok, test_ex, max_len, device, ctx, with_maj=True)
-    print_before_after(before, after)
-    changed = [f"{p!r}: {before['completions'][p]!r} -> {c!r}"
-               for p, c in after["completions"].items() if c != before["completions"].get(p)]
-    print(f"{len(changed)} held-out answers changed; the first few:")
-    print("\n".join(changed[:6]))
-    (out_dir / "samples.txt").write_text("".join(line + "\n" for line in changed))
-    wall = time.time() - t_start
-    done = {"event": "done", "iter": cfg.max_iters, "accuracy": after["accuracy"],
-            "accuracy_by_task": after["accuracy_by_task"], "format_rate": after["format_rate"],
-            "accuracy_before": before["accuracy"],
-            "accuracy_by_task_before": before["accuracy_by_task"],
-            "length_by_task": after["length_by_task"], "think": think, "wall_s": wall}
-    for key in ("maj_k", "maj_at_k", "maj_by_task", "pass_at_k", "pass_by_task"):
-        if key in after:
-            done[key], done[key + "_before"] = after[key], before[key]
-    save_checkpoint(make_ckpt(cfg.max_iters), ckpt_path)
-    append_jsonl(log_path, done)
-    if cfg.plot:
-        plot_grpo(log_path, before, after, out_dir / "grpo.png")
-    print(f"done in {format_eta(wall)}: pass@1 {after['accuracy']:.3f} (SFT "
-          f"{before['accuracy']:.3f})" + (f", maj@{cfg.maj_k} {after['maj_at_k']:.3f} (SFT "
-                                          f"{before['maj_at_k']:.3f})" if cfg.maj_k else ""))
-    return done
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
+# choices are in CHOICES, cross-field rules in main
+RULES = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "group_size": (lambda v: v >= 2, "an integer >= 2 (a group needs a baseline)"),
+    "prompts_per_step": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout_temperature": (lambda v: v > 0, "a number > 0"),
+    "max_completion_length": (lambda v: v >= 0, "an integer >= 0 (0 = the SFT model's)"),
+    "format_reward": (lambda v: v >= 0, "a number >= 0"),
+    "beta": (lambda v: v >= 0, "a number >= 0"),
+    "eps_low": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "eps_high": (lambda v: v >= 0, "a number >= 0"),
+    "num_iterations": (lambda v: v >= 1, "an integer >= 1"),
+    "max_resample": (lambda v: v >= 0, "an integer >= 0"),
+    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
+    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
+    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "maj_k": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "maj_temperature": (lambda v: v > 0, "a number > 0"),
+    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+}
+CHOICES = {"scale": ("group", "batch", "none"), "loss_type": ("grpo", "dapo", "dr_grpo")}
 
 
 # -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import types
 
 import pytest
 import torch
@@ -235,6 +236,31 @@ def test_tiny_dpo_overfit_separates_the_pairs():
         out = dpo.evaluate_pairs(model, enc, other_lp, 12, 4, pad, "cpu", off, kw, pairs, solved)
         assert out["n_pairs_by_outcome"] == {"right": 5, "wrong": 7}
         assert out["pref_accuracy_by_outcome"] == {"right": acc, "wrong": acc}
+
+
+def test_reference_logps_counts_and_training_pairs():
+    """reference_logps(counts=True), the loop evaluate_pairs scores the policy with, also returns
+    each side's response tokens; training_pairs, the one path of round 0 and of every online
+    round, samples with --seed + 100 * round, or re-encodes a checkpoint's pairs as given, and
+    scores them as reference_logps does."""
+    tok, model = dpo.task_tokenizer(True), tiny_llama().eval()
+    pairs, enc, _ = pairs_batch(tok)
+    pad, off = tok.special[dpo.PAD], torch.no_grad()
+    lp, n = dpo.reference_logps(model, enc, 4, pad, "cpu", off, counts=True)
+    assert torch.equal(lp, dpo.reference_logps(model, enc, 4, pad, "cpu", off))
+    want = [[sum(t != IGN for t in targets) for _, targets in pair] for pair in enc]
+    assert n.tolist() == want and lp.shape == n.shape == (6, 2)
+    examples = dpo.make_tasks(12, "train", 0, 1)
+    cfg = dataclasses.replace(dpo.Config(), eval_batch_size=16, eval_max_new_tokens=6)
+    run = types.SimpleNamespace(tok=tok, block_size=TINY["block_size"], pad_id=pad, device="cpu",
+                                ctx=off, train_ex=examples, n_policy=6)
+    got_pairs, got_enc, got_ref = dpo.training_pairs(cfg, run, model, model, 0, pairs)
+    assert got_pairs == pairs and got_enc == enc and torch.equal(got_ref, lp)
+    got_pairs, got_enc, got_ref = dpo.training_pairs(cfg, run, model, model, 2)
+    assert (got_pairs, got_enc) == dpo.pair_set(cfg, model, tok, examples, 6, "cpu", off,
+                                                cfg.seed + 200, TINY["block_size"])
+    assert torch.equal(got_ref, dpo.reference_logps(model, got_enc, 16, pad, "cpu", off))
+    assert {p["source"] for p in got_pairs} == {"synthetic", "policy"}
 
 
 # ---- main ----

@@ -614,6 +614,27 @@ def test_main_variants(tmp_path, extra):
         assert train[0]["kl"] > 0 and abs(train[0]["loss"]) > 1e-7
 
 
+def test_sample_only_answers_with_the_saved_policy(tmp_path, capsys):
+    """--sample-only loads the GRPO checkpoint (policy_from, as the SFT one) and answers greedily:
+    the same answer for every sample, the one the policy decodes itself."""
+    out = tmp_path / "o"
+    grpo.main(FLAGS + ["--init-from", str(write_sft_checkpoint(tmp_path / "sft.pt")),
+                       "--max-iters", "1", "--maj-k", "0", "--out-dir", str(out)])
+    capsys.readouterr()
+    got = grpo.main(["--device", "cpu", "--sample-only", "--out-dir", str(out),
+                     "--num-samples", "2", "--max-new-tokens", "6", "--prompt", "What is 3 + 4?"])
+    printed = capsys.readouterr().out
+    ckpt = grpo.load_checkpoint(out / "ckpt.pt", ("grpo.py",))
+    model, tok = grpo.policy_from(ckpt, out / "ckpt.pt", "cpu")
+    assert not model.training and model.config.dropout == 0.0
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    ids = grpo.encode_prompt(tok, "What is 3 + 4?")
+    row = grpo.generate_until(model, torch.tensor([ids]), 6, tok.special[grpo.EOT])[0, len(ids):]
+    want = grpo.completion_text(tok, row.tolist()).split(grpo.EOT)[0]
+    assert got["samples"] == [want, want]
+    assert printed.count(grpo.format_prompt("What is 3 + 4?") + want + "\n---") == 2
+
+
 def test_missing_init_from_names_sft_py(tmp_path, capsys):
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as e:
