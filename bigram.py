@@ -17,7 +17,6 @@ Run:
   python bigram.py --device cuda                    # runs on a GPU too, for no gain at V x V
 
 Result (names, 6.8 s on a 2-core CPU): test NLL 2.4584 counts, 2.4585 neural (docs/bigram.md).
-
 References: Karpathy, makemore and "The spelled-out intro to language modeling"; Jurafsky &
 Martin, Speech and Language Processing, 3rd ed., ch. 3 (n-grams, Laplace smoothing).
 """
@@ -230,21 +229,21 @@ def train(model, train_set, val_set, cfg, device, dtype, log_path, t0):
     # changes nothing for a bigram; the context and scaler are gpt.py's loop, kept identical
     ctx = torch.autocast(device.split(":")[0], getattr(torch, dtype), enabled=dtype != "float32")
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
-    best_val_loss = float("inf")
+    best = (float("inf"), 0, None)  # the kept model: its val loss, iter and weights
     for step in range(cfg.max_iters + 1):
         last_step = step == cfg.max_iters
         record = {"iter": step}
         if step % cfg.eval_interval == 0 or last_step:
             record.update(train_loss=evaluate(model, *train_set),
                           val_loss=evaluate(model, *val_set))
-            best_val_loss = min(best_val_loss, record["val_loss"])
+            if best[2] is None or record["val_loss"] < best[0]:  # docs/design.md section 4
+                best = (record["val_loss"], step, model.W.detach().clone())
         if last_step:
             append_jsonl(log_path, {**record, "elapsed_s": time.time() - t0})
             break
         t = time.time()
         lr = get_lr(step, cfg.learning_rate, cfg.learning_rate / 10, 0, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.param_groups[0]["lr"] = lr  # one group: W
         with ctx:
             _, loss = model(*get_batch(*train_set, cfg.batch_size, generator))
             # the batch mean estimates the mean over the whole training set, so the penalty keeps
@@ -267,7 +266,8 @@ def train(model, train_set, val_set, cfg, device, dtype, log_path, t0):
                   f"train {record['train_loss']:.4f} | val {record['val_loss']:.4f} | "
                   f"lr {lr:.1e} | {1000 * dt:.1f} ms | {tokens_per_s / 1e3:.1f}k tok/s | "
                   f"eta {format_eta((cfg.max_iters - step) * dt)}")
-    return best_val_loss
+    model.W.data.copy_(best[2])  # what the report, the checkpoint and the samples use
+    return best[:2]
 
 
 # -------------------------------------------------------------------------------
@@ -351,21 +351,21 @@ def main(argv=None):
     fmt, chars, parts = load_corpus(cfg)
     log_path = open_log(out_dir)  # the first write to --out-dir: every check has passed
     cfg = dataclasses.replace(cfg, format=fmt)  # the checkpoint records what auto chose
-    stoi = {c: i for i, c in enumerate(chars)}
-    splits = [bigrams(p, stoi, device) for p in parts]  # train, val, test
+    splits = [bigrams(p, {c: i for i, c in enumerate(chars)}, device) for p in parts]
     print(f"{fmt}: {len(chars)} characters in the vocabulary, "
           f"{' / '.join(str(len(x)) for x, _ in splits)} train / val / test bigrams")
     # counts: one pass over the training bigrams, no optimisation at all
     models = {"counts": CountsBigram(len(chars), cfg.smoothing).to(device).fit(*splits[0])}
     # neural: the same table learned by gradient descent
     models["neural"] = NeuralBigram(len(chars)).to(device)
-    best_val_loss = train(models["neural"], *splits[:2], cfg, device, dtype, log_path, t0)
-    metrics = report(models, splits, log_path)
+    best_val, best_iter = train(models["neural"], *splits[:2], cfg, device, dtype, log_path, t0)
+    print(f"kept the neural model of iter {best_iter} (val loss {best_val:.4f})")
+    metrics = report(models, splits, log_path, {"neural": {"best_iter": best_iter}})
     # no optimizer or RNG state: nothing resumes from this checkpoint (see --overwrite)
     save_checkpoint({"script": "bigram.py", "version": 1, "config": dataclasses.asdict(cfg),
                      "model_args": {"vocab_size": len(chars), "smoothing": cfg.smoothing},
                      "model": {**models["counts"].state_dict(), **models["neural"].state_dict()},
-                     "iter": cfg.max_iters, "best_val_loss": best_val_loss,
+                     "iter": cfg.max_iters, "best_val_loss": best_val, "best_iter": best_iter,
                      "tokenizer": {"kind": "char", "chars": chars}}, out_dir / "ckpt.pt")
     if cfg.plot:
         plot_counts(models["counts"].counts, chars, out_dir / "bigram_counts.png")
@@ -378,8 +378,8 @@ def main(argv=None):
 # Appendix: a first read can stop here (copies, bookkeeping, plumbing)
 # -------------------------------------------------------------------------------
 # ---- Appendix: bookkeeping — the final table, the checkpoint, samples ---------
-def report(models, splits, log_path):
-    """Train / val / test loss and test perplexity of each model, printed and in log.jsonl."""
+def report(models, splits, log_path, extra):
+    """Train / val / test loss and test perplexity of each model (+ `extra` fields), logged."""
     print("model    train   val     test    test perplexity")
     metrics = {}
     for name, m in models.items():
@@ -387,7 +387,7 @@ def report(models, splits, log_path):
         # exp of a diverged loss (a huge --learning-rate) would overflow a float: inf instead
         perplexity = math.exp(test_loss) if test_loss < 700 else math.inf
         metrics[name] = dict(test_loss=test_loss, val_loss=val_loss, train_loss=train_loss,
-                             perplexity=perplexity)
+                             perplexity=perplexity, **extra.get(name, {}))
         print(f"{name:<8} {train_loss:<7.4f} {val_loss:<7.4f} {test_loss:<7.4f} {perplexity:.2f}")
         # --smoothing 0: an unseen val/test bigram costs log(0), an infinite loss. The console
         # says inf; log.jsonl writes null (append_jsonl), as strict JSON has no Infinity or NaN
@@ -423,12 +423,11 @@ def print_samples(models, chars, fmt, cfg, device):
 RULES = {
     "smoothing": (lambda v: v >= 0, "a number >= 0 (0 = raw counts)"),
     "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    **dict.fromkeys(("batch_size", "eval_interval", "max_new_tokens"),
+                    (lambda v: v >= 1, "an integer >= 1")),
     "learning_rate": (lambda v: v > 0, "a number > 0"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
     "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
     "num_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
     "top_k": (lambda v: v is None or v >= 0, "an integer >= 1, or 0 (all)"),
     "top_p": (lambda v: v is None or 0 < v <= 1, "a number in (0, 1]"),

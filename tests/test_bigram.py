@@ -271,3 +271,24 @@ def test_plot_writes_png(tmp_path, names_file):
     pytest.importorskip("matplotlib")
     run(["--max-iters", "2", "--plot"], tmp_path / "out", names_file)
     assert_png(tmp_path / "out" / "bigram_counts.png")
+
+
+def test_the_neural_model_of_the_best_val_loss_is_kept(names_file, tmp_path):
+    """--smoothing 0 overfits: val falls while the common bigrams are learned, then rises as the
+    unseen ones are pushed towards probability 0. The checkpoint, the final table and the
+    samples use the weights of the best evaluation (docs/design.md section 4)."""
+    out = tmp_path / "out"
+    m = run(["--smoothing", "0", "--learning-rate", "0.05", "--max-iters", "100",
+             "--eval-interval", "10", "--num-samples", "3"], out, names_file)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r and "event" not in r]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert 0 < best["iter"] < 100 and evals[-1]["val_loss"] > best["val_loss"] + 0.03
+    assert m["neural"]["best_iter"] == best["iter"]
+    assert m["neural"]["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
+    done = [r for r in records if r.get("event") == "done" and r["model"] == "neural"]
+    assert done[0]["best_iter"] == best["iter"]
+    ckpt = bigram.load_checkpoint(out / "ckpt.pt", ["bigram.py"])
+    assert ckpt["best_iter"] == best["iter"] and ckpt["best_val_loss"] == best["val_loss"]
+    assert bigram.main(["--sample-only", "--out-dir", str(out), "--num-samples", "3"])[
+        "samples"] == m["samples"]
