@@ -1593,7 +1593,11 @@ def report(cfg, run, state, after, final):
     (run.out_dir / "samples.txt").write_text("".join(line + "\n" for line in lines))
     wall = time.time() - run.t_start
     scores = ("accuracy", "accuracy_by_task", "format_rate")
-    done = {"event": "done", "iter": cfg.max_iters, "val_loss": final["val_loss"],
+    # the kept model is the last one: the only held-out score is the test set, which must not
+    # choose it (docs/design.md section 4)
+    print(f"kept the last model (iter {cfg.max_iters}): no validation split to choose another")
+    done = {"event": "done", "iter": cfg.max_iters, "best_iter": cfg.max_iters,
+            "val_loss": final["val_loss"],
             **{k: after[k] for k in scores + ("format_by_task",)},
             **{k: v for k, v in final.items() if k.startswith(("pref_accuracy", "n_pairs"))},
             **{k: v for k, v in final.items() if "/" in k},  # TRL's names, as in evaluate_pairs

@@ -1412,7 +1412,11 @@ def report(cfg, model, optimizer, tok, sft_ckpt, before, after, t_start):
     print("\n".join(changed[:6]))
     (out_dir / "samples.txt").write_text("".join(line + "\n" for line in changed))
     wall = time.time() - t_start
-    done = {"event": "done", "iter": cfg.max_iters, "accuracy": after["accuracy"],
+    # the kept model is the last one: the only held-out score is the test set, which must not
+    # choose it (docs/design.md section 4)
+    print(f"kept the last model (iter {cfg.max_iters}): no validation split to choose another")
+    done = {"event": "done", "iter": cfg.max_iters, "best_iter": cfg.max_iters,
+            "accuracy": after["accuracy"],
             "accuracy_by_task": after["accuracy_by_task"], "format_rate": after["format_rate"],
             "accuracy_before": before["accuracy"],
             "accuracy_by_task_before": before["accuracy_by_task"],

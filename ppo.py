@@ -1567,7 +1567,11 @@ def report(cfg, final, after, exp, batch, t_start):
     (out_dir / "samples.txt").write_text(text)
     wall = time.time() - t_start
     headline = ("accuracy", "accuracy_by_task", "format_rate")
-    done = {"event": "done", "iter": cfg.max_iters, **{k: after[k] for k in headline},
+    # the kept model is the last one: the only held-out score is the test set, which must not
+    # choose it (docs/design.md section 4)
+    print(f"kept the last model (iter {cfg.max_iters}): no validation split to choose another")
+    done = {"event": "done", "iter": cfg.max_iters, "best_iter": cfg.max_iters,
+            **{k: after[k] for k in headline},
             "format_by_task": after["format_by_task"], "kl": final["kl"],
             "kl_coef": final["kl_coef"], "reward": cfg.reward, "critic": cfg.critic,
             **{f"{k}_before": before[k] for k in headline}, "wall_s": wall}

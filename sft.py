@@ -1383,8 +1383,12 @@ def report(cfg, model, tok, test_ex, splits, losses, wall, counts, before, devic
     """The final evaluation on the held-out test problems (exact match and format per family,
     maj@k, pass@k; --task classify: accuracy) -> the done record; samples.txt, --plot's figure."""
     out_dir, (n_total, n_train) = Path(cfg.out_dir), counts
-    done = {"event": "done", "iter": cfg.max_iters, "val_loss": losses["val"],
-            "trainable_params": n_train, "trainable_frac": n_train / n_total, "wall_s": wall}
+    # the kept model is the last one: the only held-out score is the test set, which must not
+    # choose it (docs/design.md section 4)
+    print(f"kept the last model (iter {cfg.max_iters}): no validation split to choose another")
+    done = {"event": "done", "iter": cfg.max_iters, "best_iter": cfg.max_iters,
+            "val_loss": losses["val"], "trainable_params": n_train,
+            "trainable_frac": n_train / n_total, "wall_s": wall}
     if cfg.task == "classify":
         done["accuracy"] = evaluate_classify(model, splits["val"], cfg.eval_batch_size,
                                              tok.special[PAD], device, ctx)

@@ -291,6 +291,7 @@ def test_main_rounds_determinism_and_resume_across_a_round(tmp_path, monkeypatch
                      "--ref-update", "--rpo-alpha", "0"]
     full = tmp_path / "full"
     done = dpo.main(flags + ["--out-dir", str(full)])
+    assert done["best_iter"] == 4  # the kept model is the last: no validation split to choose
     for key in ("accuracy", "accuracy_by_task", "format_rate", "wall_s", "pref_accuracy",
                 "accuracy_before", "accuracy_by_task_before", "rewards/chosen", "rewards/rejected",
                 "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):

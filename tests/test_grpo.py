@@ -525,6 +525,7 @@ def test_main_end_to_end_plot_determinism_and_resume(tmp_path, monkeypatch):
         assert key in done, key
     assert set(done["accuracy_by_task"]) == set(done["maj_by_task"]) == set(grpo.TASK_FAMILIES)
     assert done["maj_k"] == 2 and done["think"] is False and done["iter"] == 4
+    assert done["best_iter"] == 4  # the kept model is the last: no validation split to choose
     assert 0 <= done["maj_at_k"] <= done["pass_at_k"] <= 1  # a majority right is one right
     records = strict_records(full / "log.jsonl")
     assert records[-1] == dict(done, wall_s=records[-1]["wall_s"])

@@ -318,6 +318,7 @@ def test_main_checker_reward_determinism_and_sample_only(tmp_path):
                 "accuracy_before", "accuracy_by_task_before"):
         assert key in done, key
     assert set(done["accuracy_by_task"]) == set(ppo.TASK_FAMILIES)
+    assert done["best_iter"] == 3  # the kept model is the last: no validation split to choose
     records = strict_records(tmp_path / "a" / "log.jsonl")
     assert records[-1]["event"] == "done"
     train = [r for r in records if "loss" in r]

@@ -420,6 +420,7 @@ def test_main_smoke_resume_and_sample_only(tmp_path):
     flags = TINY_FLAGS + ["--mix", "add=2", "--eval-interval", "2"]
     done = sft.main(flags + ["--max-iters", "4", "--out-dir", str(full)])
     assert set(done["accuracy_by_task"]) == set(sft.TASK_FAMILIES)
+    assert done["best_iter"] == 4  # the kept model is the last: no validation split to choose
     last = json.loads((full / "log.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "done" and "accuracy" in last and "accuracy_by_task" in last
     special = torch.load(full / "ckpt.pt", weights_only=True)["tokenizer"]["special"]
