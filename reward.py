@@ -21,20 +21,12 @@ Run:
     python reward.py --bon-beta 4       # also best-of-n by reward + 4 log pi_SFT(answer)
     python reward.py --score-only --prompt "What is 12 + 7?" --response "19<|endoftext|>"
     python reward.py --device cuda      # GPU preset: more pairs and steps
-
-Result (held-out problems of the default `python sft.py` checkpoint, 0.887 greedy accuracy):
-    python reward.py   pair accuracy 0.822 (hand-made mistakes 0.920, the policy's own 0.581),
-                       AUC 0.835 between the SFT policy's right and wrong samples (count 0.50:
-                       the RM cannot count), best-of-16 0.777 < greedy 0.887 < pass@16 0.977
-    --bon-beta 4       regularized best-of-16 (reward + 4 log pi_SFT): 0.893, half a point
-                       above the policy's own most likely sample (0.888 at --bon-beta 100)
-The gap between verifying and answering is the lesson: a reward model the size of the policy
-judges worse than the policy answers (README, "reward.py", has the ablations).
+Result: held-out pair accuracy 0.822, best-of-16 0.777 < greedy SFT 0.887 (docs/reward.md).
 
 Simplifications: the RM is the whole SFT model plus two blocks and a scalar head, trained in
-full (no frozen trunk, no separate value model); pairs come
-from a checker, not from people, so "preference" here means "correct beats incorrect"; the
-on-policy pairs are sampled once, before training (not refreshed as the RM learns).
+full (no frozen trunk, no separate value model); pairs come from a checker, not from people, so
+"preference" here means "correct beats incorrect"; the on-policy pairs are sampled once,
+before training (not refreshed as the RM learns).
 """
 import argparse
 import contextlib
@@ -110,60 +102,6 @@ class Config:
 # on CUDA, for every field not given: more problems and steps (the model is the SFT one)
 GPU_PRESET = dict(n_policy=18000, policy_samples=8, max_iters=6000, batch_size=64,
                   eval_interval=1000, compile=True)
-# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
-# choices and cross-field rules are in check_config
-RULES = {
-    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
-    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
-    "n_policy": (lambda v: v >= 0, "an integer >= 0"),
-    "policy_samples": (lambda v: v >= 1, "an integer >= 1"),
-    "policy_temperature": (lambda v: v > 0, "a number > 0"),
-    "policy_pairs_per_prompt": (lambda v: v >= 1, "an integer >= 1"),
-    "synthetic_per_prompt": (lambda v: v >= 1, "an integer >= 1"),
-    "margin_weight": (lambda v: v >= 0, "a number >= 0"),
-    "hinge_margin": (lambda v: v > 0, "a number > 0"),
-    "center": (lambda v: v >= 0, "a number >= 0"),
-    "lm_weight": (lambda v: v >= 0, "a number >= 0"),
-    "extra_layers": (lambda v: 0 <= v <= 16, "an integer in 0..16"),
-    "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
-    "lora_alpha": (lambda v: v > 0, "a number > 0"),
-    "max_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "eval_interval": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_iters": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
-    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "eval_max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "bon_beta": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-}
-CHOICES = {"pairs": ("synthetic", "policy", "both"), "loss": ("bt", "hinge")}
-
-
-@dataclass
-class ModelConfig:
-    """The Llama's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
-    vocab_size: int  # V (the tokenizer's, padded to a multiple of 64)
-    block_size: int  # T
-    n_layer: int  # L
-    n_head: int  # nh
-    n_embd: int  # C
-    n_kv_head: int = 0  # nkv (0 = n_head: multi-head attention)
-    dropout: float = 0.0  # p
-    tie_weights: bool = False  # LM head = token embedding
-    norm: str = "rmsnorm"  # or layernorm
-    pos: str = "rope"  # or learned, none
-    mlp: str = "swiglu"  # or gelu
-    rope_theta: float = 10000.0  # RoPE base
-    window: int = 0  # sliding window W (0 = full causal attention)
-    sinks: int = 0  # attention sinks S
-    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
-
-    def __post_init__(self):
-        self.n_kv_head = self.n_kv_head or self.n_head
 
 
 # -------------------------------------------------------------------------------
@@ -219,7 +157,7 @@ def rm_from_sft(model_args, sft_state):
     token the SFT model would have written there. That prediction is only complete at the top
     of the SFT trunk, in the position before; comparing it with the token that follows, then
     gathering the verdicts at the last token, takes two more attention hops than the trunk
-    has. Two new blocks give them (the held-out pair accuracy table in the README measures it).
+    has. Two new blocks give them (the held-out pair accuracy table of docs/reward.md measures it).
     """
     model = build_reward_model(model_args)
     missing, _ = model.load_state_dict({k: v for k, v in sft_state.items()
@@ -279,27 +217,6 @@ def score(model, tok, prompts, responses, device, batch_size=256, ctx=contextlib
         idx, lengths = collate_scored(seqs[i:i + batch_size], tok.special[PAD])
         with ctx:
             out.append(pooled_rewards(model, idx.to(device), lengths.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-@torch.no_grad()
-def response_logps(model, tok, prompts, responses, device, batch_size=256,
-                   ctx=contextlib.nullcontext()):
-    """log pi(response | prompt) of a generating model, summed over the response's tokens
-    (its <|endoftext|> included) -> a float32 CPU tensor (N,). Right padding and the prompt
-    are masked by position, from the lengths, as in score()."""
-    seqs = [encode_scored(tok, p, r) for p, r in zip(prompts, responses)]
-    starts = torch.tensor([len(encode_prompt(tok, p)) for p in prompts])  # first answer token
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        idx, lengths = collate_scored(seqs[i:i + batch_size], tok.special[PAD])
-        with ctx:
-            logits = model(idx.to(device))[0]  # (B, T, V)
-        logp = logits[:, :-1].float().log_softmax(-1).gather(
-            -1, idx[:, 1:, None].to(device)).squeeze(-1).cpu()  # (B, T-1): token t+1 given <= t
-        pos = torch.arange(1, idx.size(1))  # the position each entry of logp predicts
-        keep = (pos >= starts[i:i + batch_size, None]) & (pos < lengths[:, None])
-        out.append((logp * keep).sum(dim=1))
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -414,191 +331,396 @@ def policy_pairs(examples, samples, per_prompt, rng):
     return pairs
 
 
+def build_pairs(cfg, policy, tok, examples, n_policy, k, device, ctx, seed):
+    """Pairs of the sources --pairs asks for: synthetic ones from every problem of
+    `examples`, on-policy ones from the first n_policy, k samples each (k >= policy_samples:
+    the first policy_samples make the pairs; n_policy = 0: no sampling). The samples are
+    drawn with their own generator (seed), so train and test pairs do not share a stream.
+    Returns (pairs, samples), samples[i] the k policy answers to examples[i], i < n_policy."""
+    rng, samples = random.Random(seed), []
+    pairs = []
+    if cfg.pairs in ("synthetic", "both"):
+        pairs += synthetic_pairs(examples, cfg.synthetic_per_prompt, rng)
+    if n_policy:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        samples = sample_answers(policy, tok, examples[:n_policy], k, cfg.policy_temperature,
+                                 cfg.eval_max_new_tokens, cfg.eval_batch_size, device, ctx, gen)
+    if cfg.pairs in ("policy", "both"):
+        pairs += policy_pairs(examples[:n_policy], [s[:cfg.policy_samples] for s in samples],
+                              cfg.policy_pairs_per_prompt, rng)
+    return pairs, samples
+
+
+def make_data(cfg, policy, tok, sft_cfg, block_size, best_of, device, ctx):
+    """Training pairs from train problems; held-out pairs and samples from sft.py's own held-out
+    problems (same seed, difficulty and count: every stage of the chain scores the same ones),
+    drawn with the SFT run's seed, the same for every --seed; the SFT policy's greedy score."""
+    try:
+        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"])
+        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
+    except (ValueError, KeyError) as e:
+        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
+    random.Random(cfg.seed).shuffle(train_ex)  # make_tasks lists family by family: mix them,
+    # so that the first n_policy problems (the on-policy ones) cover every family
+    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
+    if longest + cfg.eval_max_new_tokens > block_size:
+        die(f"prompts of {longest} tokens + --eval-max-new-tokens {cfg.eval_max_new_tokens} "
+            f"exceed the context of {cfg.init_from} ({block_size} tokens)")
+    t0 = time.time()
+    n_policy = 0 if cfg.pairs == "synthetic" else cfg.n_policy
+    train_pairs, _ = build_pairs(cfg, policy, tok, train_ex, n_policy, cfg.policy_samples,
+                                 device, ctx, cfg.seed)
+    test_pairs, test_samples = build_pairs(cfg, policy, tok, test_ex, len(test_ex),
+                                           max(best_of + [cfg.policy_samples]), device, ctx,
+                                           sft_cfg["seed"] + 1)
+    if not train_pairs or not test_pairs:
+        die("the SFT policy made no mistake to learn from: use --pairs both or synthetic")
+    sample_logps = None
+    if cfg.bon_beta:  # what the SFT policy believes of each held-out sample, for best_of_n_reg
+        flat = [(ex["prompt"], x) for ex, xs in zip(test_ex, test_samples) for x in xs]
+        sample_logps = response_logps(policy, tok, [p for p, _ in flat], [x for _, x in flat],
+                                      device, cfg.eval_batch_size, ctx)
+    t_pairs = time.time() - t0
+    greedy = evaluate_tasks(policy, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
+                            device, ctx)
+    counts = Counter(p["source"] for p in train_pairs)
+    print(f"pairs: {len(train_pairs)} train ({dict(counts)}), {len(test_pairs)} held out; "
+          f"sampling took {t_pairs:.1f}s; greedy SFT accuracy {greedy['accuracy']:.3f}")
+    return types.SimpleNamespace(train_pairs=train_pairs, test_pairs=test_pairs, test_ex=test_ex,
+                                 test_samples=test_samples, sample_logps=sample_logps,
+                                 greedy=greedy, counts=counts)
+
+
+def encode_pairs(tok, pairs):
+    """Pairs -> (chosen ids, rejected ids, margin, prompt length) tuples, tokenized once."""
+    return [(encode_scored(tok, p["prompt"], p["chosen"]),
+             encode_scored(tok, p["prompt"], p["rejected"]), p["margin"],
+             len(encode_prompt(tok, p["prompt"]))) for p in pairs]
+
+
+def collate_pairs(batch, pad_id):
+    """B encoded pairs -> idx (2B, T) (the B chosen rows, then the B rejected rows), lengths
+    (2B,), margins (B,) and the chosen rows' next-token targets (B, T) for --lm-weight: one
+    forward pass scores both sides of every pair.
+
+    targets[i, t] is the token after position t of chosen response i, IGNORE_INDEX on the
+    prompt (as sft.py masks it), at the last real token and on the padding.
+    """
+    idx, lengths = collate_scored([c for c, _, _, _ in batch] + [r for _, r, _, _ in batch],
+                                  pad_id)
+    targets = torch.full((len(batch), idx.size(1)), IGNORE_INDEX, dtype=torch.long)
+    for i, (chosen, _, _, n_prompt) in enumerate(batch):
+        targets[i, n_prompt - 1:len(chosen) - 1] = torch.tensor(chosen[n_prompt:])
+    margins = torch.tensor([m for _, _, m, _ in batch], dtype=torch.float32)
+    return idx, lengths, margins, targets
+
+
+def get_batch(encoded, batch_size, generator, pad_id, device):
+    """batch_size pairs drawn at random (with replacement) -> collate_pairs on `device`."""
+    ix = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
+    return [x.to(device) for x in collate_pairs([encoded[i] for i in ix], pad_id)]
+
+
+def capture_hidden(model):
+    """NEW vs sft.py: a dict that a forward hook on model.lm_head fills with the head's input,
+    the final-norm hidden states (2B, T, C), at every forward pass. --lm-weight reads them with
+    the SFT model's LM head: the reward model keeps predicting the chosen answers, so tuning
+    the trunk for a score does not erase the answer computation that judging one needs (the
+    text-generation regulariser of GRM, Yang et al. 2024, arXiv:2406.10216)."""
+    store = {}
+    model.lm_head.register_forward_hook(lambda module, args, out: store.update(h=args[0]))
+    return store
+
+
+def pair_rewards(model, idx, lengths, ctx):
+    """Rewards of a collate_pairs batch -> (r_chosen (B,), r_rejected (B,)) in float32."""
+    with ctx:
+        r = pooled_rewards(model, idx, lengths).float()  # (2B,)
+    return r.chunk(2)
+
+
 # -------------------------------------------------------------------------------
-# The task world (copied from sft.py; tests/test_copies.py keeps it identical)
+# Training, evaluation and main
 # -------------------------------------------------------------------------------
-BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
-                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
+@torch.no_grad()
+def estimate_loss(model, encoded, cfg, pad_id, device, ctx):
+    """Loss and pair accuracy over the first --eval-iters batches of held-out pairs (fixed:
+    no RNG used, so resume stays exact)."""
+    losses, wins, n = [], 0, 0
+    for k in range(cfg.eval_iters):
+        chunk = encoded[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        if not chunk:
+            break
+        idx, lengths, margins, _ = collate_pairs(chunk, pad_id)
+        r_c, r_r = pair_rewards(model, idx.to(device), lengths.to(device), ctx)
+        losses.append(reward_loss(r_c, r_r, cfg.loss, margins.to(device) * cfg.margin_weight,
+                                  cfg.hinge_margin, cfg.center).item())
+        wins, n = wins + (r_c > r_r).sum().item(), n + len(chunk)
+    return sum(losses) / len(losses), wins / n
 
 
-class ByteTokenizer:
-    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
-    special tokens follow (<|endoftext|> = 256).
-
-    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
-    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
-    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
-    character. The members are those of `tiktoken.Encoding` this file uses.
-    """
-
-    name = "byte"
-
-    def __init__(self, special=None):
-        self.special = dict(BYTE_SPECIAL if special is None else special)
-        self.n_vocab = 256 + len(self.special)
-        self.names = {i: s for s, i in self.special.items()}
-
-    def encode_ordinary(self, text):
-        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
-        return list(text.encode("utf-8"))
-
-    def encode(self, text, allowed_special=()):
-        """NEW vs llama.py: as tiktoken's `encode`, the special-token strings listed in
-        allowed_special become their ids; the rest of the text is plain bytes."""
-        if not allowed_special:
-            return self.encode_ordinary(text)
-        ids = []
-        for part in re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text):
-            ids += [self.special[part]] if part in allowed_special else self.encode_ordinary(part)
-        return ids
-
-    def decode(self, ids):
-        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
-        parts, run = [], bytearray()
-        for i in ids:
-            if i < 256:
-                run.append(i)
-            else:
-                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
-                run = bytearray()
-        return "".join(parts) + run.decode("utf-8", errors="replace")
-
-
-TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
-PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-EOT = "<|endoftext|>"  # ends every response; generation stops there
-PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
-TEMPLATE_TOKENS = {"### Instruction:\n": 258, "\n\n### Response:\n": 259}
-
-
-def make_word(rng, length):
-    """A pronounceable pseudo-word: consonants and vowels alternate (no word list needed)."""
-    start = rng.randrange(2)
-    return "".join(rng.choice("aeiou" if (i + start) % 2 else "bcdfghklmnprstvz")
-                   for i in range(length))
-
-
-def make_number(rng, digits):
-    """A number with exactly `digits` digits (1 digit includes 0)."""
-    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
-
-
-def make_task(family, rng, difficulty, think=False):
-    """One problem of `family` at level `difficulty` (1 = easiest) -> {task, prompt, answer}.
-
-    Level L means L-digit numbers (the second operand of + and - has 1..L digits) and words
-    of 2L+1 or 2L+2 letters, so the knob scales every family the same way. With `think`, the
-    answer of a family that needs one carries a worked trace first, '<trace> = <answer>' (the
-    random draws are the same, so the problems are too; `final_answer` reads the answer).
-    """
-    if family in ("add", "sub"):
-        a, b = make_number(rng, difficulty), make_number(rng, rng.randint(1, difficulty))
-        if family == "add":
-            return {"task": family, "prompt": f"What is {a} + {b}?", "answer": str(a + b)}
-        a, b = max(a, b), min(a, b)  # keep the difference non-negative
-        return {"task": family, "prompt": f"What is {a} - {b}?", "answer": str(a - b)}
-    if family == "compare":
-        a = make_number(rng, difficulty)
-        b = make_number(rng, difficulty)
-        while b == a:
-            b = make_number(rng, difficulty)
-        return {"task": family, "prompt": f"Which is larger: {a} or {b}?", "answer": str(max(a, b))}
-    word = make_word(rng, 2 * difficulty + rng.randint(1, 2))
-    if family == "reverse":
-        return {"task": family, "prompt": f"Reverse the word: {word}", "answer": word[::-1]}
-    if family == "sort":
-        return {"task": family, "prompt": f"Sort the letters: {word}",
-                "answer": "".join(sorted(word))}
-    if family == "count":
-        # half the time a letter of the word, so answers are not almost always 0
-        letter = (rng.choice(word) if rng.random() < 0.5
-                  else rng.choice("abcdefghijklmnopqrstuvwxyz"))
-        answer = str(word.count(letter))
-        if think:  # the letter, then a running tally: banana, a -> a: b0a1n1a2n2a3 = 3
-            tally = "".join(f"{c}{word[:i + 1].count(letter)}" for i, c in enumerate(word))
-            answer = f"{letter}: {tally} = {answer}"
-        return {"task": family, "prompt": f"Count the letter {letter} in: {word}",
-                "answer": answer}
-    raise ValueError(f"unknown task family {family!r}; expected one of {TASK_FAMILIES}")
+def train(cfg, raw_model, lm_head, data, tok, model_args, sft_cfg, device, dtype, ctx, resumed,
+          t_start):
+    """Every --eval-interval steps evaluate the held-out pairs and checkpoint, then one AdamW
+    step on a batch of pairs, then log -> (last val loss, what the final checkpoint needs)."""
+    ckpt_path, log_path = Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.jsonl"
+    device_type, pad_id = "cuda" if device.startswith("cuda") else "cpu", tok.special[PAD]
+    train_enc, test_enc = encode_pairs(tok, data.train_pairs), encode_pairs(tok, data.test_pairs)
+    random.Random(cfg.seed).shuffle(test_enc)  # the eval batches mix families and sources
+    hidden = None if lm_head is None else capture_hidden(raw_model)
+    optimizer, params, data_gen, start, best_val = training_state(cfg, raw_model, lm_head,
+                                                                  device_type, resumed, log_path)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    model = torch.compile(raw_model) if cfg.compile else raw_model  # raw_model: saved and evaluated
+    data_state = data_gen.get_state()
+    X, L, M, Y = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
+    t_train = t_last = time.time()  # the ETA counts training only, not the sampling before
+    for step in range(start, cfg.max_iters + 1):
+        last_step = step == cfg.max_iters
+        if step % cfg.eval_interval == 0 or last_step:
+            val_loss, val_acc = estimate_loss(raw_model, test_enc, cfg, pad_id, device, ctx)
+            print(f"step {step}: val loss {val_loss:.4f}, held-out pair accuracy {val_acc:.3f}")
+            append_jsonl(log_path, {"iter": step, "val_loss": val_loss, "pair_accuracy": val_acc,
+                                    "elapsed_s": time.time() - t_start})
+            best_val = min(best_val, val_loss)
+            if step > start or last_step:
+                save_checkpoint(make_checkpoint(cfg, model_args, tok, sft_cfg, raw_model, lm_head,
+                                                optimizer, step, best_val, data_state), ckpt_path)
+            t_last = time.time()  # evaluation time is not training time
+        if last_step:
+            break
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            r_c, r_r = pair_rewards(model, X, L, ctx)
+            loss = reward_loss(r_c, r_r, margin=M * cfg.margin_weight, loss=cfg.loss,
+                               hinge_margin=cfg.hinge_margin, center=cfg.center)
+            if lm_head is not None:
+                with ctx:
+                    logits = lm_head(hidden["h"][:len(Y)])  # (B, T, C) -> (B, T, V): chosen rows
+                    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(),
+                                              ignore_index=IGNORE_INDEX)
+                loss = loss + cfg.lm_weight * lm_loss
+            n_tokens = int(L.sum())
+            data_state = data_gen.get_state()  # before the pending batch: resume redraws it
+            X, L, M, Y = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
+            scaler.scale(loss).backward()
+        except torch.OutOfMemoryError:
+            die(f"CUDA out of memory at batch size {cfg.batch_size}; "
+                f"try --batch-size {cfg.batch_size // 2}")
+        loss_value, batch_acc = loss.item(), (r_c > r_r).float().mean().item()
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
+                "no checkpoint was written"
+            die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
+                f"--learning-rate)")
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        now = time.time()
+        dt, t_last = now - t_last, now
+        append_jsonl(log_path, {"iter": step, "loss": loss_value, "lr": lr,
+                                "ms_per_iter": 1000 * dt, "tokens_per_s": n_tokens / dt,
+                                "elapsed_s": now - t_start, "accuracy": batch_acc})
+        eta = (now - t_train) / (step + 1 - start) * (cfg.max_iters - step - 1)
+        print(f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | acc {batch_acc:.2f} | "
+              f"lr {lr:.1e} | {1000 * dt:.1f} ms | {n_tokens / dt / 1000:.1f}k tok/s | "
+              f"eta {format_eta(eta)}")
+    return val_loss, optimizer, best_val, data_state
 
 
-def task_split(prompt):
-    """'test' for one prompt in five, 'train' otherwise: a hash of the text decides, so the
-    two splits are disjoint by construction, whatever the seed or the order of generation."""
-    return "test" if int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
+def auc(scores, labels):
+    """Area under the ROC curve: the probability that a random positive scores above a
+    random negative (ties count one half), by the Mann-Whitney rank sum. None if a class is
+    missing."""
+    scores, labels = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels)
+    n_pos, n_neg = int(labels.sum()), int((~labels.bool()).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # the rank (1-based) of the last score of each tie group
+    ranks = (last - (counts - 1) / 2)[inverse]  # tied scores share their mean rank
+    return ((ranks[labels.bool()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
-def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
-    """`n` distinct problems of `split`, an equal share per family, levels from 1..difficulty.
+def pearson(x, y):
+    """Pearson correlation of two equal-length sequences; 0 when either is constant."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    den = (x.norm() * y.norm()).item()
+    return (x @ y).item() / den if den > 0 else 0.0
 
-    Rejection sampling: a generated problem is kept only if `task_split` puts it in `split`
-    and its prompt is new. Each example also records its `level` (for the curriculum).
-    """
-    rng = random.Random(seed)
-    out, seen = [], set()
-    for k, family in enumerate(families):
-        quota = n // len(families) + (k < n % len(families))
-        for _ in range(100 * quota + 1000):  # a small task space runs out: stop, don't loop
-            if quota == 0:
-                break
-            level = rng.randint(1, difficulty)
-            ex = make_task(family, rng, level, think)
-            if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
-                seen.add(ex["prompt"])
-                out.append(dict(ex, level=level))
-                quota -= 1
-        if quota:
-            raise ValueError(f"too few distinct {split} problems of {family} at difficulty "
-                             f"{difficulty} for n={n}")
+
+def pair_table(pairs, r_c, r_r):
+    """Pair accuracy (strict r_c > r_r: a tie is not a win) overall, per family and per
+    source -> {"all": acc, "by_task": {...}, "by_source": {...}, "counts": {...}}."""
+    wins = (r_c > r_r).tolist()
+    by = defaultdict(list)
+    for p, w in zip(pairs, wins):
+        by[("task", p["task"])].append(w)
+        by[("source", p["source"])].append(w)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"all": mean(wins), "by_task": {t: mean(by[("task", t)]) for t in TASK_FAMILIES
+                                           if by[("task", t)]},
+            "by_source": {s: mean(v) for (k, s), v in by.items() if k == "source"},
+            "counts": {s: len(v) for (k, s), v in by.items() if k == "source"}}
+
+
+def best_of_n(examples, samples, rewards, ns):
+    """True accuracy per family of three ways to use n samples per problem (the first n of
+    each list): best-of-n (the answer the RM scores highest), maj@n (the most common answer
+    text, first seen wins a tie; Wang et al. 2022, self-consistency) and pass@n (any right:
+    an oracle, the ceiling of reranking)."""
+    out = {}
+    for n in ns:
+        hits = {k: defaultdict(list) for k in ("best_of_n", "maj_at_n", "pass_at_n", "format")}
+        for ex, responses, r in zip(examples, samples, rewards):
+            responses, r = responses[:n], r[:n]
+            best = responses[int(torch.argmax(r))]
+            votes = Counter(x.split(EOT)[0].strip() for x in responses)
+            hits["best_of_n"][ex["task"]].append(check_answer(best, ex["answer"]))
+            hits["maj_at_n"][ex["task"]].append(check_answer(votes.most_common(1)[0][0],
+                                                             ex["answer"]))
+            hits["pass_at_n"][ex["task"]].append(any(check_answer(x, ex["answer"])
+                                                     for x in responses))
+            hits["format"][ex["task"]].append(follows_format(best, ex["task"]))
+        for k, by_task in hits.items():
+            acc = {t: sum(v) / len(v) for t, v in by_task.items()}
+            out.setdefault(k, {})[n] = {"mean": sum(acc.values()) / len(acc), "by_task": acc}
     return out
 
 
-def format_prompt(prompt):
-    """The full text the model sees before its answer, up to and including '### Response:\\n'."""
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+@torch.no_grad()
+def evaluate_rm(model, tok, pairs, examples, samples, best_of, device, ctx, batch_size,
+                sample_logps=None, bon_beta=0.0):
+    """The sanity checks of a reward model on held-out problems (see the module docstring)
+    -> a dict of metrics (pair accuracy, AUC, length correlation, padding invariance,
+    reward statistics, best-of-n). With sample_logps (the SFT policy's log-prob of each
+    sample, flat) and bon_beta > 0, also regularized best-of-n (Jinnai et al. 2024,
+    arXiv:2404.01054): the sample with the highest reward + bon_beta * log pi_SFT, which keeps
+    the pick near what the policy itself believes."""
+    m, prompts = {}, [p["prompt"] for p in pairs]
+    r_c = score(model, tok, prompts, [p["chosen"] for p in pairs], device, batch_size, ctx)
+    r_r = score(model, tok, prompts, [p["rejected"] for p in pairs], device, batch_size, ctx)
+    m["pairs"] = pair_table(pairs, r_c, r_r)
+    # right padding must not move a reward: the same sequences with 7 extra pad tokens each
+    seqs = [encode_scored(tok, p["prompt"], p["chosen"]) for p in pairs[:batch_size]]
+    idx, lengths = collate_scored(seqs, tok.special[PAD])
+    padded = torch.cat((idx, torch.full((len(seqs), 7), tok.special[PAD])), dim=1)
+    with ctx:
+        a = pooled_rewards(model, idx.to(device), lengths.to(device)).float()
+        b = pooled_rewards(model, padded.to(device), lengths.to(device)).float()
+    m["pad_invariance"] = (a - b).abs().max().item()
+    # the SFT policy's own held-out samples: does the RM tell its right answers from its wrong?
+    flat = [(ex, x) for ex, xs in zip(examples, samples) for x in xs]
+    rewards = score(model, tok, [ex["prompt"] for ex, _ in flat], [x for _, x in flat],
+                    device, batch_size, ctx)
+    labels = torch.tensor([acceptable(x, ex["answer"]) for ex, x in flat])
+    n_tokens = [len(tok.encode(x, [EOT])) for _, x in flat]  # response lengths
+    by_task = defaultdict(list)
+    for i, (ex, _) in enumerate(flat):
+        by_task[ex["task"]].append(i)
+    m["auc"] = auc(rewards, labels)
+    m["auc_by_task"] = {t: auc(rewards[ix], labels[ix]) for t, ix in by_task.items()}
+    m["length_corr_by_task"] = {t: pearson(rewards[ix], [n_tokens[i] for i in ix])
+                                for t, ix in by_task.items()}
+    m["length_corr"] = max(abs(c) for c in m["length_corr_by_task"].values())
+    # the control: the same correlation for the true reward (the checker's 1/0). Where wrong
+    # answers are longer or shorter than right ones, a perfect RM shows it too
+    m["length_corr_checker_by_task"] = {t: pearson(labels[ix], [n_tokens[i] for i in ix])
+                                        for t, ix in by_task.items()}
+    m["sample_acceptable_rate"] = labels.float().mean().item()
+    m["reward_mean"], m["reward_std"] = rewards.mean().item(), rewards.std().item()
+    k = len(samples[0])
+    m["best"] = best_of_n(examples, samples, rewards.view(-1, k), best_of)
+    if sample_logps is not None and bon_beta > 0:
+        regularized = (rewards + bon_beta * sample_logps).view(-1, k)
+        m["best"]["best_of_n_reg"] = best_of_n(examples, samples, regularized,
+                                               best_of)["best_of_n"]
+    m["rewards"], m["labels"] = rewards, labels  # for the figure
+    return m
 
 
-def encode_prompt(tok, prompt):
-    """The template around `prompt` -> ids: one id per marker when the tokenizer has the
-    TEMPLATE_TOKENS (sft.py from scratch), the bytes of the markers when not (a llama.py base)."""
-    return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
-
-
-def task_tokenizer(template_tokens=True):
-    """A fresh byte tokenizer for the task world; with template_tokens the two markers of the
-    prompt template take the ids of <|reserved_2|> and <|reserved_3|> (TEMPLATE_TOKENS)."""
-    special = dict(BYTE_SPECIAL)
-    if template_tokens:
-        special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
-        special.update(TEMPLATE_TOKENS)
-    return ByteTokenizer(special)
-
-
-def final_answer(text):
-    """The answer a response gives: cut at <|endoftext|>, the text after the last ' = ' (a
-    worked trace ends '... = 3'); a response without a trace is all answer."""
-    return text.split(EOT)[0].rsplit(" = ", 1)[-1]
-
-
-def check_answer(completion, answer):
-    """True when the completion's final answer is exactly the gold one: a different trace that
-    reaches the right answer counts (the trace is the model's working, not the graded part)."""
-    return final_answer(completion).strip() == final_answer(answer).strip()
-
-
-ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+",
-                 "reverse": r"[a-z]+", "sort": r"[a-z]+"}  # what a well-formed answer looks like
-
-
-def follows_format(completion, family):
-    """Format adherence: the (final) answer has the family's shape and <|endoftext|> ends it."""
-    return (EOT in completion
-            and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
+def main(argv=None):
+    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        cfg = apply_preset(cfg, GPU_PRESET, given)
+    dtype = resolve_dtype(cfg.dtype, device)
+    check_config(cfg, RULES, CHOICES)
+    try:
+        best_of = sorted({int(n) for n in cfg.best_of.split(",")})
+    except ValueError:
+        best_of = [0]
+    if best_of[0] < 1:
+        die(f"--best-of {cfg.best_of}: expected a comma-separated list of integers >= 1")
+    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
+    torch.manual_seed(cfg.seed)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
+           else contextlib.nullcontext())
+    if cfg.score_only:
+        return score_only(cfg, device, ctx)
+    check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    resumed = None
+    if cfg.resume:
+        resumed = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ("reward.py",), (
+            "model", "optimizer", "iter", "rng", "best_val_loss", "sft_from"))
+        cfg = dataclasses.replace(cfg, init_from=resumed["sft_from"])
+    t_start = time.time()
+    # ---- the SFT policy (samples answers, frozen) and the RM (its copy with a scalar head) ----
+    policy, tok, sft_ckpt = load_sft(cfg.init_from, device)
+    model, model_args, lm_head, n_trainable = build_rm(cfg, sft_ckpt, resumed, device)
+    # ---- pairs: train problems for training, sft.py's own held-out problems for evaluation ----
+    data = make_data(cfg, policy, tok, sft_ckpt["config"], model_args["block_size"], best_of,
+                     device, ctx)
+    # ---- train, then the sanity checks and best-of-n on sft.py's held-out problems ----
+    val_loss, optimizer, best_val, data_state = train(
+        cfg, model, lm_head, data, tok, model_args, sft_ckpt["config"], device, dtype, ctx,
+        resumed, t_start)
+    merge_lora(model)
+    m = evaluate_rm(model, tok, data.test_pairs, data.test_ex, data.test_samples, best_of, device,
+                    ctx, cfg.eval_batch_size, data.sample_logps, cfg.bon_beta)
+    print_report(m, data.greedy)
+    ckpt = make_checkpoint(cfg, model_args, tok, sft_ckpt["config"], model, lm_head, optimizer,
+                           cfg.max_iters, best_val, data_state)
+    return finish(cfg, m, data, best_of, val_loss, n_trainable, t_start, ckpt)
 
 
 # -------------------------------------------------------------------------------
-# The backbone: llama.py's model and LoRA (copied from sft.py)
+# Appendix: a first read can stop here (copies, bookkeeping, plumbing)
 # -------------------------------------------------------------------------------
+# ---- Appendix: from sft.py — the model (llama.py's) and LoRA, unchanged -------
+@dataclass
+class ModelConfig:
+    """The Llama's shape, saved in the checkpoint as `model_args` (see Config for the meanings)."""
+    vocab_size: int  # V (the tokenizer's, padded to a multiple of 64)
+    block_size: int  # T
+    n_layer: int  # L
+    n_head: int  # nh
+    n_embd: int  # C
+    n_kv_head: int = 0  # nkv (0 = n_head: multi-head attention)
+    dropout: float = 0.0  # p
+    tie_weights: bool = False  # LM head = token embedding
+    norm: str = "rmsnorm"  # or layernorm
+    pos: str = "rope"  # or learned, none
+    mlp: str = "swiglu"  # or gelu
+    rope_theta: float = 10000.0  # RoPE base
+    window: int = 0  # sliding window W (0 = full causal attention)
+    sinks: int = 0  # attention sinks S
+    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+
+
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: targets with this id add no loss
 
 
@@ -1008,60 +1130,194 @@ def merge_lora(model):
     return model
 
 
-# -------------------------------------------------------------------------------
-# Data
-# -------------------------------------------------------------------------------
-def encode_pairs(tok, pairs):
-    """Pairs -> (chosen ids, rejected ids, margin, prompt length) tuples, tokenized once."""
-    return [(encode_scored(tok, p["prompt"], p["chosen"]),
-             encode_scored(tok, p["prompt"], p["rejected"]), p["margin"],
-             len(encode_prompt(tok, p["prompt"]))) for p in pairs]
+def merged_state_dict(model):
+    """The weights to save: LoRA adapters folded into their matrices (base-model keys)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        model = merge_lora(copy.deepcopy(model))
+    return model.state_dict()
 
 
-def collate_pairs(batch, pad_id):
-    """B encoded pairs -> idx (2B, T) (the B chosen rows, then the B rejected rows), lengths
-    (2B,), margins (B,) and the chosen rows' next-token targets (B, T) for --lm-weight: one
-    forward pass scores both sides of every pair.
+# ---- Appendix: from sft.py — the task world, unchanged ------------------------
+BYTE_SPECIAL = {"<|endoftext|>": 256, "<|pad|>": 257,
+                **{f"<|reserved_{i}|>": 256 + i for i in range(2, 8)}}
 
-    targets[i, t] is the token after position t of chosen response i, IGNORE_INDEX on the
-    prompt (as sft.py masks it), at the last real token and on the padding.
+
+class ByteTokenizer:
+    """NEW vs gpt.py (instead of CharTokenizer): ids 0..255 are the UTF-8 bytes of the text,
+    special tokens follow (<|endoftext|> = 256).
+
+    Every text encodes (no vocabulary learned from the data, no unknown characters), which is
+    what lets one checkpoint go from Shakespeare to sft.py's task world. On ASCII text one byte
+    is one character, so losses compare with char-level ones; other scripts cost 2-4 ids per
+    character. The members are those of `tiktoken.Encoding` this file uses.
     """
-    idx, lengths = collate_scored([c for c, _, _, _ in batch] + [r for _, r, _, _ in batch],
-                                  pad_id)
-    targets = torch.full((len(batch), idx.size(1)), IGNORE_INDEX, dtype=torch.long)
-    for i, (chosen, _, _, n_prompt) in enumerate(batch):
-        targets[i, n_prompt - 1:len(chosen) - 1] = torch.tensor(chosen[n_prompt:])
-    margins = torch.tensor([m for _, _, m, _ in batch], dtype=torch.float32)
-    return idx, lengths, margins, targets
+
+    name = "byte"
+
+    def __init__(self, special=None):
+        self.special = dict(BYTE_SPECIAL if special is None else special)
+        self.n_vocab = 256 + len(self.special)
+        self.names = {i: s for s, i in self.special.items()}
+
+    def encode_ordinary(self, text):
+        """Text -> ids; special-token strings in the text stay plain bytes, as in tiktoken."""
+        return list(text.encode("utf-8"))
+
+    def encode(self, text, allowed_special=()):
+        """NEW vs llama.py: as tiktoken's `encode`, the special-token strings listed in
+        allowed_special become their ids; the rest of the text is plain bytes."""
+        if not allowed_special:
+            return self.encode_ordinary(text)
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, allowed_special)) + ")", text):
+            ids += [self.special[part]] if part in allowed_special else self.encode_ordinary(part)
+        return ids
+
+    def decode(self, ids):
+        """Ids -> text; special tokens print as their names, broken UTF-8 as U+FFFD."""
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            else:
+                parts += [run.decode("utf-8", errors="replace"), self.names[i]]
+                run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
 
 
-def get_batch(encoded, batch_size, generator, pad_id, device):
-    """batch_size pairs drawn at random (with replacement) -> collate_pairs on `device`."""
-    ix = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
-    return [x.to(device) for x in collate_pairs([encoded[i] for i in ix], pad_id)]
+TASK_FAMILIES = ("add", "sub", "reverse", "sort", "count", "compare")
+PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+EOT = "<|endoftext|>"  # ends every response; generation stops there
+PAD = "<|pad|>"  # fills ragged batches (its targets are IGNORE_INDEX)
+TEMPLATE_TOKENS = {"### Instruction:\n": 258, "\n\n### Response:\n": 259}
 
 
-def capture_hidden(model):
-    """NEW vs sft.py: a dict that a forward hook on model.lm_head fills with the head's input,
-    the final-norm hidden states (2B, T, C), at every forward pass. --lm-weight reads them with
-    the SFT model's LM head: the reward model keeps predicting the chosen answers, so tuning
-    the trunk for a score does not erase the answer computation that judging one needs (the
-    text-generation regulariser of GRM, Yang et al. 2024, arXiv:2406.10216)."""
-    store = {}
-    model.lm_head.register_forward_hook(lambda module, args, out: store.update(h=args[0]))
-    return store
+def make_word(rng, length):
+    """A pronounceable pseudo-word: consonants and vowels alternate (no word list needed)."""
+    start = rng.randrange(2)
+    return "".join(rng.choice("aeiou" if (i + start) % 2 else "bcdfghklmnprstvz")
+                   for i in range(length))
 
 
-def pair_rewards(model, idx, lengths, ctx):
-    """Rewards of a collate_pairs batch -> (r_chosen (B,), r_rejected (B,)) in float32."""
-    with ctx:
-        r = pooled_rewards(model, idx, lengths).float()  # (2B,)
-    return r.chunk(2)
+def make_number(rng, digits):
+    """A number with exactly `digits` digits (1 digit includes 0)."""
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
-# -------------------------------------------------------------------------------
-# Training and evaluation
-# -------------------------------------------------------------------------------
+def make_task(family, rng, difficulty, think=False):
+    """One problem of `family` at level `difficulty` (1 = easiest) -> {task, prompt, answer}.
+
+    Level L means L-digit numbers (the second operand of + and - has 1..L digits) and words
+    of 2L+1 or 2L+2 letters, so the knob scales every family the same way. With `think`, the
+    answer of a family that needs one carries a worked trace first, '<trace> = <answer>' (the
+    random draws are the same, so the problems are too; `final_answer` reads the answer).
+    """
+    if family in ("add", "sub"):
+        a, b = make_number(rng, difficulty), make_number(rng, rng.randint(1, difficulty))
+        if family == "add":
+            return {"task": family, "prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+        a, b = max(a, b), min(a, b)  # keep the difference non-negative
+        return {"task": family, "prompt": f"What is {a} - {b}?", "answer": str(a - b)}
+    if family == "compare":
+        a = make_number(rng, difficulty)
+        b = make_number(rng, difficulty)
+        while b == a:
+            b = make_number(rng, difficulty)
+        return {"task": family, "prompt": f"Which is larger: {a} or {b}?", "answer": str(max(a, b))}
+    word = make_word(rng, 2 * difficulty + rng.randint(1, 2))
+    if family == "reverse":
+        return {"task": family, "prompt": f"Reverse the word: {word}", "answer": word[::-1]}
+    if family == "sort":
+        return {"task": family, "prompt": f"Sort the letters: {word}",
+                "answer": "".join(sorted(word))}
+    if family == "count":
+        # half the time a letter of the word, so answers are not almost always 0
+        letter = (rng.choice(word) if rng.random() < 0.5
+                  else rng.choice("abcdefghijklmnopqrstuvwxyz"))
+        answer = str(word.count(letter))
+        if think:  # the letter, then a running tally: banana, a -> a: b0a1n1a2n2a3 = 3
+            tally = "".join(f"{c}{word[:i + 1].count(letter)}" for i, c in enumerate(word))
+            answer = f"{letter}: {tally} = {answer}"
+        return {"task": family, "prompt": f"Count the letter {letter} in: {word}",
+                "answer": answer}
+    raise ValueError(f"unknown task family {family!r}; expected one of {TASK_FAMILIES}")
+
+
+def task_split(prompt):
+    """'test' for one prompt in five, 'train' otherwise: a hash of the text decides, so the
+    two splits are disjoint by construction, whatever the seed or the order of generation."""
+    return "test" if int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
+
+
+def make_tasks(n, split, seed, difficulty, families=TASK_FAMILIES, think=False):
+    """`n` distinct problems of `split`, an equal share per family, levels from 1..difficulty.
+
+    Rejection sampling: a generated problem is kept only if `task_split` puts it in `split`
+    and its prompt is new. Each example also records its `level` (for the curriculum).
+    """
+    rng = random.Random(seed)
+    out, seen = [], set()
+    for k, family in enumerate(families):
+        quota = n // len(families) + (k < n % len(families))
+        for _ in range(100 * quota + 1000):  # a small task space runs out: stop, don't loop
+            if quota == 0:
+                break
+            level = rng.randint(1, difficulty)
+            ex = make_task(family, rng, level, think)
+            if task_split(ex["prompt"]) == split and ex["prompt"] not in seen:
+                seen.add(ex["prompt"])
+                out.append(dict(ex, level=level))
+                quota -= 1
+        if quota:
+            raise ValueError(f"too few distinct {split} problems of {family} at difficulty "
+                             f"{difficulty} for n={n}")
+    return out
+
+
+def format_prompt(prompt):
+    """The full text the model sees before its answer, up to and including '### Response:\\n'."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def encode_prompt(tok, prompt):
+    """The template around `prompt` -> ids: one id per marker when the tokenizer has the
+    TEMPLATE_TOKENS (sft.py from scratch), the bytes of the markers when not (a llama.py base)."""
+    return tok.encode(format_prompt(prompt), [m for m in TEMPLATE_TOKENS if m in tok.special])
+
+
+def task_tokenizer(template_tokens=True):
+    """A fresh byte tokenizer for the task world; with template_tokens the two markers of the
+    prompt template take the ids of <|reserved_2|> and <|reserved_3|> (TEMPLATE_TOKENS)."""
+    special = dict(BYTE_SPECIAL)
+    if template_tokens:
+        special = {name: i for name, i in special.items() if i not in TEMPLATE_TOKENS.values()}
+        special.update(TEMPLATE_TOKENS)
+    return ByteTokenizer(special)
+
+
+def final_answer(text):
+    """The answer a response gives: cut at <|endoftext|>, the text after the last ' = ' (a
+    worked trace ends '... = 3'); a response without a trace is all answer."""
+    return text.split(EOT)[0].rsplit(" = ", 1)[-1]
+
+
+def check_answer(completion, answer):
+    """True when the completion's final answer is exactly the gold one: a different trace that
+    reaches the right answer counts (the trace is the model's working, not the graded part)."""
+    return final_answer(completion).strip() == final_answer(answer).strip()
+
+
+ANSWER_SHAPES = {"add": r"\d+", "sub": r"\d+", "compare": r"\d+", "count": r"\d+",
+                 "reverse": r"[a-z]+", "sort": r"[a-z]+"}  # what a well-formed answer looks like
+
+
+def follows_format(completion, family):
+    """Format adherence: the (final) answer has the family's shape and <|endoftext|> ends it."""
+    return (EOT in completion
+            and re.fullmatch(ANSWER_SHAPES[family], final_answer(completion)) is not None)
+
+
+# ---- Appendix: from sft.py — the schedule, sampling and evaluation, unchanged ----
 def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     """Linear warmup for `warmup_iters`, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
     if step < warmup_iters:
@@ -1072,205 +1328,6 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-@torch.no_grad()
-def estimate_loss(model, encoded, eval_iters, batch_size, pad_id, device, ctx, loss_kw):
-    """Loss and pair accuracy over the first eval_iters batches of held-out pairs (fixed:
-    no RNG used, so resume stays exact)."""
-    losses, wins, n = [], 0, 0
-    for k in range(eval_iters):
-        chunk = encoded[k * batch_size:(k + 1) * batch_size]
-        if not chunk:
-            break
-        idx, lengths, margins, _ = collate_pairs(chunk, pad_id)
-        r_c, r_r = pair_rewards(model, idx.to(device), lengths.to(device), ctx)
-        losses.append(reward_loss(r_c, r_r, margin=margins.to(device) * loss_kw["margin_weight"],
-                                  loss=loss_kw["loss"], hinge_margin=loss_kw["hinge_margin"],
-                                  center=loss_kw["center"]).item())
-        wins, n = wins + (r_c > r_r).sum().item(), n + len(chunk)
-    return sum(losses) / len(losses), wins / n
-
-
-def auc(scores, labels):
-    """Area under the ROC curve: the probability that a random positive scores above a
-    random negative (ties count one half), by the Mann-Whitney rank sum. None if a class is
-    missing."""
-    scores, labels = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels)
-    n_pos, n_neg = int(labels.sum()), int((~labels.bool()).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).double()  # the rank (1-based) of the last score of each tie group
-    ranks = (last - (counts - 1) / 2)[inverse]  # tied scores share their mean rank
-    return ((ranks[labels.bool()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
-
-
-def pearson(x, y):
-    """Pearson correlation of two equal-length sequences; 0 when either is constant."""
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    den = (x.norm() * y.norm()).item()
-    return (x @ y).item() / den if den > 0 else 0.0
-
-
-def pair_table(pairs, r_c, r_r):
-    """Pair accuracy (strict r_c > r_r: a tie is not a win) overall, per family and per
-    source -> {"all": acc, "by_task": {...}, "by_source": {...}, "counts": {...}}."""
-    wins = (r_c > r_r).tolist()
-    by = defaultdict(list)
-    for p, w in zip(pairs, wins):
-        by[("task", p["task"])].append(w)
-        by[("source", p["source"])].append(w)
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {"all": mean(wins), "by_task": {t: mean(by[("task", t)]) for t in TASK_FAMILIES
-                                           if by[("task", t)]},
-            "by_source": {s: mean(v) for (k, s), v in by.items() if k == "source"},
-            "counts": {s: len(v) for (k, s), v in by.items() if k == "source"}}
-
-
-def best_of_n(examples, samples, rewards, ns):
-    """True accuracy per family of three ways to use n samples per problem (the first n of
-    each list): best-of-n (the answer the RM scores highest), maj@n (the most common answer
-    text, first seen wins a tie; Wang et al. 2022, self-consistency) and pass@n (any right:
-    an oracle, the ceiling of reranking)."""
-    out = {}
-    for n in ns:
-        hits = {k: defaultdict(list) for k in ("best_of_n", "maj_at_n", "pass_at_n", "format")}
-        for ex, responses, r in zip(examples, samples, rewards):
-            responses, r = responses[:n], r[:n]
-            best = responses[int(torch.argmax(r))]
-            votes = Counter(x.split(EOT)[0].strip() for x in responses)
-            hits["best_of_n"][ex["task"]].append(check_answer(best, ex["answer"]))
-            hits["maj_at_n"][ex["task"]].append(check_answer(votes.most_common(1)[0][0],
-                                                             ex["answer"]))
-            hits["pass_at_n"][ex["task"]].append(any(check_answer(x, ex["answer"])
-                                                     for x in responses))
-            hits["format"][ex["task"]].append(follows_format(best, ex["task"]))
-        for k, by_task in hits.items():
-            acc = {t: sum(v) / len(v) for t, v in by_task.items()}
-            out.setdefault(k, {})[n] = {"mean": sum(acc.values()) / len(acc), "by_task": acc}
-    return out
-
-
-@torch.no_grad()
-def evaluate_rm(model, tok, pairs, examples, samples, best_of, device, ctx, batch_size,
-                sample_logps=None, bon_beta=0.0):
-    """The sanity checks of a reward model on held-out problems (see the module docstring)
-    -> a dict of metrics (pair accuracy, AUC, length correlation, padding invariance,
-    reward statistics, best-of-n). With sample_logps (the SFT policy's log-prob of each
-    sample, flat) and bon_beta > 0, also regularized best-of-n (Jinnai et al. 2024,
-    arXiv:2404.01054): the sample with the highest reward + bon_beta * log pi_SFT, which keeps
-    the pick near what the policy itself believes."""
-    m = {}
-    r_c = score(model, tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
-                device, batch_size, ctx)
-    r_r = score(model, tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs],
-                device, batch_size, ctx)
-    m["pairs"] = pair_table(pairs, r_c, r_r)
-    # right padding must not move a reward: the same sequences with 7 extra pad tokens each
-    seqs = [encode_scored(tok, p["prompt"], p["chosen"]) for p in pairs[:batch_size]]
-    idx, lengths = collate_scored(seqs, tok.special[PAD])
-    padded = torch.cat((idx, torch.full((len(seqs), 7), tok.special[PAD])), dim=1)
-    with ctx:
-        a = pooled_rewards(model, idx.to(device), lengths.to(device)).float()
-        b = pooled_rewards(model, padded.to(device), lengths.to(device)).float()
-    m["pad_invariance"] = (a - b).abs().max().item()
-    # the SFT policy's own held-out samples: does the RM tell its right answers from its wrong?
-    flat = [(ex, x) for ex, xs in zip(examples, samples) for x in xs]
-    rewards = score(model, tok, [ex["prompt"] for ex, _ in flat], [x for _, x in flat],
-                    device, batch_size, ctx)
-    labels = torch.tensor([acceptable(x, ex["answer"]) for ex, x in flat])
-    n_tokens = [len(tok.encode(x, [EOT])) for _, x in flat]  # response lengths
-    by_task = defaultdict(list)
-    for i, (ex, _) in enumerate(flat):
-        by_task[ex["task"]].append(i)
-    m["auc"] = auc(rewards, labels)
-    m["auc_by_task"] = {t: auc(rewards[ix], labels[ix]) for t, ix in by_task.items()}
-    m["length_corr_by_task"] = {t: pearson(rewards[ix], [n_tokens[i] for i in ix])
-                                for t, ix in by_task.items()}
-    m["length_corr"] = max(abs(c) for c in m["length_corr_by_task"].values())
-    # the control: the same correlation for the true reward (the checker's 1/0). Where wrong
-    # answers are longer or shorter than right ones, a perfect RM shows it too
-    m["length_corr_checker_by_task"] = {t: pearson(labels[ix], [n_tokens[i] for i in ix])
-                                        for t, ix in by_task.items()}
-    m["sample_acceptable_rate"] = labels.float().mean().item()
-    m["reward_mean"], m["reward_std"] = rewards.mean().item(), rewards.std().item()
-    k = len(samples[0])
-    m["best"] = best_of_n(examples, samples, rewards.view(-1, k), best_of)
-    if sample_logps is not None and bon_beta > 0:
-        regularized = (rewards + bon_beta * sample_logps).view(-1, k)
-        m["best"]["best_of_n_reg"] = best_of_n(examples, samples, regularized,
-                                               best_of)["best_of_n"]
-    m["rewards"], m["labels"] = rewards, labels  # for the figure
-    return m
-
-
-@torch.no_grad()
-def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx):
-    """Greedy answers to the test problems -> exact-match accuracy and format adherence.
-
-    Prompts of equal token length are decoded together, so a batch needs no padding and the
-    KV cache no attention mask; each batch stops once every row has emitted <|endoftext|>.
-    """
-    model.eval()
-    groups = defaultdict(list)
-    for ex in examples:
-        groups[len(encode_prompt(tok, ex["prompt"]))].append(ex)
-    results = []
-    for T, group in sorted(groups.items()):
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            idx = torch.tensor([encode_prompt(tok, ex["prompt"]) for ex in chunk], device=device)
-            with ctx:
-                out = generate_until(model, idx, max_new_tokens, tok.special[EOT])
-            for ex, row in zip(chunk, out[:, T:].tolist()):
-                results.append((ex, completion_text(tok, row)))
-    model.train()
-    by_task = defaultdict(list)
-    for ex, completion in results:
-        response = completion.split(EOT)[0]
-        by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
-                                    follows_format(completion, ex["task"]),
-                                    response.strip() == ex["answer"].strip(),  # trace and all
-                                    len(tok.encode_ordinary(response))))
-    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
-    acc, fmt, exact, length = per_task
-    return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
-            "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
-            "exact_by_task": exact, "length_by_task": length,
-            "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
-
-
-def print_report(m, greedy):
-    """The evaluation table: per family, pair accuracy and AUC, then best-of-n."""
-    fams = list(m["pairs"]["by_task"])
-    head = f"{'':<18}" + "".join(f"{t:>9}" for t in fams) + f"{'all':>9}"
-    print(head)
-    print(f"{'pair accuracy':<18}" + "".join(f"{m['pairs']['by_task'][t]:>9.3f}" for t in fams)
-          + f"{m['pairs']['all']:>9.3f}")
-    fmt = lambda v: f"{'-':>9}" if v is None else f"{v:>9.3f}"  # noqa: E731
-    print(f"{'AUC (policy)':<18}" + "".join(fmt(m["auc_by_task"].get(t)) for t in fams)
-          + fmt(m["auc"]))
-    print(f"{'length corr':<18}" + "".join(fmt(m["length_corr_by_task"].get(t)) for t in fams)
-          + f"{m['length_corr']:>9.3f} (max |r|)")
-    print(f"{'  of the checker':<18}"
-          + "".join(fmt(m["length_corr_checker_by_task"].get(t)) for t in fams))
-    print(f"{'greedy SFT':<18}" + "".join(f"{greedy['accuracy_by_task'][t]:>9.3f}" for t in fams)
-          + f"{greedy['accuracy']:>9.3f}")
-    labels = {"best_of_n": "best-of-{}", "best_of_n_reg": "best-of-{} reg", "maj_at_n": "maj@{}",
-              "pass_at_n": "pass@{}"}
-    for k, label in labels.items():
-        for n, row in m["best"].get(k, {}).items():
-            print(f"{label.format(n):<18}"
-                  + "".join(f"{row['by_task'][t]:>9.3f}" for t in fams) + f"{row['mean']:>9.3f}")
-    src = ", ".join(f"{s} {a:.3f} (n={m['pairs']['counts'][s]})"
-                    for s, a in m["pairs"]["by_source"].items())
-    print(f"pair accuracy by source: {src}; padding invariance {m['pad_invariance']:.1e}; "
-          f"rewards on policy samples {m['reward_mean']:+.3f} +- {m['reward_std']:.3f}")
-
-
-# -------------------------------------------------------------------------------
-# Generation
-# -------------------------------------------------------------------------------
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits -> (B, 1) ids.
 
@@ -1387,9 +1444,87 @@ def sample_answers(model, tok, examples, n, temperature, max_new_tokens, batch_s
     return out
 
 
-# -------------------------------------------------------------------------------
-# Main
-# -------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_tasks(model, tok, examples, max_new_tokens, batch_size, device, ctx):
+    """Greedy answers to the test problems -> exact-match accuracy and format adherence.
+
+    Prompts of equal token length are decoded together, so a batch needs no padding and the
+    KV cache no attention mask; each batch stops once every row has emitted <|endoftext|>.
+    """
+    model.eval()
+    groups = defaultdict(list)
+    for ex in examples:
+        groups[len(encode_prompt(tok, ex["prompt"]))].append(ex)
+    results = []
+    for T, group in sorted(groups.items()):
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            idx = torch.tensor([encode_prompt(tok, ex["prompt"]) for ex in chunk], device=device)
+            with ctx:
+                out = generate_until(model, idx, max_new_tokens, tok.special[EOT])
+            for ex, row in zip(chunk, out[:, T:].tolist()):
+                results.append((ex, completion_text(tok, row)))
+    model.train()
+    by_task = defaultdict(list)
+    for ex, completion in results:
+        response = completion.split(EOT)[0]
+        by_task[ex["task"]].append((check_answer(completion, ex["answer"]),
+                                    follows_format(completion, ex["task"]),
+                                    response.strip() == ex["answer"].strip(),  # trace and all
+                                    len(tok.encode_ordinary(response))))
+    per_task = [{t: sum(r[j] for r in v) / len(v) for t, v in by_task.items()} for j in range(4)]
+    acc, fmt, exact, length = per_task
+    return {"accuracy": sum(acc.values()) / len(acc), "accuracy_by_task": acc,
+            "format_rate": sum(fmt.values()) / len(fmt), "format_by_task": fmt,
+            "exact_by_task": exact, "length_by_task": length,
+            "counts": {t: len(v) for t, v in by_task.items()}, "samples": results}
+
+
+# ---- Appendix: extra — regularized best-of-n's log-probs, --score-only --------
+@torch.no_grad()
+def response_logps(model, tok, prompts, responses, device, batch_size=256,
+                   ctx=contextlib.nullcontext()):
+    """log pi(response | prompt) of a generating model, summed over the response's tokens
+    (its <|endoftext|> included) -> a float32 CPU tensor (N,). Right padding and the prompt
+    are masked by position, from the lengths, as in score()."""
+    seqs = [encode_scored(tok, p, r) for p, r in zip(prompts, responses)]
+    starts = torch.tensor([len(encode_prompt(tok, p)) for p in prompts])  # first answer token
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        idx, lengths = collate_scored(seqs[i:i + batch_size], tok.special[PAD])
+        with ctx:
+            logits = model(idx.to(device))[0]  # (B, T, V)
+        logp = logits[:, :-1].float().log_softmax(-1).gather(
+            -1, idx[:, 1:, None].to(device)).squeeze(-1).cpu()  # (B, T-1): token t+1 given <= t
+        pos = torch.arange(1, idx.size(1))  # the position each entry of logp predicts
+        keep = (pos >= starts[i:i + batch_size, None]) & (pos < lengths[:, None])
+        out.append((logp * keep).sum(dim=1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score_only(cfg, device, ctx):
+    """--score-only: the reward of --prompt/--response under the RM in --out-dir."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if not path.is_file():
+        die(f"{path} not found: train a reward model first (python reward.py)")
+    ckpt = load_checkpoint(path, ("reward.py",), ("model_args", "tokenizer"))
+    tok = tokenizer_from(ckpt, path)
+    model = build_reward_model(ckpt["model_args"])
+    load_weights(model, ckpt["model"], path)
+    model.to(device).eval()
+    n = len(encode_scored(tok, cfg.prompt, cfg.response))
+    if n > model.config.block_size:
+        die(f"--prompt + --response are {n} tokens; the model's context is "
+            f"{model.config.block_size}")
+    r = score(model, tok, [cfg.prompt], [cfg.response], device, ctx=ctx).item()
+    stats = ckpt.get("reward_stats", {"mean": 0.0, "std": 1.0})
+    z = (r - stats["mean"]) / max(stats["std"], 1e-8)
+    print(f"reward {r:+.4f} (normalised {z:+.2f}, mean {stats['mean']:+.3f} "
+          f"std {stats['std']:.3f} on the SFT policy's held-out answers)")
+    return {"reward": r, "normalised": z}
+
+
+# ---- Appendix: bookkeeping — load, build, restore, checkpoint, report, done record ----
 def tokenizer_from(ckpt, path):
     """The byte tokenizer a checkpoint was trained with (the task world needs its specials)."""
     state = ckpt.get("tokenizer", {})
@@ -1397,14 +1532,6 @@ def tokenizer_from(ckpt, path):
         die(f"{path} uses a {state.get('kind')!r} tokenizer; reward.py needs sft.py's byte "
             f"tokenizer with {EOT} and {PAD}")
     return ByteTokenizer(state["special"])
-
-
-def checked(ckpt, path, keys):
-    """A checkpoint with every key reward.py reads, or one line naming the one missing."""
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        die(f"{path} has no {missing[0]!r}: not a complete {ckpt['script']} checkpoint")
-    return ckpt
 
 
 def load_weights(model, state, path):
@@ -1422,7 +1549,7 @@ def load_sft(path, device):
     if not Path(path).is_file():
         die(f"{path} not found: run python sft.py first (or point --init-from at an sft.py "
             f"checkpoint)")
-    ckpt = checked(load_checkpoint(path, ("sft.py",)), path, ("model_args", "config", "tokenizer"))
+    ckpt = load_checkpoint(path, ("sft.py",), ("model_args", "config", "tokenizer"))
     if ckpt["config"].get("task", "generate") != "generate":
         die(f"{path} is a --task classify checkpoint; reward.py needs a generating SFT model")
     tok = tokenizer_from(ckpt, path)
@@ -1431,89 +1558,9 @@ def load_sft(path, device):
     return policy.to(device).eval(), tok, ckpt
 
 
-def score_only(cfg, device, ctx):
-    """--score-only: the reward of --prompt/--response under the RM in --out-dir."""
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if not path.is_file():
-        die(f"{path} not found: train a reward model first (python reward.py)")
-    ckpt = checked(load_checkpoint(path, ("reward.py",)), path, ("model_args", "tokenizer"))
-    tok = tokenizer_from(ckpt, path)
-    model = build_reward_model(ckpt["model_args"])
-    load_weights(model, ckpt["model"], path)
-    model.to(device).eval()
-    n = len(encode_scored(tok, cfg.prompt, cfg.response))
-    if n > model.config.block_size:
-        die(f"--prompt + --response are {n} tokens; the model's context is "
-            f"{model.config.block_size}")
-    r = score(model, tok, [cfg.prompt], [cfg.response], device, ctx=ctx).item()
-    stats = ckpt.get("reward_stats", {"mean": 0.0, "std": 1.0})
-    z = (r - stats["mean"]) / max(stats["std"], 1e-8)
-    print(f"reward {r:+.4f} (normalised {z:+.2f}, mean {stats['mean']:+.3f} "
-          f"std {stats['std']:.3f} on the SFT policy's held-out answers)")
-    return {"reward": r, "normalised": z}
-
-
-def build_pairs(cfg, policy, tok, examples, n_policy, k, device, ctx, seed):
-    """Pairs of the sources --pairs asks for: synthetic ones from every problem of
-    `examples`, on-policy ones from the first n_policy, k samples each (k >= policy_samples:
-    the first policy_samples make the pairs; n_policy = 0: no sampling). The samples are
-    drawn with their own generator (seed), so train and test pairs do not share a stream.
-    Returns (pairs, samples), samples[i] the k policy answers to examples[i], i < n_policy."""
-    rng, samples = random.Random(seed), []
-    pairs = []
-    if cfg.pairs in ("synthetic", "both"):
-        pairs += synthetic_pairs(examples, cfg.synthetic_per_prompt, rng)
-    if n_policy:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        samples = sample_answers(policy, tok, examples[:n_policy], k, cfg.policy_temperature,
-                                 cfg.eval_max_new_tokens, cfg.eval_batch_size, device, ctx, gen)
-    if cfg.pairs in ("policy", "both"):
-        pairs += policy_pairs(examples[:n_policy], [s[:cfg.policy_samples] for s in samples],
-                              cfg.policy_pairs_per_prompt, rng)
-    return pairs, samples
-
-
-def merged_state_dict(model):
-    """The weights to save: LoRA adapters folded into their matrices (base-model keys)."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        model = merge_lora(copy.deepcopy(model))
-    return model.state_dict()
-
-
-def main(argv=None):
-    cfg, given = parse_config(Config, argv, __doc__.splitlines()[0])
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda"):
-        cfg = apply_preset(cfg, GPU_PRESET, given)
-    dtype = resolve_dtype(cfg.dtype, device)
-    check_config(cfg, RULES, CHOICES)
-    try:
-        best_of = sorted({int(n) for n in cfg.best_of.split(",")})
-    except ValueError:
-        best_of = [0]
-    if best_of[0] < 1:
-        die(f"--best-of {cfg.best_of}: expected a comma-separated list of integers >= 1")
-    print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    print(f"device={device} dtype={dtype} compile={'on' if cfg.compile else 'off'}")
-    torch.manual_seed(cfg.seed)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = (torch.amp.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
-           else contextlib.nullcontext())
-    if cfg.score_only:
-        return score_only(cfg, device, ctx)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    check_out_dir(out_dir, cfg.resume, cfg.overwrite)
-    resumed = None
-    if cfg.resume:
-        resumed = checked(load_checkpoint(ckpt_path, ("reward.py",)), ckpt_path,
-                          ("model", "optimizer", "iter", "rng", "best_val_loss", "sft_from"))
-        cfg = dataclasses.replace(cfg, init_from=resumed["sft_from"])
-    t_start = time.time()
-
-    # ---- the SFT policy (samples answers, frozen) and the RM (its copy with a scalar head) ----
-    policy, tok, sft_ckpt = load_sft(cfg.init_from, device)
-    sft_cfg = sft_ckpt["config"]
+def build_rm(cfg, sft_ckpt, resumed, device):
+    """The RM of --extra-layers and --lora-rank (with --resume, its saved weights), and for
+    --lm-weight the SFT LM head -> (model, model_args, lm_head or None, trainable params)."""
     # NEW vs sft.py: --extra-layers blocks on top of the SFT trunk (see rm_from_sft)
     model_args = dict(sft_ckpt["model_args"], dropout=0.0,
                       n_layer=sft_ckpt["model_args"]["n_layer"] + cfg.extra_layers)
@@ -1523,197 +1570,178 @@ def main(argv=None):
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
         model.lm_head.requires_grad_(True)  # the new scalar head always trains
     if resumed is not None:
-        load_weights(model, resumed.get("lora", resumed["model"]), ckpt_path)
+        load_weights(model, resumed.get("lora", resumed["model"]), Path(cfg.out_dir) / "ckpt.pt")
     model.to(device).eval()  # eval mode for good: dropout is 0 anyway, the RM is deterministic
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"reward model from {cfg.init_from} (sft.py, iter {sft_ckpt.get('iter')}): "
           f"{n_total / 1e6:.3f}M parameters, {n_trainable / 1e6:.3f}M trainable")
-
-    # ---- pairs: train problems for training, sft.py's own held-out problems for evaluation ----
-    # the held-out set is exactly sft.py's (same seed, difficulty and count), so every stage
-    # of the chain scores the same problems
-    try:
-        train_ex = make_tasks(cfg.n_train, "train", cfg.seed + 2, sft_cfg["difficulty"])
-        test_ex = make_tasks(sft_cfg["n_test"], "test", sft_cfg["seed"] + 1, sft_cfg["difficulty"])
-    except (ValueError, KeyError) as e:
-        die(f"cannot build the task world of {cfg.init_from} ({e}); lower --n-train")
-    random.Random(cfg.seed).shuffle(train_ex)  # make_tasks lists family by family: mix them,
-    # so that the first n_policy problems (the on-policy ones) cover every family
-    longest = max(len(encode_prompt(tok, ex["prompt"])) for ex in train_ex + test_ex)
-    if longest + cfg.eval_max_new_tokens > model_args["block_size"]:
-        die(f"prompts of {longest} tokens + --eval-max-new-tokens {cfg.eval_max_new_tokens} "
-            f"exceed the context of {cfg.init_from} ({model_args['block_size']} tokens)")
-    t0 = time.time()
-    n_policy = 0 if cfg.pairs == "synthetic" else cfg.n_policy
-    train_pairs, _ = build_pairs(cfg, policy, tok, train_ex, n_policy, cfg.policy_samples,
-                                 device, ctx, cfg.seed)
-    # held-out pairs and samples with the SFT run's seed: the same for every --seed
-    test_pairs, test_samples = build_pairs(cfg, policy, tok, test_ex, len(test_ex),
-                                           max(best_of + [cfg.policy_samples]), device, ctx,
-                                           sft_cfg["seed"] + 1)
-    if not train_pairs or not test_pairs:
-        die("the SFT policy made no mistake to learn from: use --pairs both or synthetic")
-    sample_logps = None
-    if cfg.bon_beta:  # what the SFT policy believes of each held-out sample, for best_of_n_reg
-        flat = [(ex["prompt"], x) for ex, xs in zip(test_ex, test_samples) for x in xs]
-        sample_logps = response_logps(policy, tok, [p for p, _ in flat], [x for _, x in flat],
-                                      device, cfg.eval_batch_size, ctx)
-    t_pairs = time.time() - t0
-    greedy = evaluate_tasks(policy, tok, test_ex, cfg.eval_max_new_tokens, cfg.eval_batch_size,
-                            device, ctx)
-    counts = Counter(p["source"] for p in train_pairs)
-    print(f"pairs: {len(train_pairs)} train ({dict(counts)}), {len(test_pairs)} held out; "
-          f"sampling took {t_pairs:.1f}s; greedy SFT accuracy {greedy['accuracy']:.3f}")
-    pad_id = tok.special[PAD]
-    train_enc, test_enc = encode_pairs(tok, train_pairs), encode_pairs(tok, test_pairs)
-    random.Random(cfg.seed).shuffle(test_enc)  # the eval batches mix families and sources
-    loss_kw = {k: getattr(cfg, k) for k in ("loss", "margin_weight", "hinge_margin", "center")}
-    lm_head, hidden = None, None
+    lm_head = None
     if cfg.lm_weight:  # the SFT model's LM head, trained along (see capture_hidden)
         lm_head = nn.Linear(model_args["n_embd"], model_args["vocab_size"], bias=False)
         lm_head.weight.data.copy_(sft_ckpt["model"]["lm_head.weight"])
         if resumed is not None:
             lm_head.load_state_dict(resumed["lm_head"])
         lm_head.to(device)
-        hidden = capture_hidden(model)
+    return model, model_args, lm_head, n_trainable
 
-    # ---- optimizer: weight decay on matrices only, as in sft.py ----
+
+def training_state(cfg, model, lm_head, device_type, resumed, log_path):
+    """AdamW (weight decay on matrices only, as in sft.py) and the batch generator, fresh or as
+    --resume saved them -> (optimizer, trained params, generator, first step, best val loss)."""
     params = [p for p in model.parameters() if p.requires_grad]
     params += [] if lm_head is None else list(lm_head.parameters())
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    start, best_val = 0, float("inf")
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        start, best_val = resumed["iter"], resumed["best_val_loss"]
-        torch.set_rng_state(resumed["rng"]["torch"])
-        data_gen.set_state(resumed["rng"]["data"])
-        keep = [line for line in log_path.read_text().splitlines()
-                if "iter" in json.loads(line) and json.loads(line)["iter"] < start]
-        log_path.write_text("".join(line + "\n" for line in keep))  # drop records past the ckpt
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if resumed is None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
-    raw_model = model  # uncompiled: saved, evaluated and scored with
-    if cfg.compile:
-        model = torch.compile(model)
+        return optimizer, params, data_gen, 0, float("inf")
+    optimizer.load_state_dict(resumed["optimizer"])
+    torch.set_rng_state(resumed["rng"]["torch"])
+    data_gen.set_state(resumed["rng"]["data"])
+    keep = [line for line in log_path.read_text().splitlines()
+            if "iter" in json.loads(line) and json.loads(line)["iter"] < resumed["iter"]]
+    log_path.write_text("".join(line + "\n" for line in keep))  # drop records past the ckpt
+    return optimizer, params, data_gen, resumed["iter"], resumed["best_val_loss"]
 
-    def make_ckpt(step):
-        ckpt = {"script": "reward.py", "version": 1, "config": dataclasses.asdict(cfg),
-                "model_args": model_args, "model": merged_state_dict(raw_model),
-                "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
-                "tokenizer": {"kind": "byte", "special": dict(tok.special)},
-                "sft_from": cfg.init_from, "task_world": {k: sft_cfg[k] for k in
-                                                          ("seed", "difficulty", "n_test")},
-                "rng": {"torch": torch.get_rng_state(), "data": data_state}}
-        if cfg.lora_rank:
-            ckpt["lora"] = raw_model.state_dict()  # frozen base + adapters, to resume
-        if lm_head is not None:
-            ckpt["lm_head"] = lm_head.state_dict()  # the auxiliary head, to resume
-        return ckpt
 
-    data_state = data_gen.get_state()
-    X, L, M, Y = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
-    t_train = t_last = time.time()  # the ETA counts training only, not the sampling before
-    for step in range(start, cfg.max_iters + 1):
-        last_step = step == cfg.max_iters
-        if step % cfg.eval_interval == 0 or last_step:
-            val_loss, val_acc = estimate_loss(raw_model, test_enc, cfg.eval_iters, cfg.batch_size,
-                                              pad_id, device, ctx, loss_kw)
-            print(f"step {step}: val loss {val_loss:.4f}, held-out pair accuracy {val_acc:.3f}")
-            append_jsonl(log_path, {"iter": step, "val_loss": val_loss, "pair_accuracy": val_acc,
-                                    "elapsed_s": time.time() - t_start})
-            best_val = min(best_val, val_loss)
-            if step > start or last_step:
-                save_checkpoint(make_ckpt(step), ckpt_path)
-            t_last = time.time()  # evaluation time is not training time
-        if last_step:
-            break
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            r_c, r_r = pair_rewards(model, X, L, ctx)
-            loss = reward_loss(r_c, r_r, margin=M * cfg.margin_weight, loss=cfg.loss,
-                               hinge_margin=cfg.hinge_margin, center=cfg.center)
-            if lm_head is not None:
-                with ctx:
-                    logits = lm_head(hidden["h"][:len(Y)])  # (B, T, C) -> (B, T, V): chosen rows
-                    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(),
-                                              ignore_index=IGNORE_INDEX)
-                loss = loss + cfg.lm_weight * lm_loss
-            n_tokens = int(L.sum())
-            data_state = data_gen.get_state()  # before the pending batch: resume redraws it
-            X, L, M, Y = get_batch(train_enc, cfg.batch_size, data_gen, pad_id, device)
-            scaler.scale(loss).backward()
-        except torch.OutOfMemoryError:
-            die(f"CUDA out of memory at batch size {cfg.batch_size}; "
-                f"try --batch-size {cfg.batch_size // 2}")
-        loss_value, batch_acc = loss.item(), (r_c > r_r).float().mean().item()
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else \
-                "no checkpoint was written"
-            die(f"loss is {loss_value} at iter {step}; stopped, {kept} (try a lower "
-                f"--learning-rate)")
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        now = time.time()
-        dt, t_last = now - t_last, now
-        append_jsonl(log_path, {"iter": step, "loss": loss_value, "lr": lr,
-                                "ms_per_iter": 1000 * dt, "tokens_per_s": n_tokens / dt,
-                                "elapsed_s": now - t_start, "accuracy": batch_acc})
-        eta = (now - t_train) / (step + 1 - start) * (cfg.max_iters - step - 1)
-        print(f"iter {step}/{cfg.max_iters} | loss {loss_value:.4f} | acc {batch_acc:.2f} | "
-              f"lr {lr:.1e} | {1000 * dt:.1f} ms | {n_tokens / dt / 1000:.1f}k tok/s | "
-              f"eta {format_eta(eta)}")
+def make_checkpoint(cfg, model_args, tok, sft_cfg, model, lm_head, optimizer, step, best_val,
+                    data_state):
+    """The checkpoint at `step` (docs/design.md section 4); model is the uncompiled RM."""
+    ckpt = {"script": "reward.py", "version": 1, "config": dataclasses.asdict(cfg),
+            "model_args": model_args, "model": merged_state_dict(model),
+            "optimizer": optimizer.state_dict(), "iter": step, "best_val_loss": best_val,
+            "tokenizer": {"kind": "byte", "special": dict(tok.special)},
+            "sft_from": cfg.init_from, "task_world": {k: sft_cfg[k] for k in
+                                                      ("seed", "difficulty", "n_test")},
+            "rng": {"torch": torch.get_rng_state(), "data": data_state}}
+    if cfg.lora_rank:
+        ckpt["lora"] = model.state_dict()  # frozen base + adapters, to resume
+    if lm_head is not None:
+        ckpt["lm_head"] = lm_head.state_dict()  # the auxiliary head, to resume
+    return ckpt
 
-    # ---- the sanity checks and best-of-n on sft.py's held-out problems ----
-    merge_lora(raw_model)
-    m = evaluate_rm(raw_model, tok, test_pairs, test_ex, test_samples, best_of, device, ctx,
-                    cfg.eval_batch_size, sample_logps, cfg.bon_beta)
-    print_report(m, greedy)
-    top = m["best"]["best_of_n"][max(best_of)]
+
+def print_report(m, greedy):
+    """The evaluation table: per family, pair accuracy and AUC, then best-of-n."""
+    fams = list(m["pairs"]["by_task"])
+    fmt = lambda v: f"{'-':>9}" if v is None else f"{v:>9.3f}"  # noqa: E731
+    rows = [("pair accuracy", m["pairs"]["by_task"], fmt(m["pairs"]["all"])),
+            ("AUC (policy)", m["auc_by_task"], fmt(m["auc"])),
+            ("length corr", m["length_corr_by_task"], f"{m['length_corr']:>9.3f} (max |r|)"),
+            ("  of the checker", m["length_corr_checker_by_task"], ""),
+            ("greedy SFT", greedy["accuracy_by_task"], fmt(greedy["accuracy"]))]
+    labels = {"best_of_n": "best-of-{}", "best_of_n_reg": "best-of-{} reg", "maj_at_n": "maj@{}",
+              "pass_at_n": "pass@{}"}
+    rows += [(label.format(n), row["by_task"], fmt(row["mean"]))
+             for k, label in labels.items() for n, row in m["best"].get(k, {}).items()]
+    print(f"{'':<18}" + "".join(f"{t:>9}" for t in fams) + f"{'all':>9}")
+    for label, by_task, tail in rows:
+        print(f"{label:<18}" + "".join(fmt(by_task.get(t)) for t in fams) + tail)
+    src = ", ".join(f"{s} {a:.3f} (n={m['pairs']['counts'][s]})"
+                    for s, a in m["pairs"]["by_source"].items())
+    print(f"pair accuracy by source: {src}; padding invariance {m['pad_invariance']:.1e}; "
+          f"rewards on policy samples {m['reward_mean']:+.3f} +- {m['reward_std']:.3f}")
+
+
+def finish(cfg, m, data, best_of, val_loss, n_trainable, t_start, ckpt):
+    """The done record (log.jsonl's last line, main's return value), the final checkpoint."""
+    out_dir, top, greedy = Path(cfg.out_dir), m["best"]["best_of_n"][max(best_of)], data.greedy
     wall = time.time() - t_start
-    done = {"event": "done", "iter": cfg.max_iters, "val_loss": val_loss,
+    # the kept model is the last one: the only held-out score is the test set, which must not
+    # choose it (docs/design.md section 4)
+    print(f"kept the last model (iter {cfg.max_iters}): no validation split to choose another")
+    done = {"event": "done", "iter": cfg.max_iters, "best_iter": cfg.max_iters,
+            "val_loss": val_loss,
             # the chain table's columns: the policy "SFT + best-of-N with this RM"
             "accuracy": top["mean"], "accuracy_by_task": top["by_task"],
             "format_rate": m["best"]["format"][max(best_of)]["mean"],
             "greedy_accuracy": greedy["accuracy"],
             "greedy_accuracy_by_task": greedy["accuracy_by_task"],
             "pair_accuracy": m["pairs"]["all"], "pair_accuracy_by_task": m["pairs"]["by_task"],
-            "pair_accuracy_by_source": m["pairs"]["by_source"], "auc": m["auc"],
-            "auc_by_task": m["auc_by_task"], "length_corr": m["length_corr"],
-            "length_corr_by_task": m["length_corr_by_task"],
-            "length_corr_checker_by_task": m["length_corr_checker_by_task"],
-            "pad_invariance": m["pad_invariance"], "reward_mean": m["reward_mean"],
-            "reward_std": m["reward_std"], "sample_acceptable_rate": m["sample_acceptable_rate"],
+            "pair_accuracy_by_source": m["pairs"]["by_source"],
+            **{k: m[k] for k in ("auc", "auc_by_task", "length_corr", "length_corr_by_task",
+                                 "length_corr_checker_by_task", "pad_invariance", "reward_mean",
+                                 "reward_std", "sample_acceptable_rate")},
             **{k: {n: v["mean"] for n, v in m["best"][k].items()}
                for k in ("best_of_n", "best_of_n_reg", "maj_at_n", "pass_at_n")
                if k in m["best"]},
-            "bon_beta": cfg.bon_beta, "n_train_pairs": dict(counts),
+            "bon_beta": cfg.bon_beta, "n_train_pairs": dict(data.counts),
             "trainable_params": n_trainable, "wall_s": wall}
     # the checkpoint ppo.py reads: the RM plus the statistics it normalises rewards with
-    ckpt = make_ckpt(cfg.max_iters)
     ckpt["reward_stats"] = {"mean": m["reward_mean"], "std": m["reward_std"]}
-    save_checkpoint(ckpt, ckpt_path)
+    save_checkpoint(ckpt, out_dir / "ckpt.pt")
     if cfg.plot:
-        plot_rewards(m, test_ex, out_dir)
-    append_jsonl(log_path, json.loads(json.dumps(done)))  # dict keys of n become strings
+        plot_rewards(m, data.test_ex, out_dir)
+    append_jsonl(out_dir / "log.jsonl", json.loads(json.dumps(done)))  # keys n become strings
     auc_text = "-" if m["auc"] is None else f"{m['auc']:.3f}"  # None: no right (or wrong) sample
     print(f"done in {format_eta(wall)}: held-out pair accuracy {m['pairs']['all']:.3f}, "
           f"AUC {auc_text}, best-of-{max(best_of)} {top['mean']:.3f} "
           f"(greedy SFT {greedy['accuracy']:.3f})")
     return done
+
+
+def plot_rewards(m, examples, out_dir):
+    """reward_hist.png: rewards of the policy's right vs wrong answers, per family;
+    best_of_n.png: best-of-n, maj@n and pass@n against n (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); no figure written")
+        return
+    k = len(m["rewards"]) // len(examples)
+    fams = list(m["auc_by_task"])
+    fig, axes = plt.subplots(1, len(fams), figsize=(3 * len(fams), 2.6), sharey=True)
+    for ax, t in zip(axes, fams):
+        ix = torch.tensor([i for i, ex in enumerate(examples) for _ in range(k) if ex["task"] == t])
+        r, y = m["rewards"][ix], m["labels"][ix]
+        ax.hist([r[y].numpy(), r[~y].numpy()], bins=30, label=["right", "wrong"], stacked=True)
+        ax.set(title=f"{t} (AUC {m['auc_by_task'][t] or 0:.2f})", xlabel="reward")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "reward_hist.png")
+    plt.close(fig)
+    plt.figure(figsize=(4.5, 3))
+    for key in ("best_of_n", "maj_at_n", "pass_at_n"):
+        ns = list(m["best"][key])
+        plt.plot(ns, [m["best"][key][n]["mean"] for n in ns], marker="o", label=key)
+    plt.xscale("log", base=2)
+    plt.xlabel("n samples per problem")
+    plt.ylabel("true accuracy (mean over families)")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(Path(out_dir) / "best_of_n.png")
+    plt.close()
+
+
+# ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
+# what each numeric flag may be, checked before anything is written (docs/design.md section 6);
+# choices and cross-field rules are in check_config (under Plumbing)
+RULES = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "n_train": (lambda v: v >= 6, "an integer >= 6 (one problem per family at least)"),
+    "extra_layers": (lambda v: 0 <= v <= 16, "an integer in 0..16"),
+    "lora_rank": (lambda v: v >= 0, "0 (full fine-tuning) or a positive rank"),
+    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "min_lr": (lambda v: v >= 0, "a number >= 0 (and <= --learning-rate)"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "bon_beta": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    **dict.fromkeys(("n_policy", "max_iters", "warmup_iters"),
+                    (lambda v: v >= 0, "an integer >= 0")),
+    **dict.fromkeys(("policy_samples", "policy_pairs_per_prompt", "synthetic_per_prompt",
+                     "eval_interval", "eval_iters", "batch_size", "eval_max_new_tokens",
+                     "eval_batch_size"), (lambda v: v >= 1, "an integer >= 1")),
+    **dict.fromkeys(("policy_temperature", "hinge_margin", "lora_alpha"),
+                    (lambda v: v > 0, "a number > 0")),
+    **dict.fromkeys(("margin_weight", "center", "lm_weight", "weight_decay"),
+                    (lambda v: v >= 0, "a number >= 0")),
+}
+CHOICES = {"pairs": ("synthetic", "policy", "both"), "loss": ("bt", "hinge")}
 
 
 # -------------------------------------------------------------------------------
@@ -1912,42 +1940,6 @@ def format_eta(seconds):
     """Seconds as a short human duration: 95 -> '1m35s'."""
     seconds = int(max(0, seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def plot_rewards(m, examples, out_dir):
-    """reward_hist.png: rewards of the policy's right vs wrong answers, per family;
-    best_of_n.png: best-of-n, maj@n and pass@n against n (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot: matplotlib is not installed (pip install matplotlib); no figure written")
-        return
-    k = len(m["rewards"]) // len(examples)
-    fams = list(m["auc_by_task"])
-    fig, axes = plt.subplots(1, len(fams), figsize=(3 * len(fams), 2.6), sharey=True)
-    for ax, t in zip(axes, fams):
-        ix = torch.tensor([i for i, ex in enumerate(examples) for _ in range(k) if ex["task"] == t])
-        r, y = m["rewards"][ix], m["labels"][ix]
-        ax.hist([r[y].numpy(), r[~y].numpy()], bins=30, label=["right", "wrong"], stacked=True)
-        ax.set_title(f"{t} (AUC {m['auc_by_task'][t] or 0:.2f})")
-        ax.set_xlabel("reward")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(Path(out_dir) / "reward_hist.png")
-    plt.close(fig)
-    plt.figure(figsize=(4.5, 3))
-    for key in ("best_of_n", "maj_at_n", "pass_at_n"):
-        ns = list(m["best"][key])
-        plt.plot(ns, [m["best"][key][n]["mean"] for n in ns], marker="o", label=key)
-    plt.xscale("log", base=2)
-    plt.xlabel("n samples per problem")
-    plt.ylabel("true accuracy (mean over families)")
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(Path(out_dir) / "best_of_n.png")
-    plt.close()
 
 
 if __name__ == "__main__":

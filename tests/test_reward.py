@@ -265,6 +265,28 @@ def test_best_of_n_maj_and_pass_by_hand():
     assert out["pass_at_n"][4]["mean"] == 1.0
 
 
+def test_print_report_rows_and_missing_values(capsys):
+    """One row per metric and per n, a column per family with pairs; a family without an AUC
+    (no right or no wrong sample) shows '-', as does a missing pooled AUC."""
+    best = {"mean": 0.5, "by_task": {"add": 1.0, "count": 0.0}}
+    m = {"pairs": {"all": 0.75, "by_task": {"add": 1.0, "count": 0.5},
+                   "by_source": {"synthetic": 0.75}, "counts": {"synthetic": 4}},
+         "auc": None, "auc_by_task": {"add": 0.9, "count": None},
+         "length_corr": 0.3, "length_corr_by_task": {"add": 0.3, "count": -0.1},
+         "length_corr_checker_by_task": {"add": 0.2, "count": 0.0},
+         "pad_invariance": 1e-7, "reward_mean": 0.1, "reward_std": 0.2,
+         "best": {"best_of_n": {1: best, 4: best}, "maj_at_n": {4: best}, "pass_at_n": {4: best}}}
+    reward.print_report(m, {"accuracy": 0.5, "accuracy_by_task": {"add": 1.0, "count": 0.0}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["add", "count", "all"]
+    assert lines[1] == f"{'pair accuracy':<18}{1:>9.3f}{0.5:>9.3f}{0.75:>9.3f}"
+    assert lines[2] == f"{'AUC (policy)':<18}{0.9:>9.3f}{'-':>9}{'-':>9}"
+    assert lines[3].endswith("0.300 (max |r|)") and lines[4].startswith("  of the checker")
+    assert [line[:18].strip() for line in lines[5:10]] == ["greedy SFT", "best-of-1", "best-of-4",
+                                                           "maj@4", "pass@4"]
+    assert lines[10].startswith("pair accuracy by source: synthetic 0.750 (n=4)")
+
+
 def test_tiny_overfit_ranks_the_training_pairs():
     tok, model = reward.task_tokenizer(True), reward.build_reward_model(dict(TINY))
     pairs = reward.synthetic_pairs(reward.make_tasks(12, "train", 0, 1), 1, random.Random(0))
@@ -304,6 +326,7 @@ def test_main_end_to_end_resume_determinism_and_score_only(tmp_path):
     flags = FLAGS + ["--init-from", str(sft_path)]
     full = tmp_path / "full"
     done = reward.main(flags + ["--max-iters", "4", "--out-dir", str(full)])
+    assert done["best_iter"] == 4  # the kept model is the last: no validation split to choose
     for key in ("accuracy", "accuracy_by_task", "format_rate", "wall_s", "pair_accuracy", "auc",
                 "length_corr", "best_of_n", "maj_at_n", "pass_at_n", "greedy_accuracy",
                 "pad_invariance", "reward_mean", "reward_std"):
