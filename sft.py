@@ -113,7 +113,7 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, difficulty=3, ba
                   n_train=200000, max_iters=3000, learning_rate=1e-3, min_lr=1e-4,
                   warmup_iters=100, eval_interval=250, eval_iters=10, compile=True)
 # --think, for every field not given: its own folder, room to decode a trace, count's traces
-# twice the share, each example's tokens weighted 1/sqrt(n), and 600 more steps (README)
+# twice the share, each example's tokens weighted 1/sqrt(n), and 600 more steps (docs/sft.md)
 THINK_PRESET = dict(out_dir="out/sft_think", eval_max_new_tokens=40, loss_weighting="sqrt",
                     mix="add=2,sub=2,count=2", max_iters=3600)
 # --task classify, for every field not given (after the GPU preset): 4000 add/sub problems
