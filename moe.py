@@ -495,7 +495,8 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
                                   enabled=dtype != "float32")
     batches = TrainBatches(data["train"], raw_model.config.block_size, cfg.batch_size, cfg.seed,
                            device, rank, world_size)
-    start_iter, best_val_loss = restore(cfg, ckpt, optimizer, scaler, batches, master, device)
+    # best = (val loss, iter, CPU weights) of the kept model: the best evaluation's so far
+    start_iter, best = restore(cfg, ckpt, optimizer, scaler, batches, master, device)
     if master:  # the first write to --out-dir: every check has passed
         log = RunLog(cfg.out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * raw_model.config.block_size
@@ -513,11 +514,10 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         resumed_here = ckpt is not None and step == start_iter
         if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
             t_eval = time.perf_counter()
-            metrics = eval_record(raw_model, data, cfg, device, autocast, step, t_start,
-                                  tokens_per_iter)
-            best_val_loss = min(best_val_loss, metrics["val_loss"])
+            metrics, best = eval_record(raw_model, data, cfg, device, autocast, step, t_start,
+                                        tokens_per_iter, best)
             log.write(metrics)
-            save_checkpoint(checkpoint(cfg, raw_model, optimizer, scaler, step, best_val_loss,
+            save_checkpoint(checkpoint(cfg, raw_model, optimizer, scaler, step, best,
                                        batches, tokenizer, device), Path(cfg.out_dir) / "ckpt.pt")
             t_last, last_timed = time.perf_counter(), step
             eval_seconds += t_last - t_eval
@@ -555,9 +555,9 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
                 log_step(log, raw_model, cfg, step, loss_value, lr, dt, now - t_start,
                          tokens_per_iter, accum, flops)
     if master:
-        metrics = report(raw_model, tokenizer, data, cfg, device, autocast, log,
-                         dict(metrics, best_val_loss=best_val_loss), time.perf_counter() - t_start,
-                         eval_seconds, (step - start_iter) * tokens_per_iter)
+        metrics = report(raw_model, tokenizer, data, cfg, device, autocast, log, metrics, best,
+                         time.perf_counter() - t_start, eval_seconds,
+                         (step - start_iter) * tokens_per_iter)
     return metrics
 
 
@@ -1265,26 +1265,27 @@ RESUME_KEYS = ("config", "model_args", "optimizer", "scaler", "iter", "best_val_
                "tokenizer")
 
 
-def build_model(cfg, ckpt, vocab_size):
-    """The raw model: from a checkpoint or freshly initialised."""
-    if ckpt is not None:
-        try:
-            model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]),
-                                              dropout=cfg.dropout))
-            model.load_state_dict(ckpt["model"])
-        except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
-            die(f"the checkpoint in {cfg.out_dir} does not fit this moe.py ({type(e).__name__}: "
-                f"{str(e)[:200]})")
-        return model
-    return Llama(model_config(cfg, vocab_size))
+def build_model(cfg, ckpt, device, weights="model"):
+    """The tokenizer (the checkpoint's, else --tokenizer's) and the raw model on `device`: new, or
+    the checkpoint's `weights` ("model_last", for --resume, is the kept "model" when absent)."""
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else load_tokenizer(cfg.tokenizer)
+    if ckpt is None:
+        return tokenizer, Llama(model_config(cfg, tokenizer.n_vocab)).to(device)
+    try:
+        model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]), dropout=cfg.dropout))
+        model.load_state_dict(ckpt.get(weights, ckpt["model"]))
+    except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
+        die(f"the checkpoint in {cfg.out_dir} does not fit this moe.py ({type(e).__name__}: "
+            f"{str(e)[:200]})")
+    return tokenizer, model.to(device)
 
 
 def sample_only(cfg, device, dtype):
     """--sample-only: continue --prompt with the checkpoint in --out-dir."""
     out_dir = Path(cfg.out_dir)
     ckpt = load_checkpoint(out_dir / "ckpt.pt", ["moe.py"], ("model_args", "tokenizer"))
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device).eval()
+    tokenizer, model = build_model(cfg, ckpt, device)  # the kept weights
+    model.eval()
     autocast = torch.amp.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
                                   enabled=dtype != "float32")
     with autocast:
@@ -1302,10 +1303,8 @@ def build(cfg, ckpt, device, master, world_size):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work
     path = resolve_data(cfg.data)
     text = read_text(path)
-    tokenizer = (tokenizer_from_state(ckpt["tokenizer"]) if ckpt is not None
-                 else load_tokenizer(cfg.tokenizer))
+    tokenizer, raw_model = build_model(cfg, ckpt, device, "model_last")  # --resume: the last step
     data = load_tokens(path, text, tokenizer)
-    raw_model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device)
     block_size = raw_model.config.block_size
     if len(data["val"]) <= block_size:
         die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
@@ -1326,22 +1325,22 @@ def build(cfg, ckpt, device, master, world_size):
 
 
 def restore(cfg, ckpt, optimizer, scaler, batches, master, device):
-    """--resume: the checkpoint's optimizer, scaler, RNG states -> (start_iter, best_val_loss)."""
+    """--resume: the checkpoint's optimizer, scaler, RNG states -> (start_iter, best; see train)."""
     if ckpt is None:
-        return 0, float("inf")
+        return 0, (float("inf"), 0, None)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["iter"], ckpt["best_val_loss"]
         batches.generator.set_state(ckpt["rng"]["data"])
         if master:  # the saved RNG states are rank 0's; other ranks keep their own seeds
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.startswith("cuda") and ckpt["rng"]["cuda"]:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+        return ckpt["iter"], (ckpt["best_val_loss"], ckpt.get("best_iter", ckpt["iter"]),
+                              ckpt["model"])  # no "best_iter": an older run's, which kept its last
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
             f"{str(e)[:200]})")
-    return start
 
 
 def budget(step, t_start, cfg, device, ddp):
@@ -1362,29 +1361,35 @@ def budget(step, t_start, cfg, device, ddp):
     return cfg.max_time > 0 and clock >= cfg.max_time, lr
 
 
-def eval_record(model, data, cfg, device, autocast, step, t_start, tokens_per_iter):
+def eval_record(model, data, cfg, device, autocast, step, t_start, tokens_per_iter, best):
     """The eval record of `step`, printed: pure cross-entropy of both splits, the tokens seen
-    and (NEW vs llama.py) the routing statistics; a non-finite loss stops the run."""
+    and (NEW vs llama.py) the routing statistics, and `best`; a non-finite loss stops the run."""
     losses = estimate_loss(model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device, autocast)
     if not all(math.isfinite(v) for v in losses.values()):
         die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
             f"{Path(cfg.out_dir)} is kept (try a lower --learning-rate)")
+    if best[2] is None or losses["val"] < best[0]:  # first eval or strictly lower: keep a copy
+        best = (losses["val"], step, {k: v.detach().to("cpu", copy=True)
+                                      for k, v in model.state_dict().items()})
     elapsed = time.perf_counter() - t_start
     routing = routing_stats(model)  # NEW vs llama.py
     print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
           + (f", max/mean expert load {routing['max_load_ratio']:.2f}, dropped "
              f"{routing['dropped_tokens']}" if routing else ""))
     return {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-            "elapsed_s": round(elapsed, 3), "tokens_seen": step * tokens_per_iter, **routing}
+            "best_iter": best[1], "elapsed_s": round(elapsed, 3),
+            "tokens_seen": step * tokens_per_iter, **routing}, best
 
 
-def checkpoint(cfg, model, optimizer, scaler, step, best_val_loss, batches, tokenizer, device):
-    """What ckpt.pt holds (docs/design.md section 4): all that a bit-exact resume needs."""
+def checkpoint(cfg, model, optimizer, scaler, step, best, batches, tokenizer, device):
+    """What ckpt.pt holds (docs/design.md section 4): all that a bit-exact resume needs; "model"
+    is the kept model, "model_last" (only when they differ) the last step's weights."""
     cuda_rng = [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else []
+    last = {} if best[1] == step else {"model_last": model.state_dict()}
     return {"script": "moe.py", "version": 1, "config": dataclasses.asdict(cfg),
-            "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "model_args": dataclasses.asdict(model.config), "model": best[2], **last,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": step,
-            "best_val_loss": best_val_loss,
+            "best_val_loss": best[0], "best_iter": best[1],
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "data": batches.state},
             "tokenizer": tokenizer_state(tokenizer)}
 
@@ -1415,11 +1420,14 @@ def log_step(log, model, cfg, step, loss_value, lr, dt, elapsed, tokens_per_iter
     print(line)
 
 
-def report(model, tokenizer, data, cfg, device, autocast, log, metrics, elapsed, eval_seconds,
-           n_tokens):
+def report(model, tokenizer, data, cfg, device, autocast, log, metrics, best, elapsed,
+           eval_seconds, n_tokens):
     """After training: samples.txt, --plot's figures and (NEW vs llama.py) the tokens each
     expert prefers; the final metrics (n_tokens: trained in this run), logged as the done record."""
-    out_dir = Path(cfg.out_dir)
+    out_dir, step, (val, it, weights) = Path(cfg.out_dir), metrics["iter"], best
+    model.load_state_dict(weights)  # the kept model, now that ckpt.pt holds the last one too
+    print(f"kept the model of iter {it} (val loss {val:.4f}); ckpt.pt also holds iter {step}'s "
+          f"for --resume" if it != step else f"kept the last model (iter {it}, val loss {val:.4f})")
     model.eval()
     with autocast:
         write_samples(model, tokenizer, cfg, device, out_dir)
@@ -1435,7 +1443,8 @@ def report(model, tokenizer, data, cfg, device, autocast, log, metrics, elapsed,
                       + " | ".join(f"{e}: {' '.join(p)}" for e, p in enumerate(experts)))
         write_figures(out_dir, prefs)
     train_seconds = max(elapsed - eval_seconds, 1e-9)  # NEW vs llama.py: evals excluded
-    metrics = dict(metrics, params=model.num_params(), active_params=model.num_params(active=True),
+    metrics = dict(metrics, best_val_loss=val, params=model.num_params(),
+                   active_params=model.num_params(active=True),
                    tokens_per_s=round(n_tokens / train_seconds, 1), elapsed_s=round(elapsed, 3))
     log.write({"event": "done", **metrics})
     return metrics

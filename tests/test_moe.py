@@ -1,4 +1,5 @@
-"""Tests of moe.py: routing, sorted dispatch vs a per-token loop, balancing, capacity, MLA.
+"""Tests of moe.py: routing, sorted dispatch vs a per-token loop, balancing, capacity, MLA,
+the kept model (the best evaluation's) and --resume.
 
 Run: python -m pytest -q tests/test_moe.py --durations=5
 """
@@ -305,3 +306,121 @@ def test_kv_cache_report_and_bench_layer_flags(capsys):
     bench = moe.main(TINY_FLAGS + ["--bench-layer"])
     assert bench["moe_ms"] > 0 and bench["dense_ms"] > 0
     assert "MoE/dense throughput" in capsys.readouterr().out
+
+
+# ---- the kept model (issue 27): ckpt.pt's "model" is the best evaluation's, --resume the last --
+# the training split is one 300-character text repeated, the validation split fresh text with the
+# same letter frequencies: val falls while the model learns the frequencies (best at step 40,
+# 2.03), then rises while it memorises the training text (2.15 at 80, 2.21 at 120)
+OVERFIT_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "48", "--block-size", "16",
+                 "--batch-size", "32", "--eval-iters", "2", "--eval-interval", "40",
+                 "--learning-rate", "1e-2", "--warmup-iters", "2", "--dropout", "0",
+                 "--n-experts", "4", "--expert-hidden", "32", "--lr-decay-iters", "120",
+                 "--num-samples", "2", "--max-new-tokens", "64", "--device", "cpu"]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """The data file and the uninterrupted 120-step run that passes its best at step 40."""
+    import random
+    root = tmp_path_factory.mktemp("overfit")
+    rng = random.Random(0)
+    chars, w = "abcdefghij ", [30, 20, 12, 8, 6, 5, 4, 3, 2, 1, 9]
+    text = "".join(rng.choices(chars, w, k=300)) * 12 + "".join(rng.choices(chars, w, k=400))
+    (root / "overfit.txt").write_text(text)
+    flags = OVERFIT_FLAGS + ["--data", str(root / "overfit.txt")]
+    metrics = moe.main(flags + ["--max-iters", "120", "--out-dir", str(root / "full")])
+    return flags, root, metrics
+
+
+def model_of(ckpt, weights):
+    model = moe.Llama(moe.ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt[weights])
+    return model
+
+
+def test_ckpt_model_is_the_best_evaluation_and_model_last_the_last(overfit):
+    flags, root, metrics = overfit
+    evals = [r for r in records(root / "full") if "val_loss" in r and "event" not in r]
+    assert [r["iter"] for r in evals] == [0, 40, 80, 120]
+    val = {r["iter"]: r["val_loss"] for r in evals}
+    assert val[40] < min(val[0], val[80], val[120]) - 0.05  # strictly inside, a clear margin
+    assert [r["best_iter"] for r in evals] == [0, 40, 40, 40]
+    done = records(root / "full")[-1]
+    assert done["event"] == "done" and done["best_iter"] == metrics["best_iter"] == 40
+    assert done["best_val_loss"] == val[40]
+    ckpt = torch.load(root / "full" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 120 and ckpt["best_iter"] == 40 and ckpt["best_val_loss"] == val[40]
+    # re-evaluated on the same batches: "model" is step 40's model, "model_last" step 120's
+    data = moe.load_tokens(root / "overfit.txt", (root / "overfit.txt").read_text(),
+                           moe.ByteTokenizer())
+    autocast = torch.amp.autocast("cpu", enabled=False)
+    cfg = moe.Config(**ckpt["config"])
+    for weights, step in (("model", 40), ("model_last", 120)):
+        again = moe.estimate_loss(model_of(ckpt, weights), data, cfg.batch_size, cfg.eval_iters,
+                                  cfg.seed, "cpu", autocast)
+        assert again["val"] == val[step]  # the same batches, the same float
+    assert any(not torch.equal(ckpt["model"][k], ckpt["model_last"][k]) for k in ckpt["model"])
+
+
+def test_samples_come_from_the_kept_model(overfit, tmp_path):
+    """The end-of-run samples.txt and --sample-only both sample the kept weights (step 40's),
+    not the last step's."""
+    flags, root, _ = overfit
+    ckpt = torch.load(root / "full" / "ckpt.pt", weights_only=True)
+    cfg = moe.Config(**{**ckpt["config"], "out_dir": str(tmp_path)})
+    kept = moe.write_samples(model_of(ckpt, "model").eval(), moe.ByteTokenizer(), cfg, "cpu",
+                             tmp_path / "kept")[1]
+    last = moe.write_samples(model_of(ckpt, "model_last").eval(), moe.ByteTokenizer(), cfg, "cpu",
+                             tmp_path / "last")[1]
+    assert kept != last  # the two models do sample differently
+    at_the_end = (root / "full" / "samples.txt").read_text()
+    assert at_the_end == (tmp_path / "kept" / "samples.txt").read_text()
+    sampled = moe.main(["--sample-only", "--out-dir", str(root / "full"), "--device", "cpu",
+                        "--num-samples", "2", "--max-new-tokens", "64"])["samples"]
+    assert sampled == kept
+
+
+def test_resume_continues_the_last_state_and_keeps_the_best(overfit, tmp_path):
+    """Stopped at step 80 (past the best, so ckpt.pt holds both models) and resumed to 120: the
+    same training losses, the same final checkpoint (model, model_last, best_iter) and done
+    record as the uninterrupted run."""
+    flags, root, _ = overfit
+    out = tmp_path / "half"
+    moe.main(flags + ["--max-iters", "80", "--out-dir", str(out)])
+    half = torch.load(out / "ckpt.pt", weights_only=True)
+    assert half["best_iter"] == 40 and "model_last" in half
+    moe.main(flags + ["--max-iters", "120", "--out-dir", str(out), "--resume"])
+    assert losses(out / "log.jsonl") == losses(root / "full" / "log.jsonl")
+    full = torch.load(root / "full" / "ckpt.pt", weights_only=True)
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    for key in ("iter", "best_iter", "best_val_loss"):
+        assert resumed[key] == full[key]
+    for weights in ("model", "model_last"):
+        assert resumed[weights].keys() == full[weights].keys()
+        assert all(torch.equal(resumed[weights][k], full[weights][k]) for k in full[weights])
+    timing = {"elapsed_s", "tokens_per_s"}
+    done = [{k: v for k, v in r[-1].items() if k not in timing}
+            for r in (records(out), records(root / "full"))]
+    assert done[0] == done[1]
+
+
+def test_resume_of_a_checkpoint_without_best_iter(overfit, tmp_path):
+    """An older checkpoint (no "best_iter", no "model_last": its "model" is the last step's)
+    still resumes; its step counts as the kept model's."""
+    flags, root, _ = overfit
+    out = tmp_path / "old"
+    moe.main(flags + ["--max-iters", "80", "--out-dir", str(out), "--eval-interval", "80"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["best_iter"] == 80 and "model_last" not in ckpt  # evaluated at 0 and 80 only
+    for key in ("sha256", "best_iter"):
+        del ckpt[key]
+    moe.save_checkpoint(ckpt, out / "ckpt.pt")  # as an older moe.py wrote it
+    metrics = moe.main(flags + ["--max-iters", "120", "--out-dir", str(out), "--resume"])
+    # the same training as the full run: val 2.15 at step 80, 2.21 at 120, so step 80 stays kept
+    assert metrics["best_iter"] == 80 and metrics["best_val_loss"] == ckpt["best_val_loss"]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["best_iter"] == 80
