@@ -371,8 +371,7 @@ def load_tokens(path, text, tokenizer):
         ids = np.array(tokenizer.encode_ordinary(text), dtype=np.uint16)
         n_train = int(0.9 * len(ids))
         for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
-            tmp = files[split].with_name(
-                f"{files[split].name}.{os.getpid()}.tmp")  # one per DDP rank
+            tmp = Path(f"{files[split]}.{os.getpid()}.tmp")  # one per DDP rank
             part.tofile(tmp)
             os.replace(tmp, files[split])
     return {split: torch.from_numpy(np.fromfile(f, dtype=np.uint16).astype(np.int64))
@@ -478,7 +477,7 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
                                   enabled=dtype != "float32")
     batches = TrainBatches(data["train"], raw_model.config.block_size, cfg.batch_size, cfg.seed,
                            device, rank, world_size)
-    start_iter, best_val_loss = restore(ckpt, cfg, optimizer, scaler, batches, master, device)
+    start_iter, best = restore(ckpt, cfg, raw_model, optimizer, scaler, batches, master, device)
     out_dir = Path(cfg.out_dir)
     if master:  # the first write to --out-dir: every check has passed
         log = RunLog(out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
@@ -494,10 +493,9 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
         if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
             losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
                                    device, autocast)
-            metrics = log_eval(log, step, losses, t_start, out_dir)
-            best_val_loss = min(best_val_loss, losses["val"])
-            save_checkpoint(checkpoint(cfg, raw_model, optimizer, scaler, step, best_val_loss,
-                                       batches, tokenizer, device), out_dir / "ckpt.pt")
+            metrics, best = log_eval(log, step, losses, best, raw_model, t_start, out_dir)
+            save_checkpoint(checkpoint(cfg, raw_model, optimizer, scaler, step, best, batches,
+                                       tokenizer, device), out_dir / "ckpt.pt")
             t_last, last_timed = time.perf_counter(), step
         if last_step:
             break
@@ -531,8 +529,9 @@ def train(cfg, given, ckpt, device, dtype, rank, world_size):
             if master:
                 log_step(log, raw_model, cfg, accum, step, lossf, lr, dt, now - t_start, device)
     if master:
+        use_kept(raw_model, best, step)  # the samples and figures come from the kept weights
         write_samples(raw_model, tokenizer, cfg, device, out_dir, autocast)
-        metrics = dict(metrics, best_val_loss=best_val_loss, params=raw_model.num_params(),
+        metrics = dict(metrics, best_val_loss=best["best_val_loss"], params=raw_model.num_params(),
                        elapsed_s=round(time.perf_counter() - t_start, 3))
         log.write({"event": "done", **metrics})
     return metrics
@@ -652,8 +651,7 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 
 # ---- Appendix: extra — OpenAI's GPT-2 weights (--init-from NAME|DIR) ----------
-# OpenAI's released GPT-2 sizes (Radford et al. 2019, Table 2); all have 1024 positions and the
-# 50257-token BPE vocabulary, biases, learned positions and tanh-GELU
+# OpenAI's GPT-2 sizes (Radford et al. 2019, Table 2); what all share is in pretrained_config
 GPT2_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -700,8 +698,7 @@ def load_gpt2_weights(model, tensors):
             die(f"unexpected tensor {name} in the GPT-2 weights")
         if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
-        if key == "transformer.wpe.weight":
-            # a shorter context keeps the first positions
+        if key == "transformer.wpe.weight":  # a shorter context keeps the first positions
             tensor = tensor[: model.config.block_size]
         if tensor.shape != ours[key].shape:
             die(f"GPT-2 tensor {name} has shape {tuple(tensor.shape)}, "
@@ -789,11 +786,13 @@ def build_model(cfg, given, ckpt, vocab_size):
     return GPT(ModelConfig(vocab_size=vocab_size, **fields))
 
 
-def restore(ckpt, cfg, optimizer, scaler, batches, master, device):
-    """--resume: the saved optimizer, scaler, data and RNG states -> (iter, best_val_loss)."""
-    if ckpt is None:
-        return 0, float("inf")
+def restore(ckpt, cfg, model, optimizer, scaler, batches, master, device):
+    """--resume: the last step's weights, the saved optimizer, scaler, data and RNG states ->
+    (iter, kept model): load_checkpoint made sure of all keys but best_iter (older runs lack it)."""
+    if ckpt is None:  # val loss inf: the first evaluation sets the kept model (see log_eval)
+        return 0, {"model": None, "best_val_loss": float("inf"), "best_iter": 0}
     try:
+        model.load_state_dict(ckpt.get("model_last", ckpt["model"]))  # build_model loaded "model"
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         batches.generator.set_state(ckpt["rng"]["data"])
@@ -804,31 +803,44 @@ def restore(ckpt, cfg, optimizer, scaler, batches, master, device):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
             f"{str(e)[:200]})")
-    return ckpt["iter"], ckpt["best_val_loss"]  # load_checkpoint made sure both are there
+    return ckpt["iter"], {"model": ckpt["model"], "best_val_loss": ckpt["best_val_loss"],
+                          "best_iter": ckpt.get("best_iter", ckpt["iter"])}
 
 
-def checkpoint(cfg, model, optimizer, scaler, step, best_val_loss, batches, tokenizer, device):
-    """What ckpt.pt holds (docs/design.md section 4): enough for a bit-exact --resume."""
+def checkpoint(cfg, model, optimizer, scaler, step, best, batches, tokenizer, device):
+    """What ckpt.pt holds (docs/design.md section 4): the kept weights (`model`, from best_iter),
+    the last step's where they differ (`model_last`), and all else a bit-exact --resume needs."""
+    last = {} if best["best_iter"] == step else {"model_last": model.state_dict()}
     return {"script": "gpt.py", "version": 1, "config": dataclasses.asdict(cfg),
-            "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "model_args": dataclasses.asdict(model.config), **best, **last,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": step,
-            "best_val_loss": best_val_loss,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else [],
                     "data": batches.state},
             "tokenizer": tokenizer_state(tokenizer)}
 
 
-def log_eval(log, step, losses, t_start, out_dir):
-    """An evaluation: stop on a non-finite loss, else print and log it; returns the record."""
+def log_eval(log, step, losses, best, model, t_start, out_dir):
+    """An evaluation: stop on a non-finite loss, else print and log it, keeping a new best."""
     if not all(math.isfinite(v) for v in losses.values()):
         die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
             f"{out_dir} is kept (try a lower --learning-rate)")
+    if losses["val"] < best["best_val_loss"]:  # a CPU copy of the raw model: training goes on
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        best = {"model": state, "best_val_loss": losses["val"], "best_iter": step}
     metrics = {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-               "elapsed_s": round(time.perf_counter() - t_start, 3)}
+               "best_iter": best["best_iter"], "elapsed_s": round(time.perf_counter() - t_start, 3)}
     print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     log.write(metrics)
-    return metrics
+    return metrics, best
+
+
+def use_kept(model, best, step):
+    """After the last checkpoint: the kept weights go into `model` for the samples and figures."""
+    model.load_state_dict(best["model"])
+    print(f"kept the model of iter {best['best_iter']} (val loss {best['best_val_loss']:.4f})"
+          + ("" if best["best_iter"] == step else
+             f"; ckpt.pt also holds iter {step}'s for --resume"))
 
 
 def global_loss(step_loss, world_size, step, out_dir):
@@ -871,19 +883,18 @@ def write_samples(model, tokenizer, cfg, device, out_dir, autocast):
         ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                        cfg.top_p, generator)
     texts = [tokenizer.decode(row.tolist()) for row in ids]
-    separator = "\n" + "-" * 40 + "\n"
-    print(separator.join(texts))
+    joined = ("\n" + "-" * 40 + "\n").join(texts)
+    print(joined)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "samples.txt").write_text(separator.join(texts) + "\n")
+    (out_dir / "samples.txt").write_text(joined + "\n")
     if cfg.plot:
         write_figures(model, tokenizer, ids[0, : min(48, model.config.block_size)], out_dir)
     return texts
 
 
 # ---- Appendix: flag rules — RULES, CHOICES, check_config ----------------------
-# what each flag may be, checked by check_config before anything is written (docs/design.md section
-# 6): a predicate and the text the error shows; `lambda v, c:` rules also see the other flags.
-# Free text (--data, --tokenizer, --out-dir, --prompt) and --device/--dtype (resolved) aside.
+# what each flag may be (check_config, docs/design.md section 6); free text (--data, --tokenizer,
+# --out-dir, --prompt) and --device/--dtype (resolve_device, resolve_dtype check them) aside
 RULES = {
     **dict.fromkeys(("n_layer", "n_head", "block_size", "batch_size", "gradient_accumulation_steps",
                      "eval_interval", "eval_iters", "log_interval", "num_samples",
@@ -1255,9 +1266,8 @@ def read_safetensors(path):
     except (OSError, struct.error, ValueError) as e:
         die(f"cannot read {path} as a safetensors file ({e})")
     tensors = {}
+    header.pop("__metadata__", None)
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
             die(f"{path}: tensor {name} has dtype {info['dtype']}; "
                 f"supported: {', '.join(SAFETENSORS_DTYPES)}")
@@ -1352,7 +1362,7 @@ def write_figures(model, tokenizer, ids, out_dir):
         fig.savefig(out_dir / "loss.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
     maps = attention_maps(model, ids[None, :])  # (L, nh, T, T)
-    labels = [tokenizer.decode([i]) for i in ids.tolist()]
+    labels = [repr(tokenizer.decode([i]))[1:-1] for i in ids.tolist()]
     L, nh = maps.shape[:2]
     fig, axes = plt.subplots(L, nh, figsize=(2.2 * nh, 2.2 * L), squeeze=False)
     for layer in range(L):
@@ -1360,9 +1370,8 @@ def write_figures(model, tokenizer, ids, out_dir):
             ax = axes[layer][head]
             ax.imshow(maps[layer, head], cmap="viridis", vmin=0, vmax=1)
             ax.set_title(f"layer {layer} head {head}", fontsize=7)
-            ax.set_xticks(range(len(labels)), [repr(s)[1:-1] for s in labels], fontsize=4,
-                          rotation=90)
-            ax.set_yticks(range(len(labels)), [repr(s)[1:-1] for s in labels], fontsize=4)
+            ax.set_xticks(range(len(labels)), labels, fontsize=4, rotation=90)
+            ax.set_yticks(range(len(labels)), labels, fontsize=4)
     fig.suptitle("attention weights (row: query position, column: key position)")
     fig.savefig(out_dir / "attention.png", dpi=150, bbox_inches="tight")
     plt.close(fig)

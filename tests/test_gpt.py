@@ -9,6 +9,7 @@ The --sample-only --init-from test needs tiktoken's gpt2 files in its cache
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -416,6 +417,152 @@ def test_ddp_two_processes_match_one_process(text_file, tmp_path):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
     done = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
     assert math.isclose(done["val_loss"], single["val_loss"], rel_tol=1e-5)
+
+
+# ---- the kept model: the weights of the best val loss (issue 27) ------------------------------
+def overfit_flags(data, out_dir, *extra):
+    """A run whose val loss falls to iter 40 (2.016: the letter frequencies learnt), then rises
+    (2.060, 2.077, 2.115 at 80, 120, 160: the training text memorised)."""
+    return ["--data", str(data), "--out-dir", str(out_dir), "--device", "cpu", "--n-layer", "2",
+            "--n-head", "2", "--n-embd", "48", "--block-size", "16", "--batch-size", "32",
+            "--eval-iters", "2", "--eval-interval", "40", "--learning-rate", "1e-2",
+            "--warmup-iters", "2", "--lr-decay-iters", "160", "--dropout", "0",
+            "--num-samples", "1", "--max-new-tokens", "8", "--prompt", "a", *extra]
+
+
+def eval_records(out_dir):
+    records = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if "val_loss" in r and "event" not in r]
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """One uninterrupted 160-step run on text whose training split is one 300-character text
+    repeated and whose validation split is fresh text with the same letter frequencies."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = random.Random(0)
+    chars, w = "abcdefghij ", [30, 20, 12, 8, 6, 5, 4, 3, 2, 1, 9]
+    text = "".join(rng.choices(chars, w, k=300)) * 12 + "".join(rng.choices(chars, w, k=400))
+    folder = tmp_path_factory.mktemp("overfit")
+    data, out = folder / "overfit.txt", folder / "straight"
+    data.write_text(text)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        done = gpt.main(overfit_flags(data, out, "--max-iters", "160"))
+    torch.set_num_threads(threads)
+    return types.SimpleNamespace(data=data, out=out, done=done, stdout=stdout.getvalue())
+
+
+def val_loss_of(weights, ckpt, data_path):
+    """The val loss of `weights` on the evaluation batches of the run that saved `ckpt`."""
+    model = gpt.GPT(gpt.ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(weights)
+    tokenizer = gpt.tokenizer_from_state(ckpt["tokenizer"])
+    data = gpt.load_tokens(data_path, data_path.read_text(), tokenizer)
+    return gpt.estimate_loss(model, data, 32, 2, 1337, "cpu", contextlib.nullcontext())["val"]
+
+
+def test_only_a_strictly_lower_val_loss_replaces_the_kept_copy(capsys):
+    log, model = types.SimpleNamespace(write=lambda record: None), gpt.GPT(TINY)
+    best = {"model": None, "best_val_loss": math.inf, "best_iter": 0}
+    record, best = gpt.log_eval(log, 0, {"train": 2.0, "val": 2.0}, best, model, 0.0, "out")
+    assert record["best_iter"] == 0 and best["best_val_loss"] == 2.0  # the first eval sets it
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # training goes on: the kept copy must not follow
+    assert torch.equal(best["model"]["lm_head.weight"] + 1.0, model.lm_head.weight)
+    assert all(v.device.type == "cpu" for v in best["model"].values())
+    _, tie = gpt.log_eval(log, 5, {"train": 1.9, "val": 2.0}, best, model, 0.0, "out")
+    assert tie is best  # equal is not better
+    record, lower = gpt.log_eval(log, 10, {"train": 1.9, "val": 1.99}, best, model, 0.0, "out")
+    assert record["best_iter"] == lower["best_iter"] == 10
+    assert torch.equal(lower["model"]["lm_head.weight"], model.lm_head.weight)
+
+
+def test_the_done_record_names_the_best_val_loss_and_its_iter(overfit):
+    evals = eval_records(overfit.out)
+    vals = {r["iter"]: r["val_loss"] for r in evals}
+    assert list(vals) == [0, 40, 80, 120, 160]
+    assert min(vals, key=vals.get) == 40 and vals[160] - vals[40] > 0.05  # best strictly inside
+    assert [r["best_iter"] for r in evals] == [0, 40, 40, 40, 40]  # the first eval sets it
+    done = json.loads((overfit.out / "log.jsonl").read_text().splitlines()[-1])
+    assert done["event"] == "done" and done["best_iter"] == overfit.done["best_iter"] == 40
+    assert done["best_val_loss"] == overfit.done["best_val_loss"] == vals[40]
+    assert done["val_loss"] == vals[160]  # the last evaluation's, as before
+    assert (f"kept the model of iter 40 (val loss {vals[40]:.4f}); ckpt.pt also holds iter "
+            f"160's for --resume") in overfit.stdout
+
+
+def test_the_checkpoint_holds_the_kept_weights_and_the_last_ones(overfit):
+    ckpt = torch.load(overfit.out / "ckpt.pt", map_location="cpu", weights_only=True)
+    vals = {r["iter"]: r["val_loss"] for r in eval_records(overfit.out)}
+    assert ckpt["iter"] == 160 and ckpt["best_iter"] == 40 and ckpt["best_val_loss"] == vals[40]
+    assert list(ckpt["model"]) == list(ckpt["model_last"])
+    assert not all(torch.equal(ckpt["model"][k], ckpt["model_last"][k]) for k in ckpt["model"])
+    assert val_loss_of(ckpt["model"], ckpt, overfit.data) == vals[40]  # exactly
+    assert val_loss_of(ckpt["model_last"], ckpt, overfit.data) == vals[160]
+
+
+def test_samples_come_from_the_kept_weights(overfit, tmp_path):
+    """The end-of-run samples and --sample-only both use `model`, not `model_last`."""
+    ckpt = torch.load(overfit.out / "ckpt.pt", map_location="cpu", weights_only=True)
+    tokenizer = gpt.tokenizer_from_state(ckpt["tokenizer"])
+
+    def samples(weights, num_samples, max_new_tokens):
+        model = gpt.GPT(gpt.ModelConfig(**ckpt["model_args"]))
+        model.load_state_dict(weights)
+        cfg = gpt.Config(prompt="a", num_samples=num_samples, max_new_tokens=max_new_tokens)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return gpt.write_samples(model, tokenizer, cfg, "cpu", tmp_path,
+                                     contextlib.nullcontext())
+
+    end_of_run = (overfit.out / "samples.txt").read_text()  # the run's: 1 sample of 8 tokens
+    assert samples(ckpt["model"], 1, 8) == [end_of_run.removesuffix("\n")]
+    assert samples(ckpt["model_last"], 1, 8) != [end_of_run.removesuffix("\n")]
+    kept, last = samples(ckpt["model"], 3, 40), samples(ckpt["model_last"], 3, 40)
+    assert kept != last  # the two models sample differently: the test can tell them apart
+    argv = ["--sample-only", "--out-dir", str(overfit.out), "--device", "cpu", "--prompt", "a",
+            "--num-samples", "3", "--max-new-tokens", "40"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert gpt.main(argv)["samples"] == kept
+
+
+def test_resume_past_the_best_repeats_the_uninterrupted_run(overfit, tmp_path):
+    out = tmp_path / "resumed"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gpt.main(overfit_flags(overfit.data, out, "--max-iters", "80"))  # "killed" at 80
+        middle = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+        assert middle["best_iter"] == 40 and "model_last" in middle
+        done = gpt.main(["--resume", "--max-iters", "160", "--out-dir", str(out)])
+    a, b = train_records(overfit.out), train_records(out)
+    assert [r["iter"] for r in b] == list(range(160))
+    assert [(r["loss"], r["lr"]) for r in a] == [(r["loss"], r["lr"]) for r in b]  # bit-exact
+    evals = [[{k: v for k, v in r.items() if k != "elapsed_s"} for r in eval_records(d)]
+             for d in (overfit.out, out)]
+    assert evals[0] == evals[1]  # val losses and best_iter, eval for eval
+    assert (done["best_iter"], done["best_val_loss"]) == (40, overfit.done["best_val_loss"])
+    final = [torch.load(d / "ckpt.pt", map_location="cpu", weights_only=True)
+             for d in (overfit.out, out)]
+    assert [c["best_iter"] for c in final] == [40, 40]
+    assert final[0]["best_val_loss"] == final[1]["best_val_loss"]
+    for key in ("model", "model_last"):
+        for name, tensor in final[0][key].items():
+            assert torch.equal(tensor, final[1][key][name]), (key, name)
+
+
+def test_a_checkpoint_without_best_iter_still_resumes(overfit, tmp_path):
+    """An older checkpoint: `model` is the last step's, no model_last, no best_iter."""
+    out = tmp_path / "old"
+    out.mkdir()
+    ckpt = gpt.load_checkpoint(overfit.out / "ckpt.pt", ["gpt.py"])
+    ckpt["model"] = ckpt.pop("model_last")
+    del ckpt["best_iter"]
+    gpt.save_checkpoint(ckpt, out / "ckpt.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        done = gpt.main(["--resume", "--max-iters", "160", "--out-dir", str(out)])
+    assert done["val_loss"] == overfit.done["val_loss"]  # it went on from `model`, the last
+    assert done["best_iter"] == 160 and done["best_val_loss"] == ckpt["best_val_loss"]
+    again = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert again["best_iter"] == 160 and "model_last" not in again
 
 
 # ---- OpenAI GPT-2 weights --------------------------------------------------------------------
