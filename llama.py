@@ -591,7 +591,8 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
                                   enabled=dtype != "float32")
     batches = TrainBatches(data["train"], raw_model.config.block_size, cfg.batch_size, cfg.seed,
                            device, rank, world_size)
-    start_iter, best_val_loss = restore(cfg, ckpt, optimizer, scaler, batches, master, device)
+    # best = (val loss, iter, CPU weights) of the kept model: the best evaluation's so far
+    start_iter, best = restore(cfg, ckpt, optimizer, scaler, batches, master, device)
     out_dir = Path(cfg.out_dir)
     if master:  # the first write to --out-dir: every check has passed
         log = RunLog(out_dir, None if ckpt is None else start_iter, cfg.tensorboard)
@@ -608,10 +609,10 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
         if master and (last_step or (step % cfg.eval_interval == 0 and not resumed_here)):
             losses = estimate_loss(raw_model, data, cfg.batch_size, cfg.eval_iters, cfg.seed,
                                    device, autocast)
-            best_val_loss = min(best_val_loss, losses["val"])
-            metrics = eval_record(step, losses, t_start, out_dir)  # printed; stops if not finite
+            # printed; stops if not finite; a new best val loss keeps a copy of the weights
+            metrics, best = eval_record(step, losses, best, raw_model, t_start, out_dir)
             log.write(metrics)
-            save_checkpoint(checkpoint_dict(cfg, raw_model, optimizer, scaler, step, best_val_loss,
+            save_checkpoint(checkpoint_dict(cfg, raw_model, optimizer, scaler, step, best,
                                             batches, tokenizer, device), out_dir / "ckpt.pt")
             t_last, last_timed = time.perf_counter(), step
         if last_step:
@@ -648,8 +649,7 @@ def train(cfg, ckpt, device, dtype, rank, world_size):
                 log_step(log, cfg, raw_model, step, loss_value, lr, dt, now - t_start, norms,
                          flops, accum)
     if master:  # samples, figures and the `done` record
-        metrics = finish(cfg, raw_model, tokenizer, device, autocast, log, metrics, best_val_loss,
-                         t_start)
+        metrics = finish(cfg, raw_model, tokenizer, device, autocast, log, metrics, best, t_start)
     return metrics
 
 
@@ -937,8 +937,7 @@ def write_samples(model, tokenizer, cfg, device, out_dir):
     prompt = tokenizer.encode_ordinary(cfg.prompt)
     if not prompt:
         die("--prompt is empty; give at least one character to continue")
-    # (num_samples, T0)
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
+    idx = torch.tensor([prompt] * cfg.num_samples, device=device)  # (num_samples, T0), int64
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     ids = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
                    generator, cfg.kv_cache)
@@ -1122,7 +1121,7 @@ def prepare(cfg, ckpt, device, world_size, master):
     text = read_text(path)
     tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else load_tokenizer(cfg.tokenizer)
     data = load_tokens(path, text, tokenizer)
-    model = build_model(cfg, ckpt, tokenizer.n_vocab).to(device)
+    model = build_model(cfg, ckpt, tokenizer.n_vocab, "model_last").to(device)  # last step's
     if len(data["val"]) <= model.config.block_size:
         die(f"--data {cfg.data}: only {len(data['val'])} validation tokens, fewer than "
             f"--block-size {model.config.block_size} + 1; use more text or a smaller --block-size")
@@ -1134,9 +1133,9 @@ def prepare(cfg, ckpt, device, world_size, master):
 
 
 def restore(cfg, ckpt, optimizer, scaler, batches, master, device):
-    """Load --resume's optimizer, scaler and RNG states -> (start_iter, best_val_loss)."""
+    """Load --resume's optimizer, scaler and RNG states -> (start_iter, the kept model)."""
     if ckpt is None:
-        return 0, float("inf")
+        return 0, (float("inf"), 0, None)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -1145,7 +1144,8 @@ def restore(cfg, ckpt, optimizer, scaler, batches, master, device):
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.startswith("cuda") and ckpt["rng"]["cuda"]:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        return ckpt["iter"], ckpt["best_val_loss"]
+        best = (ckpt["best_val_loss"], ckpt.get("best_iter", ckpt["iter"]), ckpt["model"])
+        return ckpt["iter"], best  # an older checkpoint without "best_iter" kept its last step
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint in {cfg.out_dir} cannot be resumed ({type(e).__name__}: "
             f"{str(e)[:200]})")
@@ -1154,10 +1154,11 @@ def restore(cfg, ckpt, optimizer, scaler, batches, master, device):
 def checkpoint_dict(cfg, model, optimizer, scaler, step, best, batches, tokenizer, device):
     """What ckpt.pt holds (docs/design.md section 4): enough to sample and to resume bit-exact."""
     cuda_rng = [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else []
+    last = {} if best[1] == step else {"model_last": model.state_dict()}  # what --resume loads
     return {"script": "llama.py", "version": 1, "config": dataclasses.asdict(cfg),
-            "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "model_args": dataclasses.asdict(model.config), "model": best[2], **last,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": step,
-            "best_val_loss": best,
+            "best_val_loss": best[0], "best_iter": best[1],
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "data": batches.state},
             "tokenizer": tokenizer_state(tokenizer)}
 
@@ -1185,14 +1186,17 @@ def set_lr(optimizer, step, clock, cfg):
     return lr
 
 
-def eval_record(step, losses, t_start, out_dir):
-    """The evaluation's log record, printed; a non-finite loss stops the run."""
+def eval_record(step, losses, best, model, t_start, out_dir):
+    """The evaluation's log record, printed, and the kept model; a non-finite loss stops the run."""
     if not all(math.isfinite(v) for v in losses.values()):
         die(f"non-finite eval loss {losses} at iter {step}; the last good checkpoint in "
             f"{out_dir} is kept (try a lower --learning-rate)")
+    if best[2] is None or losses["val"] < best[0]:
+        best = (losses["val"], step, {k: v.detach().to("cpu", copy=True)
+                                      for k, v in model.state_dict().items()})
     print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     return {"iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
-            "elapsed_s": round(time.perf_counter() - t_start, 3)}
+            "best_iter": best[1], "elapsed_s": round(time.perf_counter() - t_start, 3)}, best
 
 
 def global_loss(step_loss, step, ddp, world_size, out_dir):
@@ -1224,26 +1228,31 @@ def log_step(log, cfg, model, step, loss, lr, dt, elapsed, norms, flops, accum):
     print(line)
 
 
-def finish(cfg, model, tokenizer, device, autocast, log, metrics, best_val_loss, t_start):
-    """After training: samples.txt, the --plot figures and the `done` record -> final metrics."""
+def finish(cfg, model, tokenizer, device, autocast, log, metrics, best, t_start):
+    """After training: the kept model's samples.txt and --plot figures, the `done` record."""
+    model.load_state_dict(best[2])  # the last checkpoint, already written, has both models
+    last = metrics["iter"]
+    print(f"kept the last model (iter {last}, val loss {best[0]:.4f})" if best[1] == last else
+          f"kept the model of iter {best[1]} (val loss {best[0]:.4f}); ckpt.pt also holds iter "
+          f"{last}'s for --resume")
     model.eval()
     with autocast:
         write_samples(model, tokenizer, cfg, device, Path(cfg.out_dir))
     if cfg.plot:
         write_figures(Path(cfg.out_dir), model.config)
-    metrics = dict(metrics, best_val_loss=best_val_loss, params=model.num_params(),
+    metrics = dict(metrics, best_val_loss=best[0], params=model.num_params(),
                    elapsed_s=round(time.perf_counter() - t_start, 3))
     log.write({"event": "done", **metrics})
     return metrics
 
 
-def build_model(cfg, ckpt, vocab_size):
-    """The raw Llama: from a checkpoint or freshly initialised."""
+def build_model(cfg, ckpt, vocab_size, weights="model"):
+    """The raw Llama: freshly initialised, or a checkpoint's `weights` (its "model" if none)."""
     if ckpt is not None:
         try:
             model = Llama(dataclasses.replace(ModelConfig(**ckpt["model_args"]),
                                               dropout=cfg.dropout))
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(ckpt.get(weights, ckpt["model"]))
         except (TypeError, KeyError, RuntimeError) as e:  # another version's model_args or weights
             die(f"the checkpoint in {cfg.out_dir} does not fit this llama.py ({type(e).__name__}: "
                 f"{str(e)[:200]})")
@@ -1430,7 +1439,6 @@ def memory_mib(device):
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -369,3 +370,114 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         assert math.isclose(a, b, rel_tol=1e-5), (one, two)
     done = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
     assert math.isclose(done["val_loss"], single["val_loss"], rel_tol=1e-5)
+
+
+# ---- issue 27: keep the best model. A tiny run that overfits: the training split is one
+# 300-character text repeated, the validation split fresh text with the same letter frequencies,
+# so val falls while the model learns the frequencies (best at 40), then rises while it
+# memorises the training text: val 5.80, 2.03 (40), 2.21, 2.22 at 0, 40, 80, 120.
+def overfit_args(base, out, *extra):
+    data = base / "overfit.txt"
+    if not data.exists():
+        rng, chars, w = random.Random(0), "abcdefghij ", [30, 20, 12, 8, 6, 5, 4, 3, 2, 1, 9]
+        data.write_text("".join(rng.choices(chars, w, k=300)) * 12
+                        + "".join(rng.choices(chars, w, k=400)))
+    return ["--data", str(data), "--out-dir", str(base / out), "--device", "cpu",
+            "--n-layer", "2", "--n-head", "2", "--n-embd", "48", "--block-size", "16",
+            "--batch-size", "32", "--eval-iters", "2", "--eval-interval", "40",
+            "--learning-rate", "1e-2", "--warmup-iters", "2", "--lr-decay-iters", "120",
+            "--dropout", "0", "--num-samples", "2", "--max-new-tokens", "16", *extra]
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """The uninterrupted 120-step run -> (its base folder, its out folder, its done record)."""
+    base = tmp_path_factory.mktemp("overfit")
+    done = llama.main(overfit_args(base, "full", "--max-iters", "120"))
+    return base, base / "full", done
+
+
+def val_loss_of(weights, ckpt, data_path):
+    """llama.py's own estimate_loss on the val batches of every evaluation of the run."""
+    model = llama.Llama(llama.ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(weights)
+    data = llama.load_tokens(data_path, data_path.read_text(), llama.ByteTokenizer())
+    autocast = torch.amp.autocast("cpu", dtype=torch.float32, enabled=False)  # train()'s
+    return llama.estimate_loss(model, {"val": data["val"]}, 32, 2, 1337, "cpu", autocast)["val"]
+
+
+def test_keeps_the_model_of_the_best_val_loss(overfit):
+    base, out, done = overfit
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = {r["iter"]: r for r in records if "val_loss" in r and "event" not in r}
+    assert list(evals) == [0, 40, 80, 120]
+    best = min(evals, key=lambda i: evals[i]["val_loss"])
+    assert best == 40  # strictly inside the run, by a clear margin over every other eval
+    assert all(evals[i]["val_loss"] > evals[40]["val_loss"] + 0.1 for i in evals if i != 40)
+    assert [r["best_iter"] for r in evals.values()] == [0, 40, 40, 40]
+    assert records[-1]["event"] == "done" and records[-1] == {"event": "done", **done}
+    assert done["best_iter"] == 40 and done["best_val_loss"] == evals[40]["val_loss"]
+    assert done["val_loss"] == evals[120]["val_loss"]  # the last evaluation's, as before
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 120 and ckpt["best_iter"] == 40
+    assert ckpt["best_val_loss"] == evals[40]["val_loss"]
+    # "model" is the kept model (it scores the best val loss again), "model_last" the last step's
+    assert val_loss_of(ckpt["model"], ckpt, base / "overfit.txt") == evals[40]["val_loss"]
+    assert val_loss_of(ckpt["model_last"], ckpt, base / "overfit.txt") == evals[120]["val_loss"]
+    assert not torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model_last"]["lm_head.weight"])
+
+
+def test_samples_come_from_the_kept_model(overfit, tmp_path):
+    base, out, _ = overfit
+    end_of_run = (out / "samples.txt").read_text()  # before --sample-only writes its own
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    cfg = llama.parse_config(llama.Config, overfit_args(base, "full"))[0]
+    texts = {}
+    for key in ("model", "model_last"):
+        model = llama.Llama(llama.ModelConfig(**ckpt["model_args"])).eval()
+        model.load_state_dict(ckpt[key])
+        texts[key] = llama.write_samples(model, llama.ByteTokenizer(), cfg, "cpu",
+                                         tmp_path / key)[1]
+    assert texts["model"] != texts["model_last"]  # the check can tell the two apart
+    report = llama.main(overfit_args(base, "full", "--sample-only"))
+    assert report["samples"] == texts["model"]  # --sample-only: the kept model
+    assert end_of_run == (tmp_path / "model" / "samples.txt").read_text()  # the end of the run too
+
+
+def test_resume_past_the_best_repeats_the_run(overfit):
+    base, out, _ = overfit
+    llama.main(overfit_args(base, "half", "--max-iters", "80"))  # "killed" at 80, past the best
+    half = torch.load(base / "half" / "ckpt.pt", weights_only=True)
+    assert half["iter"] == 80 and half["best_iter"] == 40 and "model_last" in half
+    done = llama.main(overfit_args(base, "half", "--resume", "--max-iters", "120"))
+    assert losses_of(base / "half" / "log.jsonl") == losses_of(out / "log.jsonl")
+    resumed = torch.load(base / "half" / "ckpt.pt", weights_only=True)
+    full = torch.load(out / "ckpt.pt", weights_only=True)
+    for key in ("model", "model_last"):
+        assert resumed[key].keys() == full[key].keys()
+        assert all(torch.equal(resumed[key][k], full[key][k]) for k in full[key])
+    assert (resumed["best_iter"], resumed["best_val_loss"]) == (40, full["best_val_loss"])
+    assert done["best_iter"] == 40 and done["best_val_loss"] == full["best_val_loss"]
+
+
+def test_checkpoint_without_best_iter_still_resumes(tmp_path):
+    """A checkpoint of before issue 27 (no best_iter, no model_last): best_iter = its iter."""
+    llama.main(run_args(tmp_path, "--max-iters", "2", "--eval-interval", "2"))
+    path = tmp_path / "out" / "ckpt.pt"
+    ckpt = llama.load_checkpoint(path, ["llama.py"])
+    del ckpt["best_iter"]
+    llama.save_checkpoint(ckpt, path)
+    done = llama.main(run_args(tmp_path, "--resume", "--max-iters", "3"))
+    assert done["best_iter"] in (2, 3) and done["iter"] == 3
+
+
+def test_a_new_best_is_strictly_lower(tmp_path):
+    """The first evaluation always sets the kept model; a tie keeps the earlier one."""
+    model, t0 = tiny_model(), llama.time.perf_counter()
+    record, best = llama.eval_record(0, {"train": 3.0, "val": 3.0}, (float("inf"), 0, None), model,
+                                     t0, tmp_path)
+    assert best[:2] == (3.0, 0) and record["best_iter"] == 0
+    assert best[2]["lm_head.weight"].data_ptr() != model.lm_head.weight.data_ptr()  # a copy
+    assert llama.eval_record(5, {"train": 2.0, "val": 3.0}, best, model, t0, tmp_path)[1] is best
+    record, best = llama.eval_record(9, {"train": 2.0, "val": 2.9}, best, model, t0, tmp_path)
+    assert best[:2] == (2.9, 9) and record["best_iter"] == 9
