@@ -216,7 +216,7 @@ class SinusoidalPositions(nn.Module):
     Vaswani et al. add the raw table (entries of size ~1) to embeddings they scale up by
     sqrt(C). GPT-2's token embeddings are N(0, 0.02^2) and not scaled, so the raw table would
     be ~35x the token signal at the first LayerNorm: on the CPU recipe that trains to val 2.33.
-    With unit rows (entries ~1/sqrt(C)) it does as well as the learned table (README, gpt.py).
+    With unit rows (entries ~1/sqrt(C)) it does as well as the learned table (docs/gpt.md).
     Called like nn.Embedding; `weight` is a buffer, so it is neither trained nor saved (it is
     recomputed from the shape)."""
 

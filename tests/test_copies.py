@@ -4,7 +4,9 @@ Run: python -m pytest -q tests/test_copies.py
 
 Each root script copies the helpers it needs (docs/design.md section 8). A fix made in one copy
 and forgotten in another fails here. A helper that must differ in one script gets another
-name there. Also checks that no root script imports another one (scripts are self-contained).
+name there. Also checks that no root script imports another one (scripts are self-contained),
+the two-part layout (the lesson, then the Appendix banner; docs/design.md section 1) and that
+no script cites a page the repository does not hold.
 """
 import ast
 import functools
@@ -126,14 +128,11 @@ def test_concept_first_and_plumbing_last(script):
     assert max(len(line) for line in lines) <= 100, f"{script}: a line over 100 characters"
 
 
-# Issue 26: every script reads in two parts. The lesson (line 1 to the Appendix banner) holds the
-# idea, its data, the loop, evaluation and main(); everything a first read can skip sits below.
+# Every script reads in two parts (docs/design.md section 1). The lesson (line 1 to the Appendix
+# banner) holds the idea, its data, the loop, evaluation and main(); a first read stops there.
+# A new capability that would make a lesson longer moves something below the banner.
 APPENDIX_BANNER = "# Appendix: a first read can stop here (copies, bookkeeping, plumbing)"
 LESSON_LIMIT = {"bigram.py": 400, "mlp.py": 400, "bpe.py": 400, "gpt.py": 600}  # others 700
-# the line counts when the layout landed: moving code below the banner must not grow a file
-FILE_LIMIT = {"bigram.py": 753, "mlp.py": 1096, "bpe.py": 733, "gpt.py": 1392, "llama.py": 1758,
-              "moe.py": 1905, "sft.py": 1782, "reward.py": 1954, "dpo.py": 1948, "ppo.py": 1922,
-              "grpo.py": 1762}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -144,7 +143,6 @@ def test_lesson_then_appendix(script):
     source = path.read_text()
     lines = source.splitlines()
     tree = ast.parse(source)
-    assert len(lines) <= FILE_LIMIT[script], f"{script} grew to {len(lines)} lines"
     starts = [i + 1 for i, line in enumerate(lines) if line.startswith("# Appendix")]
     assert starts and lines[starts[0] - 1] == APPENDIX_BANNER, f"{script}: no Appendix banner"
     banner = starts[0]
