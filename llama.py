@@ -110,9 +110,9 @@ class Config:
     plot: bool = False  # write loss.png (and grad_norms.png with --log-grad-norms) (matplotlib)
 
 
-# gpt.py's GPU preset (nanoGPT's shakespeare_char) with GQA, for every field not given on CUDA
+# gpt.py's GPU preset (nanoGPT's shakespeare_char) with GQA, ending at step 1500 (docs/llama.md)
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64,
-                  dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                  dropout=0.2, max_iters=1500, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
                   eval_interval=250, eval_iters=200, log_interval=10, compile=True)
 
 

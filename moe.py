@@ -129,7 +129,7 @@ class Config:
 
 # llama.py's GPU preset, with experts sized like it: k * expert_hidden = swiglu_hidden(384)
 GPU_PRESET = dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64,
-                  dropout=0.2, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                  dropout=0.2, max_iters=1500, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
                   eval_interval=250, eval_iters=200, log_interval=10, compile=True,
                   expert_hidden=512)
 
